@@ -1,0 +1,118 @@
+"""Public functions of the fused CoFi ops, with argument checks and backend choice.
+
+Each function runs the registered ``cofi::`` op (C++ on the CPU, CUDA C++ on
+GPUs) or the PyTorch reference (``backend="reference"``); see
+:mod:`cofi_kernels.backends` for how the backend is chosen. Gradients flow to
+every tensor argument through the op's registered autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, backends, reference
+from .ops import gelu_gate as _gelu_gate_op
+from .ops import masked_layer_norm as _mln_op
+
+__all__ = ["gelu_gate", "masked_layer_norm"]
+
+
+def gelu_gate(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused ``GELU_erf(x + bias) * gate`` (the FFN epilogue of CoFi, gate = z_int).
+
+    Args:
+        x: ``[..., N]`` activations, float32, float16 or bfloat16 (float64 with
+            ``backend="reference"`` only).
+        bias: ``[N]``, dtype of ``x`` or float32.
+        gate: ``[N]`` per-unit gate (z_int), dtype of ``x`` or float32; ``None`` = all ones.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (see :mod:`cofi_kernels.backends`).
+
+    Returns:
+        ``[..., N]`` in the dtype of ``x``; arithmetic in float32. Differentiable
+        in ``x``, ``bias`` and ``gate``.
+    """
+    op = "gelu_gate"
+    _checks.check_activation(op, "x", x, allow_float64=True)
+    n = x.shape[-1]
+    _checks.check_vector(op, "bias", bias, n, x)
+    if gate is not None:
+        _checks.check_vector(op, "gate", gate, n, x)
+    choice = backends.resolve(_gelu_gate_op.SPEC, backend, x.device)
+    if choice == "reference":
+        return reference.gelu_gate(x, bias, gate)
+    _check_compiled_dtype(op, choice, x)
+    return _gelu_gate_op.gelu_gate_op(x, bias, gate)
+
+
+def masked_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    layer_gate: torch.Tensor | None = None,
+    hidden_gate: torch.Tensor | None = None,
+    eps: float = 1e-12,
+    *,
+    backend: str = "auto",
+    check_gates: bool = True,
+) -> torch.Tensor:
+    """Fused gated residual LayerNorm over the kept hidden dims (CoFi's sublayer tail).
+
+    Computes ``y = residual + x * layer_gate * hidden_gate``, normalises ``y``
+    with mean and variance taken over the dims where ``hidden_gate != 0`` only,
+    and returns ``(norm(y) * weight + bias) * hidden_gate``; dropped dims come
+    out 0. With no kept dim at all the output is 0. A ``layer_gate`` of 0 still
+    normalises ``residual`` (skipping a dead sublayer is the caller's choice).
+
+    Args:
+        x: ``[..., D]`` sublayer output (after its output projection), float32,
+            float16 or bfloat16 (float64 with ``backend="reference"`` only).
+        residual: same shape, dtype and device as ``x``.
+        weight, bias: ``[D]`` LayerNorm affine parameters, dtype of ``x`` or float32.
+        layer_gate: scalar (``[]`` or ``[1]``) sublayer gate (z_mha or z_ffn); ``None`` = 1.
+        hidden_gate: ``[D]`` hidden-dim gate (z_hid); ``None`` = all ones (plain LayerNorm).
+        eps: added to the variance.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
+        check_gates: raise ``ValueError`` if ``hidden_gate`` holds NaN (which dims
+            are kept would be undefined). It reads the gate, a device sync on
+            CUDA; pass False in hot loops once the gates are known to be finite.
+            Skipped while ``torch.compile`` traces.
+
+    Returns:
+        ``[..., D]`` in the dtype of ``x``; statistics in float32. Differentiable
+        in every tensor argument. The gradient with respect to a hidden-gate
+        entry that is exactly 0 is taken with the kept set held fixed.
+    """
+    op = "masked_layer_norm"
+    _checks.check_activation(op, "x", x, allow_float64=True)
+    _checks.check_like(op, "residual", residual, x, "x")
+    d = x.shape[-1]
+    _checks.check_vector(op, "weight", weight, d, x)
+    _checks.check_vector(op, "bias", bias, d, x)
+    if layer_gate is not None:
+        _checks.check_scalar(op, "layer_gate", layer_gate, x)
+    if hidden_gate is not None:
+        _checks.check_vector(op, "hidden_gate", hidden_gate, d, x)
+        if check_gates:
+            _checks.check_no_nan(op, "hidden_gate", hidden_gate, "the kept dims (hidden_gate != 0) are undefined")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative number, got {eps}")
+    choice = backends.resolve(_mln_op.SPEC, backend, x.device)
+    if choice == "reference":
+        return reference.masked_layer_norm(x, residual, weight, bias, layer_gate, hidden_gate, eps)
+    _check_compiled_dtype(op, choice, x)
+    return _mln_op.masked_layer_norm_op(x, residual, weight, bias, layer_gate, hidden_gate, float(eps))
+
+
+def _check_compiled_dtype(op: str, choice: str, x: torch.Tensor) -> None:
+    if x.dtype == torch.float64:
+        raise ValueError(
+            f"{op}: the {choice} kernel supports float32, float16 and bfloat16; x is float64 "
+            f"(use backend='reference' for float64)"
+        )

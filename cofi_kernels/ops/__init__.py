@@ -1,0 +1,7 @@
+"""Registered ``cofi::`` ops: fake kernels and autograd for the compiled operators.
+
+Importing this package registers them when the extension is loaded; without
+the extension it registers nothing and the reference backend still works.
+"""
+
+from . import gelu_gate, masked_layer_norm  # noqa: F401

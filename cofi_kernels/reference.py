@@ -1,0 +1,149 @@
+"""Plain-PyTorch definitions of the CoFi operators (DESIGN.md §4).
+
+Every kernel in this package is correct exactly when it computes what these
+functions compute. They use only differentiable PyTorch ops, so autograd gives
+every gradient and ``torch.autograd.gradcheck`` can check them in float64. They
+are also the ``reference`` backend of the public functions.
+
+Gate conventions: a gate tensor multiplies the quantity it governs; ``None``
+means "all ones". A hidden dim ``k`` is *kept* where ``hidden_gate[k] != 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "gelu_gate",
+    "masked_layer_norm",
+    "gated_attention",
+    "gated_ffn",
+    "gated_embeddings",
+]
+
+
+def gelu_gate(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``GELU_erf(x + bias) * gate``; ``bias`` and ``gate`` have shape ``[x.shape[-1]]``."""
+    out = F.gelu(x + bias)
+    return out if gate is None else out * gate
+
+
+def masked_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    layer_gate: torch.Tensor | None = None,
+    hidden_gate: torch.Tensor | None = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Gated residual LayerNorm over the kept hidden dims.
+
+    ``y = residual + x * layer_gate * hidden_gate``; mean and variance of ``y``
+    are taken over the dims where ``hidden_gate != 0`` only (population
+    variance, as LayerNorm); the normalised value of a dropped dim is defined
+    as 0; ``out = (norm(y) * weight + bias) * hidden_gate``. With no kept dim
+    at all the statistics are mean 0, variance 0 and the output is 0.
+    ``layer_gate`` is a scalar (0-d or one element), ``hidden_gate`` has shape
+    ``[D]`` with ``D = x.shape[-1]``.
+    """
+    y_delta = x
+    if layer_gate is not None:
+        y_delta = y_delta * layer_gate.reshape(())
+    if hidden_gate is not None:
+        y_delta = y_delta * hidden_gate
+    y = residual + y_delta
+    if hidden_gate is None:
+        keep = torch.ones(x.shape[-1], dtype=y.dtype, device=y.device)
+    else:
+        keep = (hidden_gate != 0).to(y.dtype)
+    n_kept = keep.sum().clamp_min(1)
+    mean = (y * keep).sum(-1, keepdim=True) / n_kept
+    centred = (y - mean) * keep
+    var = (centred * centred).sum(-1, keepdim=True) / n_kept
+    normed = centred * torch.rsqrt(var + eps)
+    out = normed * weight + bias
+    return out if hidden_gate is None else out * hidden_gate
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_gate: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention core with a per-head gate.
+
+    ``q, k, v``: ``[B, H, T, D]``; ``head_gate``: ``[H]``;
+    ``key_padding_mask``: ``[B, T]`` bool, True = attend. Returns
+    ``softmax(q kᵀ · scale + padding) v · head_gate[h]`` of shape ``[B, H, T, D]``;
+    ``scale`` defaults to ``D ** -0.5``. A query whose keys are all padded
+    attends uniformly to every key (the additive mask is finite), so it never
+    gives NaN.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        neg = torch.finfo(scores.dtype).min
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], neg)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v)
+    if head_gate is not None:
+        out = out * head_gate[None, :, None, None]
+    return out
+
+
+def gated_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    int_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(GELU_erf(x w_inᵀ + b_in) · int_gate) w_outᵀ + b_out`` with nn.Linear layouts.
+
+    ``x``: ``[..., D]``; ``w_in``: ``[I, D]``; ``b_in``: ``[I]``; ``w_out``: ``[D, I]``;
+    ``b_out``: ``[D]``; ``int_gate``: ``[I]``.
+    """
+    hidden = gelu_gate(F.linear(x, w_in), b_in, int_gate)
+    return F.linear(hidden, w_out, b_out)
+
+
+def gated_embeddings(
+    input_ids: torch.Tensor,
+    word_embeddings: torch.Tensor,
+    position_embeddings: torch.Tensor,
+    token_type_embeddings: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    hidden_gate: torch.Tensor | None = None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """BERT embeddings with the hidden-dim gate: ``LN_kept((word + pos + type) · z_hid) · z_hid``.
+
+    ``input_ids``: ``[B, T]``; tables are ``[vocab, D]``, ``[max_pos, D]``,
+    ``[n_types, D]``; ``token_type_ids`` defaults to zeros and ``position_ids``
+    to ``0..T-1``. Returns ``[B, T, D]``.
+    """
+    seq_len = input_ids.shape[-1]
+    if position_ids is None:
+        position_ids = torch.arange(seq_len, device=input_ids.device)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    summed = (
+        F.embedding(input_ids, word_embeddings)
+        + F.embedding(position_ids, position_embeddings)
+        + F.embedding(token_type_ids, token_type_embeddings)
+    )
+    return masked_layer_norm(
+        summed, torch.zeros_like(summed), ln_weight, ln_bias, None, hidden_gate, eps
+    )

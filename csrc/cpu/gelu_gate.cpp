@@ -1,0 +1,152 @@
+// gelu_gate on the CPU: out = GELU_erf(x + bias) * gate, one pass forward,
+// one pass backward (GELU recomputed from x), float32 arithmetic.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../op_checks.h"
+#include "vec_rows.h"
+
+namespace cofi::cpu {
+namespace {
+
+constexpr const char* kOp = "cofi::gelu_gate";
+
+inline Vec gelu(const Vec& v) {
+  return v * Vec(0.5f) * (Vec(1.0f) + (v * Vec(static_cast<float>(M_SQRT1_2))).erf());
+}
+
+// d/dv GELU(v) = Phi(v) + v * phi(v).
+inline Vec gelu_grad(const Vec& v) {
+  const Vec cdf = Vec(0.5f) * (Vec(1.0f) + (v * Vec(static_cast<float>(M_SQRT1_2))).erf());
+  const Vec pdf = (v * v * Vec(-0.5f)).exp() * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
+  return cdf + v * pdf;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_cpu_capability();
+  check_activation(kOp, x, "x");
+  TORCH_CHECK(x.device().is_cpu(), kOp, ": the CPU kernel got x on ", x.device());
+  const int64_t n = x.size(-1);
+  check_feature_vector(kOp, bias, "bias", n, x);
+  if (gate) check_feature_vector(kOp, *gate, "gate", n, x);
+}
+
+template <typename T>
+void forward_rows(const T* x, const float* bias, const float* gate, T* out, int64_t rows, int64_t cols) {
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    std::vector<float> in_buf(cols), out_buf(cols);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = row_as_float(x + r * cols, in_buf.data(), cols);
+      float* o = row_out_float(out + r * cols, out_buf.data());
+      for_each_vec(cols, [&](int64_t j, int64_t count) {
+        Vec h = gelu(load(xr + j, count) + load(bias + j, count));
+        if (gate) h = h * load(gate + j, count);
+        store(h, o + j, count);
+      });
+      store_row(o, out + r * cols, cols);
+    }
+  });
+}
+
+// Column sums go to per-chunk partials [chunks, 2, cols] (bias, gate), summed
+// in a fixed order afterwards.
+template <typename T>
+void backward_rows(const T* grad, const T* x, const float* bias, const float* gate, T* dx, float* partials,
+                   bool want_dx, bool want_dbias, bool want_dgate, int64_t rows, int64_t cols) {
+  const int64_t chunks = reduction_chunks(rows);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> g_buf(cols), x_buf(cols), dx_buf(cols);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* acc_bias = partials + c * 2 * cols;
+      float* acc_gate = acc_bias + cols;
+      const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const float* gr = row_as_float(grad + r * cols, g_buf.data(), cols);
+        const float* xr = row_as_float(x + r * cols, x_buf.data(), cols);
+        float* d = want_dx ? row_out_float(dx + r * cols, dx_buf.data()) : dx_buf.data();
+        for_each_vec(cols, [&](int64_t j, int64_t count) {
+          const Vec v = load(xr + j, count) + load(bias + j, count);
+          const Vec g = load(gr + j, count);
+          if (want_dgate) store(load(acc_gate + j, count) + g * gelu(v), acc_gate + j, count);
+          if (!want_dx && !want_dbias) return;
+          const Vec gg = gate ? g * load(gate + j, count) : g;
+          const Vec dv = gg * gelu_grad(v);
+          if (want_dbias) store(load(acc_bias + j, count) + dv, acc_bias + j, count);
+          if (want_dx) store(dv, d + j, count);
+        });
+        if (want_dx) store_row(d, dx + r * cols, cols);
+      }
+    }
+  });
+}
+
+// Sums partials [chunks, 2, cols] over chunks into out (slot 0 or 1), in chunk order.
+at::Tensor sum_partials(const at::Tensor& partials, int64_t slot, const at::Tensor& like) {
+  const int64_t chunks = partials.size(0), cols = partials.size(2);
+  at::Tensor total = at::zeros({cols}, partials.options());
+  float* t = total.data_ptr<float>();
+  const float* p = partials.data_ptr<float>();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* row = p + (c * 2 + slot) * cols;
+    for (int64_t j = 0; j < cols; ++j) t[j] += row[j];
+  }
+  return total.to(like.scalar_type());
+}
+
+at::Tensor gelu_gate_cpu(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_inputs(x_in, bias, gate);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const at::Tensor bias_f = as_float_vector(bias);
+  const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_cpu", [&] {
+    forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(),
+                           gate ? gate_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+                           rows, cols);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cpu(const at::Tensor& grad_in,
+                                                                     const at::Tensor& x_in,
+                                                                     const at::Tensor& bias,
+                                                                     const std::optional<at::Tensor>& gate,
+                                                                     std::array<bool, 3> mask) {
+  check_inputs(x_in, bias, gate);
+  check_same_as(kOp, grad_in, "grad_out", x_in, "x");
+  const bool want_dx = mask[0], want_dbias = mask[1], want_dgate = mask[2] && gate.has_value();
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  at::Tensor dx = want_dx ? at::empty_like(x) : not_requested(x);
+  const at::Tensor partials = at::zeros({reduction_chunks(rows), 2, cols}, x.options().dtype(at::kFloat));
+  if (x.numel() > 0 && (want_dx || want_dbias || want_dgate)) {
+    const at::Tensor bias_f = as_float_vector(bias);
+    const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_backward_cpu", [&] {
+      backward_rows<scalar_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              bias_f.const_data_ptr<float>(), gate ? gate_f.const_data_ptr<float>() : nullptr,
+                              want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                              partials.mutable_data_ptr<float>(), want_dx, want_dbias, want_dgate, rows, cols);
+    });
+  }
+  at::Tensor dbias = want_dbias ? sum_partials(partials, 0, bias) : not_requested(x);
+  at::Tensor dgate = want_dgate ? sum_partials(partials, 1, *gate) : not_requested(x);
+  return {dx, dbias, dgate};
+}
+
+}  // namespace
+}  // namespace cofi::cpu
+
+TORCH_LIBRARY_IMPL(cofi, CPU, m) {
+  m.impl("gelu_gate", &cofi::cpu::gelu_gate_cpu);
+  m.impl("gelu_gate_backward", &cofi::cpu::gelu_gate_backward_cpu);
+}

@@ -1,0 +1,99 @@
+// Row helpers for the CPU kernels: rows are converted to float32 once, the
+// arithmetic runs on at::vec::Vectorized<float> (AVX2 when the build enables
+// it), and results are converted back to the activation dtype.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace cofi::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+
+// A float32 view of n elements at src: src itself for float, else a converted
+// copy in buf (which must hold n floats).
+template <typename T>
+inline const float* row_as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// Where a kernel writes a float32 row destined for dst: dst itself for float,
+// else buf, to be passed to store_row afterwards.
+template <typename T>
+inline float* row_out_float(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+inline Vec load(const float* p, int64_t count) {
+  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
+}
+
+inline void store(const Vec& v, float* p, int64_t count) {
+  if (count == Vec::size()) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
+}
+
+// Calls body(j, count) over [0, n) in steps of one vector; the last step may
+// be partial. Lanes past `count` hold zeros after load(), so reductions over
+// them stay exact.
+template <typename Body>
+inline void for_each_vec(int64_t n, const Body& body) {
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    body(j, std::min<int64_t>(Vec::size(), n - j));
+  }
+}
+
+inline float reduce_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// Rows are split into at most this many fixed chunks for column reductions,
+// so that the summation order depends only on the shape, never on the
+// number of threads.
+constexpr int64_t kMaxReductionChunks = 64;
+
+inline int64_t reduction_chunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxReductionChunks)); }
+
+// Rows per parallel_for task: enough elements to amortise the task overhead.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+// Builds with AVX2 code refuse to run on a processor without it rather than
+// dying of an illegal instruction.
+inline void check_cpu_capability() {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c");
+  TORCH_CHECK(ok,
+              "cofi_kernels was built with AVX2/FMA/F16C CPU kernels but this processor lacks them; "
+              "rebuild with COFI_CPU_AVX2=0");
+#endif
+}
+
+}  // namespace cofi::cpu

@@ -1,0 +1,211 @@
+// gelu_gate on CUDA: out = GELU_erf(x + bias) * gate. Forward is one
+// elementwise pass with 16-byte accesses; backward writes dx and per-block
+// column partials of dbias/dgate (no atomics), summed by a second kernel.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../op_checks.h"
+#include "cuda_utils.cuh"
+
+namespace cofi::cuda {
+namespace {
+
+constexpr const char* kOp = "cofi::gelu_gate";
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.0f + erff(v * kSqrtHalf)); }
+
+__device__ __forceinline__ float gelu_grad(float v) {
+  return 0.5f * (1.0f + erff(v * kSqrtHalf)) + v * kInvSqrt2Pi * __expf(-0.5f * v * v);
+}
+
+template <typename T, int VEC>
+__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ bias,
+                               const float* __restrict__ gate, T* __restrict__ out, int64_t n_packs,
+                               int64_t cols) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n_packs; p += stride) {
+    const int64_t i = p * VEC;
+    const int64_t c = i % cols;  // VEC divides cols, so a pack never straddles rows
+    const Pack<T, VEC> xv = load_pack<T, VEC>(x + i);
+    Pack<T, VEC> ov;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float h = gelu(static_cast<float>(xv.v[j]) + bias[c + j]);
+      if (gate != nullptr) h *= gate[c + j];
+      ov.v[j] = static_cast<T>(h);
+    }
+    store_pack<T, VEC>(out + i, ov);
+  }
+}
+
+constexpr int kBwdThreadsX = 32;  // one warp across VEC*32 contiguous columns
+constexpr int kBwdThreadsY = 8;   // rows handled side by side
+
+// Block (bx, by) covers columns [bx*32*VEC, ...) and rows by*8 + ty, stepping
+// gridDim.y*8. partials: [gridDim.y, 2, cols] float (dbias, dgate).
+template <typename T, int VEC>
+__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, const float* __restrict__ bias,
+                                const float* __restrict__ gate, T* __restrict__ dx, float* __restrict__ partials,
+                                int64_t rows, int64_t cols, bool want_dbias, bool want_dgate) {
+  __shared__ float red[2][kBwdThreadsY][kBwdThreadsX * VEC];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kBwdThreadsX + tx) * VEC;
+  float acc_b[VEC], acc_g[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc_b[j] = acc_g[j] = 0.0f;
+  if (col < cols) {
+    float b[VEC], g8[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      b[j] = bias[col + j];
+      g8[j] = gate != nullptr ? gate[col + j] : 1.0f;
+    }
+    for (int64_t r = static_cast<int64_t>(blockIdx.y) * kBwdThreadsY + ty; r < rows;
+         r += static_cast<int64_t>(gridDim.y) * kBwdThreadsY) {
+      const int64_t i = r * cols + col;
+      const Pack<T, VEC> gv = load_pack<T, VEC>(grad + i);
+      const Pack<T, VEC> xv = load_pack<T, VEC>(x + i);
+      Pack<T, VEC> dv;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float v = static_cast<float>(xv.v[j]) + b[j];
+        const float g = static_cast<float>(gv.v[j]);
+        if (want_dgate) acc_g[j] += g * gelu(v);
+        const float d = g * g8[j] * gelu_grad(v);
+        acc_b[j] += d;
+        dv.v[j] = static_cast<T>(d);
+      }
+      if (dx != nullptr) store_pack<T, VEC>(dx + i, dv);
+    }
+  }
+  if (!want_dbias && !want_dgate) return;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    red[0][ty][tx * VEC + j] = acc_b[j];
+    red[1][ty][tx * VEC + j] = acc_g[j];
+  }
+  __syncthreads();
+  // Each of the 256 threads finishes some of the 2 * 32*VEC column sums.
+  const int flat = ty * kBwdThreadsX + tx;
+  for (int s = flat; s < 2 * kBwdThreadsX * VEC; s += kBwdThreadsX * kBwdThreadsY) {
+    const int slot = s / (kBwdThreadsX * VEC), local = s % (kBwdThreadsX * VEC);
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * kBwdThreadsX * VEC + local;
+    if (c >= cols) continue;
+    float total = 0.0f;
+#pragma unroll
+    for (int y = 0; y < kBwdThreadsY; ++y) total += red[slot][y][local];
+    partials[(static_cast<int64_t>(blockIdx.y) * 2 + slot) * cols + c] = total;
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_activation(kOp, x, "x");
+  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got x on ", x.device());
+  const int64_t n = x.size(-1);
+  check_feature_vector(kOp, bias, "bias", n, x);
+  if (gate) check_feature_vector(kOp, *gate, "gate", n, x);
+}
+
+template <typename T>
+constexpr int vec_of() {
+  return 16 / sizeof(T);
+}
+
+at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_inputs(x_in, bias, gate);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t cols = x.size(-1);
+  if (x.numel() == 0) return out;
+  const at::Tensor bias_f = as_float_vector(bias);
+  const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
+  const float* gate_p = gate ? gate_f.const_data_ptr<float>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_cuda", [&] {
+    constexpr int kVec = vec_of<scalar_t>();
+    const bool vec = can_vectorize(cols, kVec, {x.const_data_ptr(), out.const_data_ptr()});
+    const int64_t packs = x.numel() / (vec ? kVec : 1);
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((packs + threads - 1) / threads, sm_count() * 16));
+    if (vec) {
+      forward_kernel<scalar_t, kVec><<<blocks, threads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(), gate_p, out.mutable_data_ptr<scalar_t>(),
+          packs, cols);
+    } else {
+      forward_kernel<scalar_t, 1><<<blocks, threads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(), gate_p, out.mutable_data_ptr<scalar_t>(),
+          packs, cols);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at::Tensor& grad_in,
+                                                                      const at::Tensor& x_in,
+                                                                      const at::Tensor& bias,
+                                                                      const std::optional<at::Tensor>& gate,
+                                                                      std::array<bool, 3> mask) {
+  check_inputs(x_in, bias, gate);
+  check_same_as(kOp, grad_in, "grad_out", x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool want_dx = mask[0], want_dbias = mask[1], want_dgate = mask[2] && gate.has_value();
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  at::Tensor dx = want_dx ? at::empty_like(x) : not_requested(x);
+  at::Tensor dbias = want_dbias ? at::empty({cols}, bias.options()) : not_requested(x);
+  at::Tensor dgate = want_dgate ? at::empty({cols}, gate->options()) : not_requested(x);
+  if (cols == 0 || !(want_dx || want_dbias || want_dgate)) return {dx, dbias, dgate};
+  if (rows == 0) {
+    if (want_dbias) dbias.zero_();
+    if (want_dgate) dgate.zero_();
+    return {dx, dbias, dgate};
+  }
+  const at::Tensor bias_f = as_float_vector(bias);
+  const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_backward_cuda", [&] {
+    constexpr int kVec = vec_of<scalar_t>();
+    const bool vec = can_vectorize(cols, kVec, {x.const_data_ptr(), grad.const_data_ptr(),
+                                                want_dx ? dx.const_data_ptr() : nullptr});
+    const int v = vec ? kVec : 1;
+    const int64_t grid_x = (cols + kBwdThreadsX * v - 1) / (kBwdThreadsX * v);
+    const int64_t max_y = (rows + kBwdThreadsY - 1) / kBwdThreadsY;
+    const int64_t grid_y = std::max<int64_t>(1, std::min<int64_t>(max_y, (sm_count() * 4 + grid_x - 1) / grid_x));
+    const at::Tensor partials = at::empty({grid_y, 2, cols}, x.options().dtype(at::kFloat));
+    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+    const dim3 block(kBwdThreadsX, kBwdThreadsY);
+    auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      backward_kernel<scalar_t, V><<<grid, block, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(),
+          gate ? gate_f.const_data_ptr<float>() : nullptr, want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+          partials.mutable_data_ptr<float>(), rows, cols, want_dbias, want_dgate);
+    };
+    if (vec) {
+      launch(std::integral_constant<int, kVec>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const float* p = partials.const_data_ptr<float>();
+    if (want_dbias) sum_columns(p, grid_y, 2 * cols, cols, dbias);
+    if (want_dgate) sum_columns(p + cols, grid_y, 2 * cols, cols, dgate);
+  });
+  return {dx, dbias, dgate};
+}
+
+}  // namespace
+}  // namespace cofi::cuda
+
+TORCH_LIBRARY_IMPL(cofi, CUDA, m) {
+  m.impl("gelu_gate", &cofi::cuda::gelu_gate_cuda);
+  m.impl("gelu_gate_backward", &cofi::cuda::gelu_gate_backward_cuda);
+}

@@ -1,0 +1,34 @@
+// The schemas of every compiled cofi operator, in one place. CPU kernels live
+// in csrc/cpu/, CUDA kernels in csrc/cuda/; each registers its implementation
+// for its dispatch key. Fake (meta) kernels and autograd are registered from
+// Python (cofi_kernels/ops/), as extension-cpp does.
+//
+// Backward ops return an empty tensor for every gradient whose output_mask
+// entry is false, so that no optional returns are needed.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import cofi_kernels._C` only has to load this library so that the static
+// registrations below run; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "cofi_kernels compiled operators (see torch.ops.cofi)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cofi, m) {
+  m.def("gelu_gate(Tensor x, Tensor bias, Tensor? gate) -> Tensor");
+  m.def(
+      "gelu_gate_backward(Tensor grad_out, Tensor x, Tensor bias, Tensor? gate, bool[3] output_mask)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor? layer_gate,"
+      " Tensor? hidden_gate, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_layer_norm_backward(Tensor grad_out, Tensor x, Tensor residual, Tensor weight,"
+      " Tensor bias, Tensor? layer_gate, Tensor? hidden_gate, Tensor mean, Tensor rstd, bool[6] output_mask)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
