@@ -1,0 +1,213 @@
+"""GPU timings of the CUDA row ops against the device's measured bandwidth.
+
+Run on a CUDA machine after building the extension:
+
+    python benchmarks/gpu_row_ops.py --out benchmarks/results
+
+Each op is captured N times in one CUDA graph over N different input sets
+(together larger than L2), the graph is replayed, and the median replay time
+over N is the op's time. Bandwidth % = minimal bytes (each input read once,
+each output written once) / time / the copy bandwidth measured in the same run.
+The eager PyTorch composition (cofi_kernels.reference) is timed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+import cofi_kernels
+from cofi_kernels import reference
+
+L2_MULTIPLE = 4  # input sets together at least this many times the L2 size
+
+
+def graph_time_ms(make_call, sets: int, replays: int = 20) -> float:
+    """Median time of one call, from replays of a graph holding `sets` calls."""
+    calls = [make_call(i) for i in range(sets)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls[:3]:
+            call()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / sets)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    n = 1 << 28  # 1 GiB of float32
+    src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def sets_for(bytes_per_set: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(4, min(64, -(-L2_MULTIPLE * l2 // max(bytes_per_set, 1))))
+
+
+def gelu_inputs(rows, cols, dtype):
+    x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(cols, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.rand(cols, device="cuda", dtype=dtype, requires_grad=True)
+    return x, b, g, torch.randn(rows, cols, device="cuda", dtype=dtype)
+
+
+def mln_inputs(rows, dims, dtype):
+    x = torch.randn(rows, dims, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(rows, dims, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.rand(dims, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(dims, device="cuda", dtype=dtype, requires_grad=True)
+    lg = torch.rand((), device="cuda", dtype=dtype, requires_grad=True)
+    hg = torch.rand(dims, device="cuda", dtype=dtype)
+    hg[torch.rand(dims, device="cuda") < 0.2] = 0
+    hg.requires_grad_()
+    return x, r, w, b, lg, hg, torch.randn(rows, dims, device="cuda", dtype=dtype)
+
+
+def bench_gelu(rows, cols, dtype, bw):
+    size = rows * cols * dtype.itemsize
+    n = sets_for(3 * size)
+    data = [gelu_inputs(rows, cols, dtype) for _ in range(n)]
+    ops = torch.ops.cofi
+    mask = [True, True, True]
+
+    def fwd(i):
+        x, b, g, _ = data[i]
+        return lambda: ops.gelu_gate(x, b, g)
+
+    def bwd(i):
+        x, b, g, go = data[i]
+        return lambda: ops.gelu_gate_backward(go, x, b, g, mask)
+
+    def fused_fb(i):
+        x, b, g, go = data[i]
+        return lambda: torch.autograd.grad(cofi_kernels.gelu_gate(x, b, g, backend="cuda"), (x, b, g), go)
+
+    def eager_f(i):
+        x, b, g, _ = data[i]
+        return lambda: reference.gelu_gate(x, b, g)
+
+    def eager_fb(i):
+        x, b, g, go = data[i]
+        return lambda: torch.autograd.grad(reference.gelu_gate(x, b, g), (x, b, g), go)
+
+    rows_out = []
+    for name, make, nbytes in [
+        ("forward", fwd, 2 * size),
+        ("backward", bwd, 3 * size),
+        ("forward+backward", fused_fb, 5 * size),
+    ]:
+        t = graph_time_ms(make, n)
+        rows_out.append({"op": "gelu_gate", "pass": name, "shape": [rows, cols], "dtype": str(dtype),
+                         "ms": t, "bandwidth_pct": 100 * nbytes / (t / 1e3) / bw})
+    t_eager_f = graph_time_ms(eager_f, n)
+    t_eager_fb = graph_time_ms(eager_fb, n)
+    rows_out[0]["eager_ms"] = t_eager_f
+    rows_out[2]["eager_ms"] = t_eager_fb
+    return rows_out
+
+
+def bench_mln(rows, dims, dtype, bw):
+    size = rows * dims * dtype.itemsize
+    n = sets_for(5 * size)
+    data = [mln_inputs(rows, dims, dtype) for _ in range(n)]
+    ops = torch.ops.cofi
+    saved = [ops.masked_layer_norm(*d[:6], 1e-12) for d in data]
+    mask = [True] * 6
+
+    def fwd(i):
+        return lambda: ops.masked_layer_norm(*data[i][:6], 1e-12)
+
+    def bwd(i):
+        x, r, w, b, lg, hg, go = data[i]
+        _, mean, rstd = saved[i]
+        return lambda: ops.masked_layer_norm_backward(go, x, r, w, b, lg, hg, mean, rstd, mask)
+
+    def fused_fb(i):
+        x, r, w, b, lg, hg, go = data[i]
+        return lambda: torch.autograd.grad(
+            cofi_kernels.masked_layer_norm(x, r, w, b, lg, hg, backend="cuda", check_gates=False),
+            (x, r, w, b, lg, hg), go)
+
+    def eager_f(i):
+        return lambda: reference.masked_layer_norm(*data[i][:6])
+
+    def eager_fb(i):
+        x, r, w, b, lg, hg, go = data[i]
+        return lambda: torch.autograd.grad(reference.masked_layer_norm(x, r, w, b, lg, hg), (x, r, w, b, lg, hg), go)
+
+    rows_out = []
+    for name, make, nbytes in [
+        ("forward", fwd, 3 * size),
+        ("backward", bwd, 5 * size),
+        ("forward+backward", fused_fb, 8 * size),
+    ]:
+        t = graph_time_ms(make, n)
+        rows_out.append({"op": "masked_layer_norm", "pass": name, "shape": [rows, dims], "dtype": str(dtype),
+                         "ms": t, "bandwidth_pct": 100 * nbytes / (t / 1e3) / bw})
+    rows_out[0]["eager_ms"] = graph_time_ms(eager_f, n)
+    rows_out[2]["eager_ms"] = graph_time_ms(eager_fb, n)
+    return rows_out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (8 * 128, 32 * 128):
+            results += bench_gelu(rows, 3072, dtype, bw)
+            results += bench_mln(rows, 768, dtype, bw)
+    lines = [f"# CUDA row ops on {device}", "",
+             f"copy bandwidth measured in this run: {bw / 1e12:.2f} TB/s (read + write)", "",
+             "| op | pass | rows x cols | dtype | time (us) | % of copy bandwidth | eager (us) | speed-up vs eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        eager = r.get("eager_ms")
+        lines.append(
+            f"| {r['op']} | {r['pass']} | {r['shape'][0]}x{r['shape'][1]} | {r['dtype'].removeprefix('torch.')} "
+            f"| {r['ms'] * 1e3:.1f} | {r['bandwidth_pct']:.0f}% | "
+            + (f"{eager * 1e3:.1f} | {eager / r['ms']:.2f}x |" if eager else "| |"))
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    slug = device.replace(" ", "_")
+    with open(os.path.join(args.out, f"row_ops_{slug}.md"), "w") as fh:
+        fh.write(text + "\n")
+    with open(os.path.join(args.out, f"row_ops_{slug}.json"), "w") as fh:
+        json.dump({"device": device, "copy_bandwidth_Bps": bw, "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+import os
+
+# Triton kernels run through the interpreter on CPU-only machines; this must be
+# set before any kernel module is imported.
+if os.environ.get("COFI_TEST_NO_INTERPRET") != "1":
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (and per run unless COFI_TEST_SEED is set):
+    # kernels must compute the same function on any valid input.
+    base = int(os.environ.get("COFI_TEST_SEED", torch.seed() % (2**31)))
+    torch.manual_seed(base + hash(request.node.nodeid) % 1000)
+    yield
+
+
+def pytest_report_header(config):
+    import cofi_kernels.info
+
+    return cofi_kernels.info.report().splitlines()
