@@ -114,7 +114,7 @@ OPS = ["gelu_gate", "gelu_gate_backward", "masked_layer_norm", "masked_layer_nor
 cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 
-cxx_flags = ["-O3", "-DNDEBUG", "-Wno-unknown-pragmas"]
+cxx_flags = ["-O3", "-DNDEBUG", "-Wno-unknown-pragmas", "-fopenmp"]  # at::parallel_for is OpenMP inline
 if with_avx2:
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
 nvcc_flags = ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr"]

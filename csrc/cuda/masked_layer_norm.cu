@@ -10,6 +10,9 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+
 #include "../op_checks.h"
 #include "cuda_utils.cuh"
 
@@ -250,6 +253,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cuda(
   return {out, mean, rstd};
 }
 
+// Opting in to more than 48 KB of dynamic shared memory is done once per
+// kernel and device (so before any CUDA graph capture, which forbids it).
+template <typename Kernel>
+void raise_shared_memory_limit(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> raised;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = raised[{device, reinterpret_cast<const void*>(kernel)}];
+  if (smem > current) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    current = smem;
+  }
+}
+
+// Resident blocks per SM as limited by threads and shared memory.
+int64_t blocks_per_sm(int warps, size_t smem) {
+  const int64_t by_threads = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor) / (warps * 32);
+  const int64_t by_smem = static_cast<int64_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)) /
+                          static_cast<int64_t>(smem + 1024);  // the runtime reserves 1 KB per block
+  return std::max<int64_t>(1, std::min(by_threads, by_smem));
+}
+
 // Warps per backward block: up to 8, as many as the shared memory allows.
 int backward_warps(int64_t dims, size_t* smem_bytes) {
   const size_t limit = max_shared_memory_per_block();
@@ -307,14 +335,9 @@ Grads6 masked_layer_norm_backward_cuda(const at::Tensor& grad_in, const at::Tens
     auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       auto kernel = backward_kernel<scalar_t, V>;
-      int per_sm = 0;
-      if (smem > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-      }
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem));
+      raise_shared_memory_limit(kernel, smem);
       const int64_t blocks = std::max<int64_t>(
-          1, std::min<int64_t>((rows + warps - 1) / warps, static_cast<int64_t>(sm_count()) * std::max(per_sm, 1)));
+          1, std::min<int64_t>((rows + warps - 1) / warps, static_cast<int64_t>(sm_count()) * blocks_per_sm(warps, smem)));
       const at::Tensor partials = at::empty({blocks * (3 * dims + 1)}, x.options().dtype(at::kFloat));
       const BackwardOut o{mask[0] ? dx.mutable_data_ptr() : nullptr, mask[1] ? dres.mutable_data_ptr() : nullptr,
                           partials.mutable_data_ptr<float>(), want_dhg, want_dlg};
