@@ -37,29 +37,60 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// out[c] = sum over r of partials[r * row_stride + c], in r order (deterministic).
-template <typename Tout>
-__global__ void sum_columns_kernel(const float* __restrict__ partials, int64_t n_rows, int64_t row_stride,
-                                   int64_t cols, Tout* __restrict__ out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  float total = 0.0f;
-  for (int64_t r = 0; r < n_rows; ++r) total += partials[r * row_stride + c];
-  out[c] = static_cast<Tout>(total);
+// A per-feature parameter or gate read straight from its own dtype (float32
+// or the activation dtype), so that no conversion kernel runs before the op.
+struct ParamPtr {
+  const void* ptr = nullptr;
+  bool is_f32 = true;
+
+  __host__ __device__ bool present() const { return ptr != nullptr; }
+
+  template <typename T>
+  __device__ __forceinline__ float at(int64_t k) const {
+    return is_f32 ? static_cast<const float*>(ptr)[k] : static_cast<float>(static_cast<const T*>(ptr)[k]);
+  }
+};
+
+// Keeps a contiguous version of the parameter alive while the kernel runs.
+struct ParamRef {
+  at::Tensor tensor;
+  ParamPtr ptr;
+};
+
+inline ParamRef param_ref(const at::Tensor& t) {
+  ParamRef ref{t.contiguous(), {}};
+  ref.ptr = {ref.tensor.const_data_ptr(), ref.tensor.scalar_type() == at::kFloat};
+  return ref;
 }
 
-// Sums columns of a float32 partials buffer into `out` (any float dtype).
-inline void sum_columns(const float* partials, int64_t n_rows, int64_t row_stride, int64_t cols, at::Tensor& out) {
-  if (cols == 0) return;
-  const int threads = 256;
-  const int blocks = static_cast<int>((cols + threads - 1) / threads);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sum_columns", [&] {
-    sum_columns_kernel<scalar_t><<<blocks, threads, 0, stream>>>(partials, n_rows, row_stride, cols,
-                                                                  out.mutable_data_ptr<scalar_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+inline ParamRef param_ref(const std::optional<at::Tensor>& t) { return t ? param_ref(*t) : ParamRef{}; }
+
+// Up to four gradients summed from one float32 partials buffer
+// [n_rows, row_stride]: output i takes columns [offset, offset + cols).
+struct PartialSums {
+  static constexpr int kMax = 4;
+  void* out[kMax];
+  int dtype[kMax];  // 0 float32, 1 float16, 2 bfloat16
+  int64_t offset[kMax], cols[kMax];
+  int count = 0;
+};
+
+inline int dtype_code(c10::ScalarType t) {
+  return t == at::kFloat ? 0 : t == at::kHalf ? 1 : 2;
 }
+
+inline void add_sum(PartialSums& sums, at::Tensor& out, int64_t offset, int64_t cols) {
+  TORCH_INTERNAL_ASSERT(sums.count < PartialSums::kMax && out.is_contiguous() && out.numel() == cols);
+  sums.out[sums.count] = out.mutable_data_ptr();
+  sums.dtype[sums.count] = dtype_code(out.scalar_type());
+  sums.offset[sums.count] = offset;
+  sums.cols[sums.count] = cols;
+  ++sums.count;
+}
+
+// out_i[c] = sum over r of partials[r * row_stride + offset_i + c] for each
+// output of `sums`, in r order (deterministic); one launch for all of them.
+void sum_partials(const float* partials, int64_t n_rows, int64_t row_stride, const PartialSums& sums);
 
 // Attributes of the current device (cudaDeviceGetAttribute is cheap; no need
 // for ATen's CUDAContext, whose header pulls in cuBLAS and cuSPARSE).

@@ -25,9 +25,8 @@ __device__ __forceinline__ float gelu_grad(float v) {
 }
 
 template <typename T, int VEC>
-__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ bias,
-                               const float* __restrict__ gate, T* __restrict__ out, int64_t n_packs,
-                               int64_t cols) {
+__global__ void forward_kernel(const T* __restrict__ x, ParamPtr bias, ParamPtr gate, T* __restrict__ out,
+                               int64_t n_packs, int64_t cols) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n_packs; p += stride) {
     const int64_t i = p * VEC;
@@ -36,8 +35,8 @@ __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict_
     Pack<T, VEC> ov;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      float h = gelu(static_cast<float>(xv.v[j]) + bias[c + j]);
-      if (gate != nullptr) h *= gate[c + j];
+      float h = gelu(static_cast<float>(xv.v[j]) + bias.at<T>(c + j));
+      if (gate.present()) h *= gate.at<T>(c + j);
       ov.v[j] = static_cast<T>(h);
     }
     store_pack<T, VEC>(out + i, ov);
@@ -50,9 +49,9 @@ constexpr int kBwdThreadsY = 8;   // rows handled side by side
 // Block (bx, by) covers columns [bx*32*VEC, ...) and rows by*8 + ty, stepping
 // gridDim.y*8. partials: [gridDim.y, 2, cols] float (dbias, dgate).
 template <typename T, int VEC>
-__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, const float* __restrict__ bias,
-                                const float* __restrict__ gate, T* __restrict__ dx, float* __restrict__ partials,
-                                int64_t rows, int64_t cols, bool want_dbias, bool want_dgate) {
+__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, ParamPtr bias, ParamPtr gate,
+                                T* __restrict__ dx, float* __restrict__ partials, int64_t rows, int64_t cols,
+                                bool want_dbias, bool want_dgate) {
   __shared__ float red[2][kBwdThreadsY][kBwdThreadsX * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * kBwdThreadsX + tx) * VEC;
@@ -63,8 +62,8 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
     float b[VEC], g8[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      b[j] = bias[col + j];
-      g8[j] = gate != nullptr ? gate[col + j] : 1.0f;
+      b[j] = bias.at<T>(col + j);
+      g8[j] = gate.present() ? gate.at<T>(col + j) : 1.0f;
     }
     for (int64_t r = static_cast<int64_t>(blockIdx.y) * kBwdThreadsY + ty; r < rows;
          r += static_cast<int64_t>(gridDim.y) * kBwdThreadsY) {
@@ -124,9 +123,7 @@ at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const 
   at::Tensor out = at::empty_like(x);
   const int64_t cols = x.size(-1);
   if (x.numel() == 0) return out;
-  const at::Tensor bias_f = as_float_vector(bias);
-  const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
-  const float* gate_p = gate ? gate_f.const_data_ptr<float>() : nullptr;
+  const ParamRef bias_p = param_ref(bias), gate_p = param_ref(gate);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_cuda", [&] {
     constexpr int kVec = vec_of<scalar_t>();
@@ -136,12 +133,10 @@ at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const 
     const int blocks = static_cast<int>(std::min<int64_t>((packs + threads - 1) / threads, sm_count() * 16));
     if (vec) {
       forward_kernel<scalar_t, kVec><<<blocks, threads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(), gate_p, out.mutable_data_ptr<scalar_t>(),
-          packs, cols);
+          x.const_data_ptr<scalar_t>(), bias_p.ptr, gate_p.ptr, out.mutable_data_ptr<scalar_t>(), packs, cols);
     } else {
       forward_kernel<scalar_t, 1><<<blocks, threads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(), gate_p, out.mutable_data_ptr<scalar_t>(),
-          packs, cols);
+          x.const_data_ptr<scalar_t>(), bias_p.ptr, gate_p.ptr, out.mutable_data_ptr<scalar_t>(), packs, cols);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -168,8 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at:
     if (want_dgate) dgate.zero_();
     return {dx, dbias, dgate};
   }
-  const at::Tensor bias_f = as_float_vector(bias);
-  const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
+  const ParamRef bias_p = param_ref(bias), gate_p = param_ref(gate);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_backward_cuda", [&] {
     constexpr int kVec = vec_of<scalar_t>();
@@ -185,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at:
     auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       backward_kernel<scalar_t, V><<<grid, block, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(),
-          gate ? gate_f.const_data_ptr<float>() : nullptr, want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), bias_p.ptr, gate_p.ptr,
+          want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
           partials.mutable_data_ptr<float>(), rows, cols, want_dbias, want_dgate);
     };
     if (vec) {
@@ -195,9 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at:
       launch(std::integral_constant<int, 1>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const float* p = partials.const_data_ptr<float>();
-    if (want_dbias) sum_columns(p, grid_y, 2 * cols, cols, dbias);
-    if (want_dgate) sum_columns(p + cols, grid_y, 2 * cols, cols, dgate);
+    PartialSums sums;
+    if (want_dbias) add_sum(sums, dbias, 0, cols);
+    if (want_dgate) add_sum(sums, dgate, cols, cols);
+    sum_partials(partials.const_data_ptr<float>(), grid_y, 2 * cols, sums);
   });
   return {dx, dbias, dgate};
 }
