@@ -49,6 +49,40 @@ struct ParamPtr {
   __device__ __forceinline__ float at(int64_t k) const {
     return is_f32 ? static_cast<const float*>(ptr)[k] : static_cast<float>(static_cast<const T*>(ptr)[k]);
   }
+
+  // out[j] = this[k + j] for j < VEC with 16-byte loads; k is a multiple of
+  // VEC and the pointer 16-byte aligned (the launcher checks).
+  template <typename T, int VEC>
+  __device__ __forceinline__ void load(int64_t k, float (&out)[VEC]) const {
+    if (is_f32) {
+      if constexpr (VEC % 4 == 0) {
+#pragma unroll
+        for (int c = 0; c < VEC; c += 4) {
+          const Pack<float, 4> v = load_pack<float, 4>(static_cast<const float*>(ptr) + k + c);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) out[c + j] = v.v[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] = static_cast<const float*>(ptr)[k + j];
+      }
+    } else {
+      const Pack<T, VEC> v = load_pack<T, VEC>(static_cast<const T*>(ptr) + k);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = static_cast<float>(v.v[j]);
+    }
+  }
+
+  // Like load(), or all `fill` when the parameter is absent.
+  template <typename T, int VEC>
+  __device__ __forceinline__ void load_or(int64_t k, float fill, float (&out)[VEC]) const {
+    if (present()) {
+      load<T, VEC>(k, out);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = fill;
+    }
+  }
 };
 
 // Keeps a contiguous version of the parameter alive while the kernel runs.

@@ -44,6 +44,10 @@ __device__ __forceinline__ float layer_gate_value(const Params& p) {
   return p.layer_gate.present() ? p.layer_gate.at<T>(0) : 1.0f;
 }
 
+// residual + x * (layer_gate * hidden_gate), rounded the same way in every
+// kernel, so that the backward recomputes exactly the forward's values.
+__device__ __forceinline__ float pre_norm(float r, float x, float scale) { return __fmaf_rn(x, scale, r); }
+
 // 1 / max(#kept, 1), computed by the first warp of the block; also a barrier.
 template <typename T>
 __device__ float inverse_kept(const Params& p) {
@@ -87,17 +91,22 @@ __global__ void forward_registers_kernel(const T* __restrict__ x, const T* __res
       rv[i] = load_pack<T, VEC>(res + base + k);
     }
   }
-  float y[ITERS][VEC], keep[ITERS][VEC];
+  float y[ITERS][VEC], hg[ITERS][VEC];
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
     const int k = (i * 32 + lane) * VEC;
+    if (k < dims) {
+      p.hidden_gate.load_or<T, VEC>(k, 1.0f, hg[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) hg[i][j] = 0.0f;
+    }
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float h = k < dims ? hidden_at<T>(p, k + j) : 0.0f;
-      keep[i][j] = h != 0.0f ? 1.0f : 0.0f;
-      y[i][j] = k < dims ? static_cast<float>(rv[i].v[j]) + static_cast<float>(xv[i].v[j]) * lg * h : 0.0f;
-      sum += keep[i][j] * y[i][j];
+      y[i][j] = k < dims ? pre_norm(static_cast<float>(rv[i].v[j]), static_cast<float>(xv[i].v[j]), lg * hg[i][j])
+                         : 0.0f;
+      sum += hg[i][j] != 0.0f ? y[i][j] : 0.0f;
     }
   }
   const float mean = warp_sum(sum) * inv_kept;
@@ -106,7 +115,7 @@ __global__ void forward_registers_kernel(const T* __restrict__ x, const T* __res
   for (int i = 0; i < ITERS; ++i) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float c = (y[i][j] - mean) * keep[i][j];
+      const float c = hg[i][j] != 0.0f ? y[i][j] - mean : 0.0f;
       sq += c * c;
     }
   }
@@ -115,11 +124,14 @@ __global__ void forward_registers_kernel(const T* __restrict__ x, const T* __res
   for (int i = 0; i < ITERS; ++i) {
     const int k = (i * 32 + lane) * VEC;
     if (k >= dims) continue;
+    float w[VEC], b[VEC];
+    p.weight.load<T, VEC>(k, w);
+    p.bias.load<T, VEC>(k, b);
     Pack<T, VEC> ov;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float nhat = (y[i][j] - mean) * rstd * keep[i][j];
-      ov.v[j] = static_cast<T>((nhat * p.weight.at<T>(k + j) + p.bias.at<T>(k + j)) * hidden_at<T>(p, k + j));
+      const float nhat = hg[i][j] != 0.0f ? (y[i][j] - mean) * rstd : 0.0f;
+      ov.v[j] = static_cast<T>((nhat * w[j] + b[j]) * hg[i][j]);
     }
     store_pack<T, VEC>(out + base + k, ov);
   }
@@ -191,21 +203,27 @@ __global__ void __launch_bounds__(kWarpsBwd * 32)
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int k = (i * 32 + lane) * VEC;
+      if (k >= dims) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) nhat[i][j] = 0.0f;
+        continue;
+      }
+      float h[VEC], w[VEC], b[VEC];
+      p.hidden_gate.load_or<T, VEC>(k, 1.0f, h);
+      p.weight.load<T, VEC>(k, w);
+      if (o.want_dhg) p.bias.load<T, VEC>(k, b);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        nhat[i][j] = 0.0f;
-        if (k >= dims) continue;
-        const float h = hidden_at<T>(p, k + j), g = static_cast<float>(gv[i].v[j]);
-        const float y = static_cast<float>(rv[i].v[j]) + static_cast<float>(xv[i].v[j]) * lg * h;
-        const float w = p.weight.at<T>(k + j);
-        const float nh = h != 0.0f ? (y - mean) * rstd : 0.0f;
-        const float dn = h != 0.0f ? g * w * h : 0.0f;
+        const float g = static_cast<float>(gv[i].v[j]);
+        const float y = pre_norm(static_cast<float>(rv[i].v[j]), static_cast<float>(xv[i].v[j]), lg * h[j]);
+        const float nh = h[j] != 0.0f ? (y - mean) * rstd : 0.0f;
+        const float dn = h[j] != 0.0f ? g * w[j] * h[j] : 0.0f;
         nhat[i][j] = nh;
         s1 += dn;
         s2 += dn * nh;
-        acc_w[i][j] += g * h * nh;
-        acc_b[i][j] += g * h;
-        if (o.want_dhg) acc_h[i][j] += g * (nh * w + p.bias.at<T>(k + j));
+        acc_w[i][j] += g * h[j] * nh;
+        acc_b[i][j] += g * h[j];
+        if (o.want_dhg) acc_h[i][j] += g * (nh * w[j] + b[j]);
       }
     }
     const float mean_dn = warp_sum(s1) * inv_kept, mean_dn_nhat = warp_sum(s2) * inv_kept;
@@ -213,17 +231,18 @@ __global__ void __launch_bounds__(kWarpsBwd * 32)
     for (int i = 0; i < ITERS; ++i) {
       const int k = (i * 32 + lane) * VEC;
       if (k >= dims) continue;
+      float h[VEC], w[VEC];
+      p.hidden_gate.load_or<T, VEC>(k, 1.0f, h);
+      p.weight.load<T, VEC>(k, w);
       Pack<T, VEC> dyv, dxv;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float h = hidden_at<T>(p, k + j), g = static_cast<float>(gv[i].v[j]);
-        const float xj = static_cast<float>(xv[i].v[j]);
-        const float dy =
-            h != 0.0f ? rstd * (g * p.weight.at<T>(k + j) * h - mean_dn - nhat[i][j] * mean_dn_nhat) : 0.0f;
+        const float g = static_cast<float>(gv[i].v[j]), xj = static_cast<float>(xv[i].v[j]);
+        const float dy = h[j] != 0.0f ? rstd * (g * w[j] * h[j] - mean_dn - nhat[i][j] * mean_dn_nhat) : 0.0f;
         dyv.v[j] = static_cast<T>(dy);
-        dxv.v[j] = static_cast<T>(dy * lg * h);
+        dxv.v[j] = static_cast<T>(dy * lg * h[j]);
         if (o.want_dhg) acc_h[i][j] += dy * xj * lg;
-        acc_lg += dy * xj * h;
+        acc_lg += dy * xj * h[j];
       }
       if (dres != nullptr) store_pack<T, VEC>(dres + base + k, dyv);
       if (dx != nullptr) store_pack<T, VEC>(dx + base + k, dxv);
@@ -259,34 +278,39 @@ __global__ void forward_generic_kernel(const T* __restrict__ x, const T* __restr
     float sum = 0.0f;
     for (int k = lane * VEC; k < dims; k += 32 * VEC) {
       const Pack<T, VEC> xv = load_pack<T, VEC>(xr + k), rv = load_pack<T, VEC>(rr + k);
+      float h[VEC];
+      p.hidden_gate.load_or<T, VEC>(k, 1.0f, h);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float h = hidden_at<T>(p, k + j);
-        const float y = static_cast<float>(rv.v[j]) + static_cast<float>(xv.v[j]) * lg * h;
-        sum += h != 0.0f ? y : 0.0f;
+        const float y = pre_norm(static_cast<float>(rv.v[j]), static_cast<float>(xv.v[j]), lg * h[j]);
+        sum += h[j] != 0.0f ? y : 0.0f;
       }
     }
     const float mean = warp_sum(sum) * inv_kept;
     float sq = 0.0f;
     for (int k = lane * VEC; k < dims; k += 32 * VEC) {
       const Pack<T, VEC> xv = load_pack<T, VEC>(xr + k), rv = load_pack<T, VEC>(rr + k);
+      float h[VEC];
+      p.hidden_gate.load_or<T, VEC>(k, 1.0f, h);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float h = hidden_at<T>(p, k + j);
-        const float c = static_cast<float>(rv.v[j]) + static_cast<float>(xv.v[j]) * lg * h - mean;
-        sq += h != 0.0f ? c * c : 0.0f;
+        const float c = pre_norm(static_cast<float>(rv.v[j]), static_cast<float>(xv.v[j]), lg * h[j]) - mean;
+        sq += h[j] != 0.0f ? c * c : 0.0f;
       }
     }
     const float rstd = rsqrtf(warp_sum(sq) * inv_kept + eps);
     for (int k = lane * VEC; k < dims; k += 32 * VEC) {
       const Pack<T, VEC> xv = load_pack<T, VEC>(xr + k), rv = load_pack<T, VEC>(rr + k);
+      float h[VEC], w[VEC], b[VEC];
+      p.hidden_gate.load_or<T, VEC>(k, 1.0f, h);
+      p.weight.load<T, VEC>(k, w);
+      p.bias.load<T, VEC>(k, b);
       Pack<T, VEC> ov;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float h = hidden_at<T>(p, k + j);
-        const float y = static_cast<float>(rv.v[j]) + static_cast<float>(xv.v[j]) * lg * h;
-        const float nhat = h != 0.0f ? (y - mean) * rstd : 0.0f;
-        ov.v[j] = static_cast<T>((nhat * p.weight.at<T>(k + j) + p.bias.at<T>(k + j)) * h);
+        const float y = pre_norm(static_cast<float>(rv.v[j]), static_cast<float>(xv.v[j]), lg * h[j]);
+        const float nhat = h[j] != 0.0f ? (y - mean) * rstd : 0.0f;
+        ov.v[j] = static_cast<T>((nhat * w[j] + b[j]) * h[j]);
       }
       store_pack<T, VEC>(out + row * dims + k, ov);
     }
@@ -321,7 +345,7 @@ __global__ void backward_generic_kernel(const T* __restrict__ grad, const T* __r
     float s1 = 0.0f, s2 = 0.0f;
     for (int k = lane; k < dims; k += 32) {
       const float h = hidden_at<T>(p, k), g = static_cast<float>(grad[base + k]);
-      const float y = static_cast<float>(res[base + k]) + static_cast<float>(x[base + k]) * lg * h;
+      const float y = pre_norm(static_cast<float>(res[base + k]), static_cast<float>(x[base + k]), lg * h);
       const float w = p.weight.at<T>(k);
       const float nhat = h != 0.0f ? (y - mean) * rstd : 0.0f;
       const float dn = h != 0.0f ? g * w * h : 0.0f;
@@ -335,7 +359,7 @@ __global__ void backward_generic_kernel(const T* __restrict__ grad, const T* __r
     for (int k = lane; k < dims; k += 32) {
       const float h = hidden_at<T>(p, k), g = static_cast<float>(grad[base + k]);
       const float xk = static_cast<float>(x[base + k]);
-      const float y = static_cast<float>(res[base + k]) + xk * lg * h;
+      const float y = pre_norm(static_cast<float>(res[base + k]), xk, lg * h);
       float dy = 0.0f;
       if (h != 0.0f) dy = rstd * (g * p.weight.at<T>(k) * h - mean_dn - (y - mean) * rstd * mean_dn_nhat);
       if (dres != nullptr) dres[base + k] = static_cast<T>(dy);
@@ -481,7 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_cuda", [&] {
     using T = scalar_t;
     constexpr int kVec = vec_of<T>();
-    const bool aligned = can_vectorize(dims, kVec, {x.const_data_ptr(), res.const_data_ptr(), out.const_data_ptr()});
+    const bool aligned = can_vectorize(dims, kVec, {x.const_data_ptr(), res.const_data_ptr(), out.const_data_ptr(),
+                                                    p.weight.ptr, p.bias.ptr, p.hidden_gate.ptr});
     const T* xp = x.const_data_ptr<T>();
     const T* rp = res.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
@@ -546,7 +571,8 @@ Grads6 masked_layer_norm_backward_cuda(const at::Tensor& grad_in, const at::Tens
     constexpr int kVec = vec_of<T>();
     const bool aligned = can_vectorize(dims, kVec, {x.const_data_ptr(), res.const_data_ptr(), grad.const_data_ptr(),
                                                     mask[0] ? dx.const_data_ptr() : nullptr,
-                                                    mask[1] ? dres.const_data_ptr() : nullptr});
+                                                    mask[1] ? dres.const_data_ptr() : nullptr, p.weight.ptr,
+                                                    p.bias.ptr, p.hidden_gate.ptr});
     const int iters = register_iters<T>(dims, aligned);
     int64_t blocks = 0;
     at::Tensor partials;

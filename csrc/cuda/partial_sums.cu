@@ -7,15 +7,28 @@ namespace cofi::cuda {
 
 namespace {
 
-// blockIdx.y picks the output.
+constexpr int kColsPerBlock = 32;
+constexpr int kRowLanes = 16;
+
+// Block (32 x 16): threadIdx.x picks a column, threadIdx.y a residue class of
+// rows; the 16 class sums are added in a fixed order. blockIdx.y picks the output.
 __global__ void sum_partials_kernel(const float* __restrict__ partials, int64_t n_rows, int64_t row_stride,
                                     PartialSums sums) {
+  __shared__ float part[kRowLanes][kColsPerBlock];
   const int i = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= sums.cols[i]) return;
-  const float* p = partials + sums.offset[i] + c;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColsPerBlock + threadIdx.x;
+  const bool active = c < sums.cols[i];
   float total = 0.0f;
-  for (int64_t r = 0; r < n_rows; ++r) total += p[r * row_stride];
+  if (active) {
+    const float* p = partials + sums.offset[i] + c;
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < n_rows; r += kRowLanes) total += p[r * row_stride];
+  }
+  part[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+#pragma unroll
+  for (int y = 1; y < kRowLanes; ++y) total += part[y][threadIdx.x];
   if (sums.dtype[i] == 0) {
     static_cast<float*>(sums.out[i])[c] = total;
   } else if (sums.dtype[i] == 1) {
@@ -32,9 +45,10 @@ void sum_partials(const float* partials, int64_t n_rows, int64_t row_stride, con
   int64_t widest = 0;
   for (int i = 0; i < sums.count; ++i) widest = std::max(widest, sums.cols[i]);
   if (widest == 0) return;
-  const int threads = 256;
-  const dim3 grid(static_cast<unsigned>((widest + threads - 1) / threads), static_cast<unsigned>(sums.count));
-  sum_partials_kernel<<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials, n_rows, row_stride, sums);
+  const dim3 grid(static_cast<unsigned>((widest + kColsPerBlock - 1) / kColsPerBlock),
+                  static_cast<unsigned>(sums.count));
+  const dim3 block(kColsPerBlock, kRowLanes);
+  sum_partials_kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(partials, n_rows, row_stride, sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
