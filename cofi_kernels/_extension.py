@@ -42,11 +42,26 @@ def build_info() -> dict | None:
         return None
 
 
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    """(op, device type) pairs with a compiled kernel, read once at import.
+
+    A plain set keeps ``has_kernel`` traceable by torch.compile.
+    """
+    if not available():
+        return frozenset()
+    found = set()
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("cofi::"):
+            continue
+        for device_type, key in _DISPATCH_KEYS.items():
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+                found.add((name.removeprefix("cofi::"), device_type))
+    return frozenset(found)
+
+
+_KERNELS = _registered_kernels()
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """True when ``cofi::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
-    if not available() or device_type not in _DISPATCH_KEYS:
-        return False
-    name = f"cofi::{op}"
-    if not torch._C._dispatch_has_kernel(name):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, _DISPATCH_KEYS[device_type])
+    return (op, device_type) in _KERNELS

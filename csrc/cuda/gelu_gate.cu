@@ -27,7 +27,7 @@ struct NormalParts {
 };
 
 __device__ __forceinline__ NormalParts normal_parts(float v) {
-  const float t = 1.0f / fmaf(0.3275911f, fabsf(v) * kSqrtHalf, 1.0f);
+  const float t = __fdividef(1.0f, fmaf(0.3275911f, fabsf(v) * kSqrtHalf, 1.0f));  // approximate: 2 ulp
   float poly = fmaf(1.061405429f, t, -1.453152027f);
   poly = fmaf(poly, t, 1.421413741f);
   poly = fmaf(poly, t, -0.284496736f);
