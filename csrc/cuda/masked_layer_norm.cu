@@ -48,6 +48,11 @@ __device__ __forceinline__ float layer_gate_value(const Params& p) {
 // kernel, so that the backward recomputes exactly the forward's values.
 __device__ __forceinline__ float pre_norm(float r, float x, float scale) { return __fmaf_rn(x, scale, r); }
 
+// d loss / d norm(y) = g * weight * hidden_gate, rounded the same way in both
+// backward passes (no FMA contraction), so that with a single kept dim
+// dn - mean(dn) is exactly 0 rather than one rounding times rstd = eps^-1/2.
+__device__ __forceinline__ float grad_nhat(float g, float w, float h) { return __fmul_rn(__fmul_rn(g, w), h); }
+
 // 1 / max(#kept, 1), computed by the first warp of the block; also a barrier.
 template <typename T>
 __device__ float inverse_kept(const Params& p) {
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(kWarpsBwd * 32)
         const float g = static_cast<float>(gv[i].v[j]);
         const float y = pre_norm(static_cast<float>(rv[i].v[j]), static_cast<float>(xv[i].v[j]), lg * h[j]);
         const float nh = h[j] != 0.0f ? (y - mean) * rstd : 0.0f;
-        const float dn = h[j] != 0.0f ? g * w[j] * h[j] : 0.0f;
+        const float dn = h[j] != 0.0f ? grad_nhat(g, w[j], h[j]) : 0.0f;
         nhat[i][j] = nh;
         s1 += dn;
         s2 += dn * nh;
@@ -238,7 +243,8 @@ __global__ void __launch_bounds__(kWarpsBwd * 32)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float g = static_cast<float>(gv[i].v[j]), xj = static_cast<float>(xv[i].v[j]);
-        const float dy = h[j] != 0.0f ? rstd * (g * w[j] * h[j] - mean_dn - nhat[i][j] * mean_dn_nhat) : 0.0f;
+        const float dy =
+            h[j] != 0.0f ? rstd * (grad_nhat(g, w[j], h[j]) - mean_dn - nhat[i][j] * mean_dn_nhat) : 0.0f;
         dyv.v[j] = static_cast<T>(dy);
         dxv.v[j] = static_cast<T>(dy * lg * h[j]);
         if (o.want_dhg) acc_h[i][j] += dy * xj * lg;
@@ -348,7 +354,7 @@ __global__ void backward_generic_kernel(const T* __restrict__ grad, const T* __r
       const float y = pre_norm(static_cast<float>(res[base + k]), static_cast<float>(x[base + k]), lg * h);
       const float w = p.weight.at<T>(k);
       const float nhat = h != 0.0f ? (y - mean) * rstd : 0.0f;
-      const float dn = h != 0.0f ? g * w * h : 0.0f;
+      const float dn = h != 0.0f ? grad_nhat(g, w, h) : 0.0f;
       s1 += dn;
       s2 += dn * nhat;
       acc_w[k] += g * h * nhat;
@@ -361,7 +367,7 @@ __global__ void backward_generic_kernel(const T* __restrict__ grad, const T* __r
       const float xk = static_cast<float>(x[base + k]);
       const float y = pre_norm(static_cast<float>(res[base + k]), xk, lg * h);
       float dy = 0.0f;
-      if (h != 0.0f) dy = rstd * (g * p.weight.at<T>(k) * h - mean_dn - (y - mean) * rstd * mean_dn_nhat);
+      if (h != 0.0f) dy = rstd * (grad_nhat(g, p.weight.at<T>(k), h) - mean_dn - (y - mean) * rstd * mean_dn_nhat);
       if (dres != nullptr) dres[base + k] = static_cast<T>(dy);
       if (dx != nullptr) dx[base + k] = static_cast<T>(dy * lg * h);
       if (o.want_dhg) acc_h[k] += dy * xk * lg;
