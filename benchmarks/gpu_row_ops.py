@@ -108,6 +108,20 @@ def mln_inputs(rows, dims, dtype):
     return x, r, w, b, lg, hg, torch.randn(rows, dims, device="cuda", dtype=dtype)
 
 
+def time_passes(op, shape, dtype, n, bw, passes, eager_forward, eager_forward_backward):
+    """Rows of the results table for one op: `passes` is [(name, make_call, minimal bytes)]
+    for forward, backward and forward+backward; the eager baselines go beside the first and last."""
+    rows_out = []
+    for name, make, nbytes in passes:
+        graph = name != "forward+backward"
+        t = time_ms(make, n, graph)
+        rows_out.append({"op": op, "pass": name, "shape": list(shape), "dtype": str(dtype),
+                         "ms": t, "graph": graph, "bandwidth_pct": 100 * nbytes / (t / 1e3) / bw})
+    rows_out[0]["eager_ms"] = time_ms(eager_forward, n, graph=True)
+    rows_out[-1]["eager_ms"] = time_ms(eager_forward_backward, n, graph=False)
+    return rows_out
+
+
 def bench_gelu(rows, cols, dtype, bw):
     size = rows * cols * dtype.itemsize
     n = sets_for(3 * size)
@@ -135,19 +149,8 @@ def bench_gelu(rows, cols, dtype, bw):
         x, b, g, go = data[i]
         return lambda: torch.autograd.grad(reference.gelu_gate(x, b, g), (x, b, g), go)
 
-    rows_out = []
-    for name, make, nbytes in [
-        ("forward", fwd, 2 * size),
-        ("backward", bwd, 3 * size),
-        ("forward+backward", fused_fb, 5 * size),
-    ]:
-        graph = name != "forward+backward"
-        t = time_ms(make, n, graph)
-        rows_out.append({"op": "gelu_gate", "pass": name, "shape": [rows, cols], "dtype": str(dtype),
-                         "ms": t, "graph": graph, "bandwidth_pct": 100 * nbytes / (t / 1e3) / bw})
-    rows_out[0]["eager_ms"] = time_ms(eager_f, n, graph=True)
-    rows_out[2]["eager_ms"] = time_ms(eager_fb, n, graph=False)
-    return rows_out
+    passes = [("forward", fwd, 2 * size), ("backward", bwd, 3 * size), ("forward+backward", fused_fb, 5 * size)]
+    return time_passes("gelu_gate", (rows, cols), dtype, n, bw, passes, eager_f, eager_fb)
 
 
 def bench_mln(rows, dims, dtype, bw):
@@ -179,19 +182,8 @@ def bench_mln(rows, dims, dtype, bw):
         x, r, w, b, lg, hg, go = data[i]
         return lambda: torch.autograd.grad(reference.masked_layer_norm(x, r, w, b, lg, hg), (x, r, w, b, lg, hg), go)
 
-    rows_out = []
-    for name, make, nbytes in [
-        ("forward", fwd, 3 * size),
-        ("backward", bwd, 5 * size),
-        ("forward+backward", fused_fb, 8 * size),
-    ]:
-        graph = name != "forward+backward"
-        t = time_ms(make, n, graph)
-        rows_out.append({"op": "masked_layer_norm", "pass": name, "shape": [rows, dims], "dtype": str(dtype),
-                         "ms": t, "graph": graph, "bandwidth_pct": 100 * nbytes / (t / 1e3) / bw})
-    rows_out[0]["eager_ms"] = time_ms(eager_f, n, graph=True)
-    rows_out[2]["eager_ms"] = time_ms(eager_fb, n, graph=False)
-    return rows_out
+    passes = [("forward", fwd, 3 * size), ("backward", bwd, 5 * size), ("forward+backward", fused_fb, 8 * size)]
+    return time_passes("masked_layer_norm", (rows, dims), dtype, n, bw, passes, eager_f, eager_fb)
 
 
 def main():

@@ -100,19 +100,6 @@ void backward_rows(const T* grad, const T* x, const float* bias, const float* ga
   });
 }
 
-// Sums partials [chunks, 2, cols] over chunks into out (slot 0 or 1), in chunk order.
-at::Tensor sum_partials(const at::Tensor& partials, int64_t slot, const at::Tensor& like) {
-  const int64_t chunks = partials.size(0), cols = partials.size(2);
-  at::Tensor total = at::zeros({cols}, partials.options());
-  float* t = total.data_ptr<float>();
-  const float* p = partials.data_ptr<float>();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const float* row = p + (c * 2 + slot) * cols;
-    for (int64_t j = 0; j < cols; ++j) t[j] += row[j];
-  }
-  return total.to(like.scalar_type());
-}
-
 at::Tensor gelu_gate_cpu(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
   check_inputs(x_in, bias, gate);
   const at::Tensor x = x_in.contiguous();
@@ -151,8 +138,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cpu(const at::
                               partials.mutable_data_ptr<float>(), want_dx, want_dbias, want_dgate, rows, cols);
     });
   }
-  at::Tensor dbias = want_dbias ? sum_partials(partials, 0, bias) : not_requested(x);
-  at::Tensor dgate = want_dgate ? sum_partials(partials, 1, *gate) : not_requested(x);
+  const int64_t chunks = partials.size(0);
+  at::Tensor dbias =
+      want_dbias ? sum_chunk_partials(partials, chunks, 2 * cols, 0, cols, bias.scalar_type()) : not_requested(x);
+  at::Tensor dgate =
+      want_dgate ? sum_chunk_partials(partials, chunks, 2 * cols, cols, cols, gate->scalar_type()) : not_requested(x);
   return {dx, dbias, dgate};
 }
 

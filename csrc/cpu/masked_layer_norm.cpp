@@ -6,7 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -190,19 +189,6 @@ void backward_rows(const T* grad, const T* x, const T* res, const float* mean, c
   });
 }
 
-// Sums slot `slot` of partials over chunks in chunk order, cast to like's dtype.
-at::Tensor sum_partials(const at::Tensor& partials, int64_t chunks, int64_t slot, int64_t dims,
-                        const at::Tensor& like) {
-  at::Tensor total = at::zeros({dims}, partials.options());
-  float* t = total.data_ptr<float>();
-  const float* p = partials.const_data_ptr<float>();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const float* row = p + (c * 3 + slot) * dims;
-    for (int64_t j = 0; j < dims; ++j) t[j] += row[j];
-  }
-  return total.to(like.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cpu(
     const at::Tensor& x_in, const at::Tensor& res_in, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& layer_gate, const std::optional<at::Tensor>& hidden_gate, double eps) {
@@ -254,16 +240,16 @@ Grads6 masked_layer_norm_backward_cpu(const at::Tensor& grad_in, const at::Tenso
                               rstd.const_data_ptr<float>(), f, o, rows, dims);
     });
   }
-  at::Tensor dw = mask[2] ? sum_partials(partials, chunks, 0, dims, weight) : not_requested(x);
-  at::Tensor db = mask[3] ? sum_partials(partials, chunks, 1, dims, bias) : not_requested(x);
-  at::Tensor dhg = want_dhg ? sum_partials(partials, chunks, 2, dims, *hidden_gate) : not_requested(x);
-  at::Tensor dlg = not_requested(x);
-  if (want_dlg) {
-    const float* p = partials.const_data_ptr<float>() + chunks * 3 * dims;
-    float total = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) total += p[c];
-    dlg = at::full_like(*layer_gate, total);
-  }
+  const int64_t stride = 3 * dims;
+  auto column_sums = [&](int64_t slot, const at::Tensor& like) {
+    return sum_chunk_partials(partials, chunks, stride, slot * dims, dims, like.scalar_type());
+  };
+  at::Tensor dw = mask[2] ? column_sums(0, weight) : not_requested(x);
+  at::Tensor db = mask[3] ? column_sums(1, bias) : not_requested(x);
+  at::Tensor dhg = want_dhg ? column_sums(2, *hidden_gate) : not_requested(x);
+  at::Tensor dlg = want_dlg ? sum_chunk_partials(partials, chunks, 1, chunks * stride, 1, layer_gate->scalar_type())
+                                  .reshape(layer_gate->sizes())
+                            : not_requested(x);
   return {dx, dres, dw, db, dlg, dhg};
 }
 

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -80,6 +82,19 @@ inline float reduce_sum(const Vec& v) {
 constexpr int64_t kMaxReductionChunks = 64;
 
 inline int64_t reduction_chunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxReductionChunks)); }
+
+// Sums columns [offset, offset + cols) of a float32 partials buffer laid out
+// as [chunks, row_stride] over the chunks, in chunk order; returns them in `dtype`.
+inline at::Tensor sum_chunk_partials(const at::Tensor& partials, int64_t chunks, int64_t row_stride, int64_t offset,
+                                     int64_t cols, c10::ScalarType dtype) {
+  at::Tensor total = at::zeros({cols}, partials.options());
+  float* t = total.mutable_data_ptr<float>();
+  const float* p = partials.const_data_ptr<float>() + offset;
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t j = 0; j < cols; ++j) t[j] += p[c * row_stride + j];
+  }
+  return total.to(dtype);
+}
 
 // Rows per parallel_for task: enough elements to amortise the task overhead.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
