@@ -5,7 +5,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
+
+#include <optional>
 
 #include <vector>
 
@@ -49,6 +52,33 @@ inline void check_scalar_gate(const char* op, const at::Tensor& t, const char* n
               t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name,
               " must have dtype ", like.scalar_type(), " (as x) or float32, got ", t.scalar_type());
+}
+
+// The arguments of cofi::gelu_gate, for the kernel of `device` (CPU or CUDA).
+inline void check_gelu_gate_args(const char* op, const at::Tensor& x, const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& gate, c10::DeviceType device) {
+  check_activation(op, x, "x");
+  TORCH_CHECK(x.device().type() == device, op, ": the ", c10::DeviceTypeName(device), " kernel got x on ",
+              x.device());
+  const int64_t n = x.size(-1);
+  check_feature_vector(op, bias, "bias", n, x);
+  if (gate) check_feature_vector(op, *gate, "gate", n, x);
+}
+
+// The arguments of cofi::masked_layer_norm, for the kernel of `device` (CPU or CUDA).
+inline void check_masked_layer_norm_args(const char* op, const at::Tensor& x, const at::Tensor& residual,
+                                         const at::Tensor& weight, const at::Tensor& bias,
+                                         const std::optional<at::Tensor>& layer_gate,
+                                         const std::optional<at::Tensor>& hidden_gate, c10::DeviceType device) {
+  check_activation(op, x, "x");
+  TORCH_CHECK(x.device().type() == device, op, ": the ", c10::DeviceTypeName(device), " kernel got x on ",
+              x.device());
+  check_same_as(op, residual, "residual", x, "x");
+  const int64_t dims = x.size(-1);
+  check_feature_vector(op, weight, "weight", dims, x);
+  check_feature_vector(op, bias, "bias", dims, x);
+  if (layer_gate) check_scalar_gate(op, *layer_gate, "layer_gate", x);
+  if (hidden_gate) check_feature_vector(op, *hidden_gate, "hidden_gate", dims, x);
 }
 
 // Float32 contiguous copy (or the tensor itself) of a small parameter.

@@ -43,11 +43,7 @@ inline Vec gelu(const Vec& v) { return v * normal_parts(v).cdf; }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
   check_cpu_capability();
-  check_activation(kOp, x, "x");
-  TORCH_CHECK(x.device().is_cpu(), kOp, ": the CPU kernel got x on ", x.device());
-  const int64_t n = x.size(-1);
-  check_feature_vector(kOp, bias, "bias", n, x);
-  if (gate) check_feature_vector(kOp, *gate, "gate", n, x);
+  check_gelu_gate_args(kOp, x, bias, gate, c10::DeviceType::CPU);
 }
 
 template <typename T>

@@ -69,14 +69,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& residual, const at::Ten
                   const at::Tensor& bias, const std::optional<at::Tensor>& layer_gate,
                   const std::optional<at::Tensor>& hidden_gate) {
   check_cpu_capability();
-  check_activation(kOp, x, "x");
-  TORCH_CHECK(x.device().is_cpu(), kOp, ": the CPU kernel got x on ", x.device());
-  check_same_as(kOp, residual, "residual", x, "x");
-  const int64_t dims = x.size(-1);
-  check_feature_vector(kOp, weight, "weight", dims, x);
-  check_feature_vector(kOp, bias, "bias", dims, x);
-  if (layer_gate) check_scalar_gate(kOp, *layer_gate, "layer_gate", x);
-  if (hidden_gate) check_feature_vector(kOp, *hidden_gate, "hidden_gate", dims, x);
+  check_masked_layer_norm_args(kOp, x, residual, weight, bias, layer_gate, hidden_gate, c10::DeviceType::CPU);
 }
 
 // y = residual + x * xscale into y; returns its (kept) mean and rstd.

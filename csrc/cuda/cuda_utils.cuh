@@ -141,6 +141,12 @@ inline size_t max_shared_memory_per_block() {
   return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
+// Elements of T in one 16-byte pack.
+template <typename T>
+constexpr int vec_of() {
+  return 16 / sizeof(T);
+}
+
 // 16-byte accesses when every row starts 16-byte aligned.
 inline bool can_vectorize(int64_t cols, int vec, std::initializer_list<const void*> ptrs) {
   if (cols % vec != 0) return false;

@@ -120,16 +120,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
-  check_activation(kOp, x, "x");
-  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got x on ", x.device());
-  const int64_t n = x.size(-1);
-  check_feature_vector(kOp, bias, "bias", n, x);
-  if (gate) check_feature_vector(kOp, *gate, "gate", n, x);
-}
-
-template <typename T>
-constexpr int vec_of() {
-  return 16 / sizeof(T);
+  check_gelu_gate_args(kOp, x, bias, gate, c10::DeviceType::CUDA);
 }
 
 at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {

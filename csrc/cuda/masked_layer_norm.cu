@@ -431,11 +431,6 @@ int generic_backward_warps(int64_t dims, size_t* smem_bytes) {
               " bytes per block) in the backward");
 }
 
-template <typename T>
-constexpr int vec_of() {
-  return 16 / sizeof(T);
-}
-
 // Packs per lane for the register path: the smallest instantiated count that
 // covers the row, or 0 when the row takes the generic path.
 template <typename T>
@@ -468,15 +463,8 @@ void dispatch_iters(int iters, const F& f) {
 void check_inputs(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                   const at::Tensor& bias, const std::optional<at::Tensor>& layer_gate,
                   const std::optional<at::Tensor>& hidden_gate) {
-  check_activation(kOp, x, "x");
-  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got x on ", x.device());
-  check_same_as(kOp, residual, "residual", x, "x");
-  const int64_t dims = x.size(-1);
-  TORCH_CHECK(dims <= (1 << 24), kOp, ": hidden size ", dims, " is too large");
-  check_feature_vector(kOp, weight, "weight", dims, x);
-  check_feature_vector(kOp, bias, "bias", dims, x);
-  if (layer_gate) check_scalar_gate(kOp, *layer_gate, "layer_gate", x);
-  if (hidden_gate) check_feature_vector(kOp, *hidden_gate, "hidden_gate", dims, x);
+  check_masked_layer_norm_args(kOp, x, residual, weight, bias, layer_gate, hidden_gate, c10::DeviceType::CUDA);
+  TORCH_CHECK(x.size(-1) <= (1 << 24), kOp, ": hidden size ", x.size(-1), " is too large");
 }
 
 // Contiguous parameters kept alive for the launch, and their device view.
