@@ -22,6 +22,7 @@ import torch
 
 import cofi_kernels
 from cofi_kernels import reference
+from row_inputs import gelu_inputs, mln_inputs
 
 L2_MULTIPLE = 4  # input sets together at least this many times the L2 size
 
@@ -89,25 +90,6 @@ def sets_for(bytes_per_set: int) -> int:
     return max(4, min(64, -(-L2_MULTIPLE * l2 // max(bytes_per_set, 1))))
 
 
-def gelu_inputs(rows, cols, dtype):
-    x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
-    b = torch.randn(cols, device="cuda", dtype=dtype, requires_grad=True)
-    g = torch.rand(cols, device="cuda", dtype=dtype, requires_grad=True)
-    return x, b, g, torch.randn(rows, cols, device="cuda", dtype=dtype)
-
-
-def mln_inputs(rows, dims, dtype):
-    x = torch.randn(rows, dims, device="cuda", dtype=dtype, requires_grad=True)
-    r = torch.randn(rows, dims, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.rand(dims, device="cuda", dtype=dtype, requires_grad=True)
-    b = torch.randn(dims, device="cuda", dtype=dtype, requires_grad=True)
-    lg = torch.rand((), device="cuda", dtype=dtype, requires_grad=True)
-    hg = torch.rand(dims, device="cuda", dtype=dtype)
-    hg[torch.rand(dims, device="cuda") < 0.2] = 0
-    hg.requires_grad_()
-    return x, r, w, b, lg, hg, torch.randn(rows, dims, device="cuda", dtype=dtype)
-
-
 def time_passes(op, shape, dtype, n, bw, passes, eager_forward, eager_forward_backward):
     """Rows of the results table for one op: `passes` is [(name, make_call, minimal bytes)]
     for forward, backward and forward+backward; the eager baselines go beside the first and last."""
@@ -125,7 +107,7 @@ def time_passes(op, shape, dtype, n, bw, passes, eager_forward, eager_forward_ba
 def bench_gelu(rows, cols, dtype, bw):
     size = rows * cols * dtype.itemsize
     n = sets_for(3 * size)
-    data = [gelu_inputs(rows, cols, dtype) for _ in range(n)]
+    data = [gelu_inputs(rows, cols, dtype, "cuda") for _ in range(n)]
     ops = torch.ops.cofi
     mask = [True, True, True]
 
@@ -156,7 +138,7 @@ def bench_gelu(rows, cols, dtype, bw):
 def bench_mln(rows, dims, dtype, bw):
     size = rows * dims * dtype.itemsize
     n = sets_for(5 * size)
-    data = [mln_inputs(rows, dims, dtype) for _ in range(n)]
+    data = [mln_inputs(rows, dims, dtype, "cuda") for _ in range(n)]
     ops = torch.ops.cofi
     saved = [ops.masked_layer_norm(*d[:6], 1e-12) for d in data]
     mask = [True] * 6

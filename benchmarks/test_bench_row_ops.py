@@ -11,6 +11,7 @@ import torch
 
 import cofi_kernels
 from cofi_kernels import reference
+from row_inputs import gelu_inputs, mln_inputs
 
 ROWS = 8 * 128
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -25,23 +26,13 @@ def _sync(device):
 
 
 def _gelu_inputs(device):
-    dt = DTYPE[device]
-    x = torch.randn(ROWS, 3072, device=device, dtype=dt, requires_grad=True)
-    b = torch.randn(3072, device=device, dtype=dt, requires_grad=True)
-    g = torch.rand(3072, device=device, dtype=dt, requires_grad=True)
-    return (x, b, g), torch.randn(ROWS, 3072, device=device, dtype=dt)
+    *args, grad_out = gelu_inputs(ROWS, 3072, DTYPE[device], device)
+    return tuple(args), grad_out
 
 
 def _mln_inputs(device):
-    dt = DTYPE[device]
-    x = torch.randn(ROWS, 768, device=device, dtype=dt, requires_grad=True)
-    r = torch.randn(ROWS, 768, device=device, dtype=dt, requires_grad=True)
-    w = torch.rand(768, device=device, dtype=dt, requires_grad=True)
-    b = torch.randn(768, device=device, dtype=dt, requires_grad=True)
-    lg = torch.rand((), device=device, dtype=dt, requires_grad=True)
-    hg = torch.rand(768, device=device, dtype=dt)
-    hg[torch.rand(768, device=device) < 0.2] = 0
-    return (x, r, w, b, lg, hg.requires_grad_()), torch.randn(ROWS, 768, device=device, dtype=dt)
+    *args, grad_out = mln_inputs(ROWS, 768, DTYPE[device], device)
+    return tuple(args), grad_out
 
 
 OPS = {
