@@ -1,10 +1,13 @@
 """Which implementation an op runs: ``reference``, ``cpu``, ``cuda`` or ``triton``.
 
 Precedence: an explicit ``backend=`` keyword, then the ``COFI_BACKEND``
-environment variable, then ``auto``. ``auto`` picks the compiled kernel for the
-tensors' device and falls back to the reference only when no kernel is built
-for that device, with a warning that says so (once per op and device). Asking
-for a backend that is not available is an error, never a silent fallback.
+environment variable, then ``auto``. ``auto`` picks the first backend of the
+op's ``auto_order`` that can run on the tensors' device (compiled C++/CUDA
+kernels, or Triton on CUDA devices) and falls back to the reference only when
+none can, with a warning that says so (once per op and device) if the op has
+a kernel meant for that device. ``auto`` never picks the Triton interpreter.
+Asking for a backend that is not available is an error, never a silent
+fallback.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _extension
+from . import _extension, _triton_support
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "COFI_BACKEND"
@@ -27,11 +30,12 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An op's name and the backends it implements (besides ``reference``)."""
+    """An op's name, the backends it implements and the order ``auto`` tries them in."""
 
     name: str
     compiled: tuple[str, ...] = ()  # compiled ops it needs, e.g. ("gelu_gate", "gelu_gate_backward")
     backends: tuple[str, ...] = ("reference", "cpu", "cuda")
+    auto_order: tuple[str, ...] = ("cpu", "cuda")  # tried first to last; "reference" is the fallback
 
     def compiled_for(self, device_type: str) -> bool:
         return bool(self.compiled) and all(_extension.has_kernel(op, device_type) for op in self.compiled)
@@ -57,11 +61,34 @@ def _why_not_compiled(spec: OpSpec, device_type: str) -> str:
     return f"cofi_kernels._C was built without {device_type.upper()} kernels for {spec.name}"
 
 
+# The device type each non-reference backend's kernels are meant for.
+_TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+
+def _runs_on(spec: OpSpec, backend: str, device: torch.device) -> bool:
+    if backend not in spec.backends or _TARGET_DEVICE.get(backend) != device.type:
+        return False
+    if backend == "triton":
+        return _triton_support.unavailable_reason(device) is None
+    return spec.compiled_for(backend)
+
+
 def auto_choice(spec: OpSpec, device: torch.device) -> str:
     """What ``auto`` picks for ``spec`` on ``device``, and nothing else (no warning)."""
-    if device.type in ("cpu", "cuda") and device.type in spec.backends and spec.compiled_for(device.type):
-        return device.type
+    for backend in spec.auto_order:
+        if _runs_on(spec, backend, device):
+            return backend
     return "reference"
+
+
+def _has_kernel_meant_for(spec: OpSpec, device_type: str) -> bool:
+    return any(_TARGET_DEVICE.get(b) == device_type for b in spec.backends)
+
+
+def _why_no_kernel(spec: OpSpec, device: torch.device) -> str:
+    if "triton" in spec.backends and device.type == "cuda":
+        return _triton_support.unavailable_reason(device) or "no kernel was chosen"
+    return _why_not_compiled(spec, device.type)
 
 
 def resolve(spec: OpSpec, backend: str, device: torch.device) -> str:
@@ -69,12 +96,13 @@ def resolve(spec: OpSpec, backend: str, device: torch.device) -> str:
     choice = requested(backend)
     if choice == "auto":
         choice = auto_choice(spec, device)
-        if choice == "reference" and device.type in spec.backends and (spec.name, device.type) not in _warned:
-            _warned.add((spec.name, device.type))
+        key = (spec.name, device.type)
+        if choice == "reference" and _has_kernel_meant_for(spec, device.type) and key not in _warned:
+            _warned.add(key)
             if not torch.compiler.is_compiling():
                 warnings.warn(
                     f"{spec.name}: using the slow reference implementation on {device.type} because "
-                    f"{_why_not_compiled(spec, device.type)}; see `python -m cofi_kernels.info`",
+                    f"{_why_no_kernel(spec, device)}; see `python -m cofi_kernels.info`",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -90,4 +118,7 @@ def resolve(spec: OpSpec, backend: str, device: torch.device) -> str:
             raise BackendUnavailableError(f"{spec.name}: backend {choice!r} is not available: "
                                           f"{_why_not_compiled(spec, choice)}")
         return choice
-    raise BackendUnavailableError(f"{spec.name}: backend {choice!r} is not available")
+    why = _triton_support.unavailable_reason(device)
+    if why is not None:
+        raise BackendUnavailableError(f"{spec.name}: backend 'triton' is not available: {why}")
+    return choice

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from . import __version__, _extension, backends
+from . import __version__, _extension, _triton_support, backends
 from .ops import gelu_gate, masked_layer_norm
 
 OP_SPECS = (gelu_gate.SPEC, masked_layer_norm.SPEC)
 
 
-def _triton_version() -> str:
-    if importlib.util.find_spec("triton") is None:
-        return "not installed"
-    import triton
-
-    return triton.__version__
-
-
 def report() -> str:
     """The text that ``python -m cofi_kernels.info`` prints."""
     lines = [f"cofi_kernels {__version__}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
-    lines.append(f"triton {_triton_version()}")
+    mode = " (interpreter: TRITON_INTERPRET=1)" if _triton_support.INTERPRET else ""
+    lines.append(f"triton {_triton_support.version() or 'not installed'}{mode}")
     if _extension.available():
         lines.append("extension cofi_kernels._C: loaded")
     else:
