@@ -1,0 +1,197 @@
+"""``cofi::gated_attention_fwd`` / ``_bwd``: flash-style attention with a per-head gate.
+
+Kernels: :mod:`cofi_kernels.triton_kernels.gated_attention`. The forward
+saves the log-sum-exp (no T×T matrix reaches global memory) and, when the
+gate needs a gradient, the ungated output: the gate gradient of head h is
+``Σ ⟨dOut_h, O_h⟩`` over the ungated output ``O_h``, which cannot be
+recovered from the gated output of a head whose gate is 0. Per-program
+partial sums of it are reduced afterwards in a fixed order (no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _triton_support
+from ..backends import OpSpec
+
+SPEC = OpSpec("gated_attention", backends=("reference", "triton"), auto_order=("triton",))
+
+HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _blocks(head_dim: int) -> dict:
+    """Tile sizes and launch options: small tiles under the interpreter (each program runs in Python)."""
+    if _triton_support.INTERPRET:
+        return {"fwd": (16, 16, {}), "bwd": (16, 16, {})}
+    warps = 4 if head_dim <= 64 else 8
+    return {
+        "fwd": (128 if head_dim <= 64 else 64, 64, {"num_warps": warps, "num_stages": 3}),
+        "bwd": (64, 64, {"num_warps": warps, "num_stages": 2}),
+    }
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 must meet the float32 tolerance, so no tf32 for it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask_bytes(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if key_padding_mask is None:
+        return like.new_empty(1, dtype=torch.uint8), False
+    return key_padding_mask.contiguous().view(torch.uint8), True
+
+
+def _gate_arg(head_gate: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if head_gate is None:
+        return like.new_empty(1), False
+    return head_gate.contiguous(), True
+
+
+@torch.library.custom_op("cofi::gated_attention_fwd", mutates_args=())
+def gated_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_gate: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    save_ungated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (gated output [B,H,T,D], ungated output or an empty tensor, lse [B,H,T] float32, log2 domain)."""
+    from ..triton_kernels.gated_attention import gated_attention_fwd_kernel
+
+    B, H, T, D = q.shape
+    out = q.new_empty((B, H, T, D))
+    ungated = q.new_empty((B, H, T, D)) if save_ungated else q.new_empty(0)
+    lse = q.new_empty((B, H, T), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, ungated, lse
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    mask, has_mask = _mask_bytes(key_padding_mask, q)
+    gate, has_gate = _gate_arg(head_gate, q)
+    block_m, block_n, opts = _blocks(D)["fwd"]
+    grid = (_cdiv(T, block_m), B * H)
+    gated_attention_fwd_kernel[grid](
+        q, k, v, gate, mask, out, ungated if save_ungated else out, lse,
+        *_strides(q), *_strides(k), *_strides(v),
+        H, T, scale * _LOG2E,
+        HAS_GATE=has_gate, HAS_MASK=has_mask, SAVE_UNGATED=save_ungated,
+        UPCAST=_triton_support.INTERPRET, PRECISION=_precision(q.dtype),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **opts,
+    )
+    return out, ungated, lse
+
+
+@gated_attention_fwd.register_fake
+def _fwd_fake(q, k, v, head_gate, key_padding_mask, scale, save_ungated):
+    B, H, T, D = q.shape
+    ungated = q.new_empty((B, H, T, D)) if save_ungated else q.new_empty(0)
+    return q.new_empty((B, H, T, D)), ungated, q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("cofi::gated_attention_bwd", mutates_args=())
+def gated_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    head_gate: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    out_is_ungated: bool,
+    gate_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d head_gate or an empty tensor); ``out`` is the ungated output when ``out_is_ungated``."""
+    from ..triton_kernels import gated_attention as kernels
+
+    B, H, T, D = q.shape
+    dq, dk, dv = (torch.empty((B, H, T, D), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if dq.numel() == 0:
+        dgate = torch.zeros_like(head_gate) if gate_grad else q.new_empty(0)
+        return dq, dk, dv, dgate
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    mask, has_mask = _mask_bytes(key_padding_mask, q)
+    gate, has_gate = _gate_arg(head_gate, q)
+    block_m, block_n, opts = _blocks(D)["bwd"]
+    n_mblocks = _cdiv(T, block_m)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    partial = torch.empty((B, H, n_mblocks), dtype=torch.float32, device=q.device) if gate_grad else delta
+    kernels.gated_attention_bwd_pre_kernel[(n_mblocks, B * H)](
+        grad_out, *_strides(grad_out), out.contiguous(), gate, delta, partial, H, T,
+        HAS_GATE=has_gate, O_IS_UNGATED=out_is_ungated, GATE_GRAD=gate_grad,
+        HEAD_DIM=D, BLOCK_M=block_m,
+    )
+    common = dict(
+        HAS_GATE=has_gate, HAS_MASK=has_mask, UPCAST=_triton_support.INTERPRET,
+        PRECISION=_precision(q.dtype), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **opts,
+    )
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    kernels.gated_attention_bwd_dkdv_kernel[(_cdiv(T, block_n), B * H)](
+        q, k, v, grad_out, mask, gate, lse, delta, dk, dv, *strides, H, T, scale * _LOG2E, scale, **common,
+    )
+    kernels.gated_attention_bwd_dq_kernel[(n_mblocks, B * H)](
+        q, k, v, grad_out, mask, gate, lse, delta, dq, *strides, H, T, scale * _LOG2E, scale, **common,
+    )
+    if gate_grad:
+        # Fixed-order reduction of the per-program partials over batch and query blocks.
+        dgate = partial.sum(dim=(0, 2)).to(head_gate.dtype)
+    else:
+        dgate = q.new_empty(0)
+    return dq, dk, dv, dgate
+
+
+@gated_attention_bwd.register_fake
+def _bwd_fake(grad_out, q, k, v, out, lse, head_gate, key_padding_mask, scale, out_is_ungated, gate_grad):
+    dgate = torch.empty_like(head_gate) if gate_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgate
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, head_gate, key_padding_mask, scale, save_ungated = inputs
+    out, ungated, lse = output
+    ctx.mark_non_differentiable(ungated, lse)
+    ctx.save_for_backward(q, k, v, ungated if save_ungated else out, lse, head_gate, key_padding_mask)
+    ctx.scale = scale
+    ctx.out_is_ungated = save_ungated
+
+
+def _backward(ctx, grad_out, _grad_ungated, _grad_lse):
+    q, k, v, out, lse, head_gate, key_padding_mask = ctx.saved_tensors
+    gate_grad = head_gate is not None and ctx.needs_input_grad[3]
+    if gate_grad and not ctx.out_is_ungated:
+        raise RuntimeError(
+            "gated_attention: head_gate needs a gradient but the forward did not save the ungated "
+            "output; call it through cofi_kernels.gated_attention, which decides that"
+        )
+    dq, dk, dv, dgate = gated_attention_bwd(
+        grad_out, q, k, v, out, lse, head_gate, key_padding_mask, ctx.scale, ctx.out_is_ungated, gate_grad
+    )
+    return dq, dk, dv, (dgate if gate_grad else None), None, None, None
+
+
+gated_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_attention_op(q, k, v, head_gate, key_padding_mask, scale: float) -> torch.Tensor:
+    """Runs the registered op; inputs are assumed checked. Saves the ungated output only if the gate needs it."""
+    save_ungated = head_gate is not None and head_gate.requires_grad and torch.is_grad_enabled()
+    out, _, _ = gated_attention_fwd(q, k, v, head_gate, key_padding_mask, float(scale), save_ungated)
+    return out
