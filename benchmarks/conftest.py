@@ -1,7 +1,11 @@
-"""pytest-benchmark set-up: a markdown summary per device in benchmarks/results/.
+"""pytest-benchmark set-up: a markdown summary per suite and device in benchmarks/results/.
 
-For every benchmark group, the summary lists each variant's median and its
-ratio to the eager PyTorch composition measured in the same run.
+A benchmark says where it belongs through ``benchmark.extra_info``: ``suite``
+(the file name stem, default ``row_ops``), ``device``, ``variant`` and, for
+the baseline, ``baseline: True`` (default: the variant named ``eager``).
+With ``flops`` (work of one call) and ``peak_tflops`` (the device's peak
+measured in the same run) the summary adds TFLOP/s and % of peak. For every
+group it lists each variant's median and the baseline median / its median.
 """
 
 from __future__ import annotations
@@ -39,24 +43,64 @@ def pytest_sessionfinish(session, exitstatus):
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is None or not bs.benchmarks:
         return
-    by_device: dict[str, dict[str, dict[str, float]]] = {}
+    suites: dict[tuple[str, str], dict[str, dict[str, tuple[float, dict]]]] = {}
     for bench in bs.benchmarks:
         if not bench.stats:
             continue
-        device = bench.extra_info.get("device", "cpu")
-        variant = bench.extra_info.get("variant", bench.name)
-        by_device.setdefault(device, {}).setdefault(bench.group or bench.name, {})[variant] = bench.stats.median
+        info = bench.extra_info
+        key = (info.get("suite", "row_ops"), info.get("device", "cpu"))
+        variant = info.get("variant", bench.name)
+        suites.setdefault(key, {}).setdefault(bench.group or bench.name, {})[variant] = (bench.stats.median, info)
     os.makedirs(RESULTS, exist_ok=True)
-    for device, groups in by_device.items():
-        name = device_name(device)
-        lines = [f"# Row-op microbenchmarks on {name}", "",
-                 "Medians from pytest-benchmark; ratio = eager median / this median, same run.", "",
-                 "| group | variant | median (ms) | speed-up vs eager |", "|---|---|---|---|"]
-        for group, variants in sorted(groups.items()):
-            eager = variants.get("eager")
-            for variant, median in sorted(variants.items()):
-                ratio = f"{eager / median:.2f}x" if eager else ""
-                lines.append(f"| {group} | {variant} | {median * 1e3:.3f} | {ratio} |")
-        path = os.path.join(RESULTS, f"row_ops_{device}_{_slug(name)}.md")
-        with open(path, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+    for (suite, device), groups in suites.items():
+        _write_summary(suite, device, groups)
+
+
+def _write_summary(suite: str, device: str, groups: dict[str, dict[str, tuple[float, dict]]]) -> None:
+    name = device_name(device)
+    with_flops = any("flops" in info for variants in groups.values() for _, info in variants.values())
+    head = "| group | variant | median (ms) | speed-up vs baseline |"
+    rule = "|---|---|---|---|"
+    if with_flops:
+        head += " TFLOP/s | % of measured peak |"
+        rule += "---|---|"
+    lines = [f"# {suite} microbenchmarks on {name}", "",
+             "Medians from pytest-benchmark; speed-up = baseline median / this median, same run.", "",
+             head, rule]
+    for group, variants in sorted(groups.items()):
+        base = next((m for v, (m, info) in variants.items() if info.get("baseline")), None)
+        base = base if base is not None else variants.get("eager", (None, {}))[0]
+        for variant, (median, info) in sorted(variants.items()):
+            ratio = f"{base / median:.2f}x" if base else ""
+            row = f"| {group} | {variant} | {median * 1e3:.3f} | {ratio} |"
+            if with_flops:
+                tflops = info["flops"] / median / 1e12 if "flops" in info else None
+                peak = info.get("peak_tflops")
+                row += f" {tflops:.1f} |" if tflops else " |"
+                row += f" {100 * tflops / peak:.0f}% |" if tflops and peak else " |"
+            lines.append(row)
+    path = os.path.join(RESULTS, f"{suite}_{device}_{_slug(name)}.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def cuda_peak_tflops() -> float:
+    """The bf16 tensor-core peak measured on this GPU now: median of 8192³ cuBLAS matmuls."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
