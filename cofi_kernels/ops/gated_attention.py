@@ -23,11 +23,20 @@ HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def _blocks(head_dim: int) -> dict:
-    """Tile sizes and launch options: small tiles under the interpreter (each program runs in Python)."""
+def _blocks(head_dim: int, dtype: torch.dtype) -> dict:
+    """(BLOCK_M, BLOCK_N, launch options) for "fwd" and "bwd".
+
+    Small tiles under the interpreter, where each program runs in Python. On
+    GPUs the tiles fit the shared memory of sm_80 (163 KB) with the stages
+    given; float32 operands are twice as large, so they get smaller tiles.
+    """
     if _triton_support.INTERPRET:
         return {"fwd": (16, 16, {}), "bwd": (16, 16, {})}
     warps = 4 if head_dim <= 64 else 8
+    if dtype == torch.float32:
+        tile = 64 if head_dim <= 64 else 32
+        return {"fwd": (tile, tile, {"num_warps": warps, "num_stages": 2}),
+                "bwd": (tile, tile, {"num_warps": warps, "num_stages": 2})}
     return {
         "fwd": (128 if head_dim <= 64 else 64, 64, {"num_warps": warps, "num_stages": 3}),
         "bwd": (64, 64, {"num_warps": warps, "num_stages": 2}),
@@ -85,7 +94,7 @@ def gated_attention_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     mask, has_mask = _mask_bytes(key_padding_mask, q)
     gate, has_gate = _gate_arg(head_gate, q)
-    block_m, block_n, opts = _blocks(D)["fwd"]
+    block_m, block_n, opts = _blocks(D, q.dtype)["fwd"]
     grid = (_cdiv(T, block_m), B * H)
     gated_attention_fwd_kernel[grid](
         q, k, v, gate, mask, out, ungated if save_ungated else out, lse,
@@ -130,7 +139,7 @@ def gated_attention_bwd(
     q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     mask, has_mask = _mask_bytes(key_padding_mask, q)
     gate, has_gate = _gate_arg(head_gate, q)
-    block_m, block_n, opts = _blocks(D)["bwd"]
+    block_m, block_n, opts = _blocks(D, q.dtype)["bwd"]
     n_mblocks = _cdiv(T, block_m)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     partial = torch.empty((B, H, n_mblocks), dtype=torch.float32, device=q.device) if gate_grad else delta

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_M_INIT = -1.0e30
+_M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
