@@ -223,7 +223,8 @@ class PrunedModel(nn.Module):
                 raise ValueError(
                     f"PrunedModel: attention_mask must have shape {[B, T]}, got {list(attention_mask.shape)}"
                 )
-            mask = torch.where(attention_mask.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+            pad = ~attention_mask.bool()[:, None, None, :]
+            mask = torch.zeros(pad.shape, dtype=dtype, device=h.device).masked_fill(pad, torch.finfo(dtype).min)
         dh = cfg["head_dim"]
         scale = dh**-0.5
         for layer in self.layers:

@@ -114,8 +114,8 @@ def cofi_reference_forward(model, z, input_ids, attention_mask=None, token_type_
     if attention_mask is None:
         add_mask = torch.zeros(B, 1, 1, T, dtype=dtype, device=h.device)
     else:
-        keep = attention_mask.bool()[:, None, None, :]
-        add_mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+        pad = ~attention_mask.bool()[:, None, None, :]
+        add_mask = torch.zeros(pad.shape, dtype=dtype, device=h.device).masked_fill(pad, torch.finfo(dtype).min)
 
     for i, layer in enumerate(enc.encoder.layer):
         # ---- attention sublayer

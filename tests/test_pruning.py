@@ -102,6 +102,20 @@ def test_prune_matches_reference_small(kind, classifier, seed):
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_prune_float64_folding_is_exact(kind):
+    # In float64 the only differences are reassociation roundings: a wrong fold would show.
+    model = small_model(kind, classifier=True, layers=5).double()
+    z = _edge_gates(model.config, 5)
+    pruned = prune(model, None, z)
+    assert pruned.embeddings.word_embeddings.dtype == torch.float64
+    ids, mask, types = padded_batch(model, seed=5)
+    ref = cofi_reference_forward(model, z, ids, mask, types)
+    with torch.no_grad():
+        assert (pruned.expand_hidden(pruned.encode(ids, mask, types)) - ref).abs().max().item() <= 1e-12
+        assert (pruned(ids, mask, types) - cofi_reference_logits(model, z, ids, mask, types)).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_prune_all_ones_is_the_hf_model(kind):
     model = small_model(kind, classifier=True)
     pruned = prune(model, None, {})
