@@ -360,6 +360,7 @@ class CoFiGates(nn.Module):
         return 1.0 - self.realised_size(z) / self.full_size()
 
     def extra_repr(self) -> str:
+        """Shapes, learned types, distribution parameters and whether gates are fixed."""
         return (
             f"layers={self.num_layers}, heads={self.num_heads}, head_dim={self.head_dim}, "
             f"intermediate={self.intermediate_size}, hidden={self.hidden_size}, learn={self.learn}, "

@@ -332,6 +332,7 @@ class PrunedModel(nn.Module):
         return "\n".join(lines)
 
     def __repr__(self) -> str:
+        """Same as :meth:`summary`."""
         return self.summary()
 
     # ------------------------------------------------------------------ save / load
@@ -532,7 +533,8 @@ def prune(model, gates=None, z: Mapping[str, torch.Tensor | None] | None = None)
             ``hidden`` [D]; missing / None = ones). Default: ``gates.fixed`` if
             fixed, else ``gates.deterministic()``.
 
-    A gate is *kept* where it is non-zero; kept soft values are folded into the
+    A gate is *kept* where it is non-zero (gates are expected in [0, 1], as
+    :class:`CoFiGates` produces them); kept soft values are folded into the
     weights (see the module docstring for the exact rules). Returns a
     :class:`PrunedModel` in eval mode with the model's dtype on the CPU.
 
