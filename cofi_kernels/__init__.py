@@ -2,6 +2,7 @@
 
 Public functions (see each docstring for shapes and semantics):
 
+- :func:`gated_ffn` — ``(GELU_erf(x w_inᵀ + b_in) · int_gate) w_outᵀ + b_out`` (Triton on GPUs)
 - :func:`gelu_gate` — ``GELU_erf(x + bias) * gate``
 - :func:`masked_layer_norm` — gated residual LayerNorm over the kept hidden dims
 
@@ -17,7 +18,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _extension, backends, reference
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
 from .backends import BackendUnavailableError
-from .functional import gelu_gate, masked_layer_norm
+from .functional import gated_ffn, gelu_gate, masked_layer_norm
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "backends",
     "extension_available",
+    "gated_ffn",
     "gelu_gate",
     "masked_layer_norm",
     "reference",

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from . import _checks, backends, reference
+from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
 from .ops import masked_layer_norm as _mln_op
 
-__all__ = ["gelu_gate", "masked_layer_norm"]
+__all__ = ["gated_ffn", "gelu_gate", "masked_layer_norm"]
 
 
 def gelu_gate(
@@ -116,3 +117,55 @@ def _check_compiled_dtype(op: str, choice: str, x: torch.Tensor) -> None:
             f"{op}: the {choice} kernel supports float32, float16 and bfloat16; x is float64 "
             f"(use backend='reference' for float64)"
         )
+
+
+def gated_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    int_gate: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CoFi's gated FFN: ``(GELU_erf(x w_inᵀ + b_in) · int_gate) w_outᵀ + b_out``.
+
+    Weights have ``nn.Linear`` layouts. With ``I = 0`` (every unit pruned) the
+    output is ``b_out`` broadcast over the rows.
+
+    Args:
+        x: ``[..., D]`` activations, any number of leading dims, float32,
+            float16 or bfloat16 (float64 with ``backend="reference"`` only).
+        w_in: ``[I, D]`` up-projection weight, dtype of ``x``; ``I`` may be 0.
+        b_in: ``[I]``, dtype of ``x`` or float32.
+        w_out: ``[D, I]`` down-projection weight, dtype of ``x``.
+        b_out: ``[D]``, dtype of ``x`` or float32.
+        int_gate: ``[I]`` per-unit gate (z_int), dtype of ``x`` or float32; ``None`` = all ones.
+        backend: ``"auto"`` (``"cpu"`` on CPU tensors, ``"triton"`` on CUDA),
+            ``"reference"``, ``"cpu"`` (torch GEMMs around the compiled
+            gelu_gate op, in float32 for half types) or ``"triton"`` (the up-projection GEMM with the
+            bias + GELU + gate epilogue fused, forward and backward; CPU
+            tensors only under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``[..., D]`` in the dtype of ``x``; GEMMs accumulate and the epilogue
+        computes in float32. Differentiable in every tensor argument.
+    """
+    op = "gated_ffn"
+    _checks.check_activation(op, "x", x, allow_float64=True)
+    d = x.shape[-1]
+    _checks.check_weight(op, "w_in", w_in, (None, d), x, f"[I, D] with D = {d} (the last dim of x)")
+    i = w_in.shape[0]
+    _checks.check_sized_vector(op, "b_in", b_in, i, x, "I = w_in.shape[0]")
+    _checks.check_weight(op, "w_out", w_out, (d, i), x, f"[D, I] = [{d}, {i}] (D: last dim of x, I: w_in.shape[0])")
+    _checks.check_sized_vector(op, "b_out", b_out, d, x, "the last dim of x")
+    if int_gate is not None:
+        _checks.check_sized_vector(op, "int_gate", int_gate, i, x, "I = w_in.shape[0]")
+    choice = backends.resolve(_gated_ffn_op.SPEC, backend, x.device)
+    if choice == "reference":
+        return reference.gated_ffn(x, w_in, b_in, w_out, b_out, int_gate)
+    _check_compiled_dtype(op, choice, x)
+    if choice == "cpu":
+        return _gated_ffn_op.gated_ffn_cpu(x, w_in, b_in, w_out, b_out, int_gate)
+    return _gated_ffn_op.gated_ffn_triton(x, w_in, b_in, w_out, b_out, int_gate)
