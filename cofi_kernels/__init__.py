@@ -2,9 +2,16 @@
 
 Public functions (see each docstring for shapes and semantics):
 
+- :func:`gated_attention` — ``softmax(q kᵀ · scale + padding) v · head_gate[h]`` (Triton on GPUs)
 - :func:`gated_ffn` — ``(GELU_erf(x w_inᵀ + b_in) · int_gate) w_outᵀ + b_out`` (Triton on GPUs)
 - :func:`gelu_gate` — ``GELU_erf(x + bias) * gate``
 - :func:`masked_layer_norm` — gated residual LayerNorm over the kept hidden dims
+
+CoFi on Hugging Face models (imported on first use):
+
+- :func:`apply_cofi` — patch a BERT/RoBERTa model in place with CoFi gates
+- :class:`CoFiGates` — the L0 hard-concrete gates, expected sparsity, Lagrangian
+- :func:`prune` / :class:`PrunedModel` — the compact model, save and load
 
 :mod:`cofi_kernels.reference` holds the PyTorch definitions every kernel is
 tested against. ``python -m cofi_kernels.info`` shows what was built and which
@@ -18,7 +25,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _extension, backends, reference
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
 from .backends import BackendUnavailableError
-from .functional import gated_ffn, gelu_gate, masked_layer_norm
+from .functional import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
 
 __version__ = "0.1.0"
 
@@ -28,13 +35,41 @@ def extension_available() -> bool:
     return _extension.available()
 
 
+# The model-level API sits above the ops; it is imported when first used.
+_LAZY = {
+    "apply_cofi": "hf_integration",
+    "CoFiGates": "l0_gates",
+    "prune": "pruning",
+    "PrunedModel": "pruning",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cofi_kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "BackendUnavailableError",
+    "CoFiGates",
+    "PrunedModel",
+    "apply_cofi",
     "backends",
     "extension_available",
+    "gated_attention",
     "gated_ffn",
     "gelu_gate",
     "masked_layer_norm",
+    "prune",
     "reference",
     "__version__",
 ]

@@ -40,18 +40,20 @@ def check_like(op: str, name: str, t: object, ref: torch.Tensor, ref_name: str) 
         raise ValueError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
-def _check_param_dtype(op: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+def _check_param_dtype(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
     if t.dtype not in (ref.dtype, torch.float32):
-        raise ValueError(f"{op}: {name} must have dtype {ref.dtype} (as x) or float32, got {t.dtype}")
+        raise ValueError(f"{op}: {name} must have dtype {ref.dtype} (as {ref_name}) or float32, got {t.dtype}")
 
 
-def check_vector(op: str, name: str, t: object, n: int, ref: torch.Tensor) -> None:
+def check_vector(op: str, name: str, t: object, n: int, ref: torch.Tensor, *,
+                 ref_name: str = "x", what: str | None = None) -> None:
     """A per-feature parameter or gate: shape [n], ref's device, ref's dtype or float32."""
     t = check_tensor(op, name, t)
-    check_same_device(op, name, t, ref, "x")
+    check_same_device(op, name, t, ref, ref_name)
     if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{op}: {name} must have shape [{n}] (the last dim of x), got {list(t.shape)}")
-    _check_param_dtype(op, name, t, ref)
+        what = what or f"the last dim of {ref_name}"
+        raise ValueError(f"{op}: {name} must have shape [{n}] ({what}), got {list(t.shape)}")
+    _check_param_dtype(op, name, t, ref, ref_name)
 
 
 def check_scalar(op: str, name: str, t: object, ref: torch.Tensor) -> None:
@@ -69,6 +71,29 @@ def check_no_nan(op: str, name: str, t: torch.Tensor, why: str) -> None:
         return
     if torch.isnan(t).any():
         raise ValueError(f"{op}: {name} contains NaN; {why}")
+
+
+def check_attention_inputs(op: str, q: object, k: object, v: object, *, allow_float64: bool = False) -> torch.Tensor:
+    """q, k, v: [B, H, T, D] of one supported dtype and device, k and v shaped like q."""
+    q = check_activation(op, "q", q, allow_float64=allow_float64)
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must have shape [B, H, T, D], got {list(q.shape)}")
+    if q.shape[2] < 1:
+        raise ValueError(f"{op}: the sequence length T (q.shape[2]) must be at least 1, got 0")
+    check_like(op, "k", k, q, "q")
+    check_like(op, "v", v, q, "q")
+    return q
+
+
+def check_key_padding_mask(op: str, mask: object, q: torch.Tensor) -> None:
+    """[B, T] bool on q's device, True = attend."""
+    mask = check_tensor(op, "key_padding_mask", mask)
+    check_same_device(op, "key_padding_mask", mask, q, "q")
+    want = [q.shape[0], q.shape[2]]
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{op}: key_padding_mask must be a bool tensor (True = attend), got {mask.dtype}")
+    if list(mask.shape) != want:
+        raise ValueError(f"{op}: key_padding_mask must have shape [B, T] = {want}, got {list(mask.shape)}")
 
 
 def check_weight(op: str, name: str, t: object, shape: tuple, ref: torch.Tensor, what: str) -> torch.Tensor:

@@ -1,21 +1,24 @@
 """Public functions of the fused CoFi ops, with argument checks and backend choice.
 
-Each function runs the registered ``cofi::`` op (C++ on the CPU, CUDA C++ on
-GPUs) or the PyTorch reference (``backend="reference"``); see
+Each function runs a registered ``cofi::`` op (C++ on the CPU, CUDA C++ or
+Triton on GPUs) or the PyTorch reference (``backend="reference"``); see
 :mod:`cofi_kernels.backends` for how the backend is chosen. Gradients flow to
 every tensor argument through the op's registered autograd formula.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks, backends, reference
+from .ops import gated_attention as _gated_attention_op
 from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
 from .ops import masked_layer_norm as _mln_op
 
-__all__ = ["gated_ffn", "gelu_gate", "masked_layer_norm"]
+__all__ = ["gated_attention", "gated_ffn", "gelu_gate", "masked_layer_norm"]
 
 
 def gelu_gate(
@@ -109,6 +112,62 @@ def masked_layer_norm(
         return reference.masked_layer_norm(x, residual, weight, bias, layer_gate, hidden_gate, eps)
     _check_compiled_dtype(op, choice, x)
     return _mln_op.masked_layer_norm_op(x, residual, weight, bias, layer_gate, hidden_gate, float(eps))
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_gate: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention core with a per-head gate (CoFi's z_head), flash-style on GPUs.
+
+    Computes ``softmax(q kᵀ · scale + padding) v · head_gate[h]`` per batch row
+    and head, where padded keys get ``finfo.min`` added (Hugging Face's mask
+    semantics): a query whose keys are all padded attends uniformly to every
+    key, so it never gives NaN. The Triton kernels keep the T×T scores on chip,
+    save the log-sum-exp for the backward and return the gate gradient
+    ``Σ ⟨dOut_h, O_h⟩`` taken on the ungated output, so it is right for a gate
+    of exactly 0 as well.
+
+    Args:
+        q, k, v: ``[B, H, T, D]``, float32, float16 or bfloat16 (float64 with
+            ``backend="reference"`` only); any strides. ``H`` may be 0 (empty
+            output). The Triton backend needs ``D`` in 16, 32, 64, 128.
+        head_gate: ``[H]`` per-head gate, dtype of ``q`` or float32; ``None`` = all ones.
+        key_padding_mask: ``[B, T]`` bool, True = attend; ``None`` = attend to all.
+        scale: multiplies ``q kᵀ``; defaults to ``D ** -0.5``.
+        backend: ``"auto"`` (Triton on CUDA tensors, the reference on CPU),
+            ``"reference"`` or ``"triton"`` (CPU tensors only under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``[B, H, T, D]`` contiguous, in the dtype of ``q``; softmax and
+        accumulation in float32. Differentiable in ``q``, ``k``, ``v`` and ``head_gate``.
+    """
+    op = "gated_attention"
+    q = _checks.check_attention_inputs(op, q, k, v, allow_float64=True)
+    head_dim = q.shape[-1]
+    if head_gate is not None:
+        _checks.check_vector(op, "head_gate", head_gate, q.shape[1], q, ref_name="q", what="the head count H = q.shape[1]")
+    if key_padding_mask is not None:
+        _checks.check_key_padding_mask(op, key_padding_mask, q)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be a positive finite number, got {scale!r}")
+    choice = backends.resolve(_gated_attention_op.SPEC, backend, q.device)
+    if choice == "reference":
+        return reference.gated_attention(q, k, v, head_gate, key_padding_mask, scale).contiguous()
+    _check_compiled_dtype(op, choice, q)
+    if head_dim not in _gated_attention_op.HEAD_DIMS:
+        dims = ", ".join(map(str, _gated_attention_op.HEAD_DIMS))
+        raise ValueError(f"{op}: the {choice} kernel needs a head size D (q.shape[-1]) in {dims}; got {head_dim} "
+                         f"(backend='reference' takes any D)")
+    return _gated_attention_op.gated_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))
 
 
 def _check_compiled_dtype(op: str, choice: str, x: torch.Tensor) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import __version__, _extension, _triton_support, backends
-from .ops import gated_ffn, gelu_gate, masked_layer_norm
+from .ops import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
 
-OP_SPECS = (gated_ffn.SPEC, gelu_gate.SPEC, masked_layer_norm.SPEC)
+OP_SPECS = (gated_attention.SPEC, gated_ffn.SPEC, gelu_gate.SPEC, masked_layer_norm.SPEC)
 
 
 def report() -> str:
