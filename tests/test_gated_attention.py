@@ -165,15 +165,22 @@ def test_custom_scale():
 @pytest.mark.parametrize("gate_kind", ["random", "none"])
 def test_opcheck(gate_kind):
     q, k, v, g, m = attention_inputs((2, 2, 18, 16), gate_kind, "scattered", TRITON_DEVICE)
-    save_ungated = g is not None
-    torch.library.opcheck(torch.ops.cofi.gated_attention_fwd.default, (q, k, v, g, m, 0.25, save_ungated))
+    torch.library.opcheck(torch.ops.cofi.gated_attention_fwd.default, (q, k, v, g, m, 0.25, True))
     with torch.no_grad():
-        out, ungated, lse = torch.ops.cofi.gated_attention_fwd(q, k, v, g, m, 0.25, save_ungated)
-    saved = ungated if save_ungated else out
+        out, ungated, lse = torch.ops.cofi.gated_attention_fwd(q, k, v, g, m, 0.25, True)
     grad = torch.randn_like(out)
-    args = (grad, q.detach(), k.detach(), v.detach(), saved, lse, None if g is None else g.detach(), m, 0.25,
-            save_ungated, save_ungated)
+    detached_gate = None if g is None else g.detach()
+    args = (grad, q.detach(), k.detach(), v.detach(), ungated, lse, detached_gate, m, 0.25, g is not None)
     torch.library.opcheck(torch.ops.cofi.gated_attention_bwd.default, args)
+
+
+def test_backward_of_a_forward_that_saved_nothing_is_an_error():
+    if TRITON_DEVICE is None:
+        pytest.skip("no GPU and not under TRITON_INTERPRET=1")
+    q, k, v, g, m = attention_inputs((1, 2, 5, 16), "random", "none", TRITON_DEVICE)
+    out, _, _ = torch.ops.cofi.gated_attention_fwd(q, k, v, g, m, 0.25, False)
+    with pytest.raises(RuntimeError, match="save_ungated=False"):
+        out.sum().backward()
 
 
 @needs_triton

@@ -116,7 +116,7 @@ def gated_attention_launches(dtypes=(torch.bfloat16, torch.float32), head_dims=(
                 mask = torch.ones(2, 40, dtype=torch.bool)
                 out, ungated, lse = torch.ops.cofi.gated_attention_fwd(q, k, v, gate, mask, 0.125, True)
                 torch.ops.cofi.gated_attention_bwd(torch.randn_like(q), q, k, v, ungated, lse, gate, mask,
-                                                   0.125, True, True)
+                                                   0.125, True)
 
     return run
 

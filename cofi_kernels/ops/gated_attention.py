@@ -1,10 +1,14 @@
 """``cofi::gated_attention_fwd`` / ``_bwd``: flash-style attention with a per-head gate.
 
 Kernels: :mod:`cofi_kernels.triton_kernels.gated_attention`. The forward
-saves the log-sum-exp (no T×T matrix reaches global memory) and, when the
-gate needs a gradient, the ungated output: the gate gradient of head h is
-``Σ ⟨dOut_h, O_h⟩`` over the ungated output ``O_h``, which cannot be
-recovered from the gated output of a head whose gate is 0. Per-program
+saves the log-sum-exp (no T×T matrix reaches global memory) and, when a
+backward will follow, the ungated output in float32. The gate gradient of
+head h is ``Σ ⟨dOut_h, O_h⟩`` over the ungated output, which cannot be
+recovered from the gated output of a head whose gate is 0; and that sum, as
+well as ``Delta = rowsum(dO · O)`` of the backward, loses to plain PyTorch's
+accuracy when ``O`` is rounded to fp16/bf16 first (sums of B·T·D terms of
+both signs; rows with a single live key, where PyTorch's softmax backward is
+exactly 0). Per-program
 partial sums of it are reduced afterwards in a fixed order (no atomics).
 """
 
@@ -82,12 +86,15 @@ def gated_attention_fwd(
     scale: float,
     save_ungated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (gated output [B,H,T,D], ungated output or an empty tensor, lse [B,H,T] float32, log2 domain)."""
+    """(gated output [B,H,T,D], ungated output in float32 or an empty tensor, lse [B,H,T] float32, log2 domain).
+
+    ``save_ungated`` must be True when a backward will follow.
+    """
     from ..triton_kernels.gated_attention import gated_attention_fwd_kernel
 
     B, H, T, D = q.shape
     out = q.new_empty((B, H, T, D))
-    ungated = q.new_empty((B, H, T, D)) if save_ungated else q.new_empty(0)
+    ungated = q.new_empty((B, H, T, D), dtype=torch.float32) if save_ungated else q.new_empty(0)
     lse = q.new_empty((B, H, T), dtype=torch.float32)
     if out.numel() == 0:
         return out, ungated, lse
@@ -110,7 +117,7 @@ def gated_attention_fwd(
 @gated_attention_fwd.register_fake
 def _fwd_fake(q, k, v, head_gate, key_padding_mask, scale, save_ungated):
     B, H, T, D = q.shape
-    ungated = q.new_empty((B, H, T, D)) if save_ungated else q.new_empty(0)
+    ungated = q.new_empty((B, H, T, D), dtype=torch.float32) if save_ungated else q.new_empty(0)
     return q.new_empty((B, H, T, D)), ungated, q.new_empty((B, H, T), dtype=torch.float32)
 
 
@@ -120,15 +127,14 @@ def gated_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    ungated: torch.Tensor,
     lse: torch.Tensor,
     head_gate: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     scale: float,
-    out_is_ungated: bool,
     gate_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d head_gate or an empty tensor); ``out`` is the ungated output when ``out_is_ungated``."""
+    """(dq, dk, dv, d head_gate or an empty tensor); ``ungated`` and ``lse`` come from the forward."""
     from ..triton_kernels import gated_attention as kernels
 
     B, H, T, D = q.shape
@@ -144,8 +150,8 @@ def gated_attention_bwd(
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     partial = torch.empty((B, H, n_mblocks), dtype=torch.float32, device=q.device) if gate_grad else delta
     kernels.gated_attention_bwd_pre_kernel[(n_mblocks, B * H)](
-        grad_out, *_strides(grad_out), out.contiguous(), gate, delta, partial, H, T,
-        HAS_GATE=has_gate, O_IS_UNGATED=out_is_ungated, GATE_GRAD=gate_grad,
+        grad_out, *_strides(grad_out), ungated.contiguous(), gate, delta, partial, H, T,
+        HAS_GATE=has_gate, GATE_GRAD=gate_grad,
         HEAD_DIM=D, BLOCK_M=block_m,
     )
     common = dict(
@@ -168,30 +174,30 @@ def gated_attention_bwd(
 
 
 @gated_attention_bwd.register_fake
-def _bwd_fake(grad_out, q, k, v, out, lse, head_gate, key_padding_mask, scale, out_is_ungated, gate_grad):
+def _bwd_fake(grad_out, q, k, v, ungated, lse, head_gate, key_padding_mask, scale, gate_grad):
     dgate = torch.empty_like(head_gate) if gate_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgate
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, head_gate, key_padding_mask, scale, save_ungated = inputs
-    out, ungated, lse = output
+    _, ungated, lse = output
     ctx.mark_non_differentiable(ungated, lse)
-    ctx.save_for_backward(q, k, v, ungated if save_ungated else out, lse, head_gate, key_padding_mask)
+    ctx.save_for_backward(q, k, v, ungated, lse, head_gate, key_padding_mask)
     ctx.scale = scale
-    ctx.out_is_ungated = save_ungated
+    ctx.saved_ungated = save_ungated
 
 
 def _backward(ctx, grad_out, _grad_ungated, _grad_lse):
-    q, k, v, out, lse, head_gate, key_padding_mask = ctx.saved_tensors
-    gate_grad = head_gate is not None and ctx.needs_input_grad[3]
-    if gate_grad and not ctx.out_is_ungated:
+    q, k, v, ungated, lse, head_gate, key_padding_mask = ctx.saved_tensors
+    if not ctx.saved_ungated:
         raise RuntimeError(
-            "gated_attention: head_gate needs a gradient but the forward did not save the ungated "
-            "output; call it through cofi_kernels.gated_attention, which decides that"
+            "cofi::gated_attention_fwd ran with save_ungated=False, so it cannot be differentiated; "
+            "call cofi_kernels.gated_attention, which sets it when a gradient is needed"
         )
+    gate_grad = head_gate is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dgate = gated_attention_bwd(
-        grad_out, q, k, v, out, lse, head_gate, key_padding_mask, ctx.scale, ctx.out_is_ungated, gate_grad
+        grad_out, q, k, v, ungated, lse, head_gate, key_padding_mask, ctx.scale, gate_grad
     )
     return dq, dk, dv, (dgate if gate_grad else None), None, None, None
 
@@ -200,7 +206,8 @@ gated_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gated_attention_op(q, k, v, head_gate, key_padding_mask, scale: float) -> torch.Tensor:
-    """Runs the registered op; inputs are assumed checked. Saves the ungated output only if the gate needs it."""
-    save_ungated = head_gate is not None and head_gate.requires_grad and torch.is_grad_enabled()
+    """Runs the registered op; inputs are assumed checked. Saves the float32 ungated output only for a backward."""
+    inputs = (q, k, v) if head_gate is None else (q, k, v, head_gate)
+    save_ungated = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     out, _, _ = gated_attention_fwd(q, k, v, head_gate, key_padding_mask, float(scale), save_ungated)
     return out

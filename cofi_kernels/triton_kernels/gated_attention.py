@@ -118,14 +118,13 @@ def gated_attention_fwd_kernel(
 def gated_attention_bwd_pre_kernel(
     DOut, sdo_b, sdo_h, sdo_t, O, Gate, Delta, GatePartial,
     H, T,
-    HAS_GATE: tl.constexpr, O_IS_UNGATED: tl.constexpr, GATE_GRAD: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_GRAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Delta = rowsum(dO_ungated * O_ungated) per query, and the gate-gradient partial per program.
+    """Delta = rowsum(dO_ungated * O) per query, and the gate-gradient partial per program.
 
-    With ``O`` the ungated output, ``raw = rowsum(dOut * O)`` is the gate
-    gradient of that row and ``Delta = gate * raw``; with ``O`` the gated
-    output, ``Delta = rowsum(dOut * Out)`` directly.
+    ``O`` is the ungated output (float32); ``raw = rowsum(dOut * O)`` is the
+    gate gradient of that row and ``Delta = gate * raw``.
     """
     pid_m = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
@@ -139,10 +138,7 @@ def gated_attention_bwd_pre_kernel(
     o = tl.load(O + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     raw = tl.sum(do * o, axis=1)
-    delta = raw
-    if O_IS_UNGATED:
-        delta = raw * _gate_value(Gate, h, HAS_GATE)
-    tl.store(Delta + bh * T + offs_m, delta, mask=row_ok)
+    tl.store(Delta + bh * T + offs_m, raw * _gate_value(Gate, h, HAS_GATE), mask=row_ok)
     if GATE_GRAD:
         tl.store(GatePartial + bh * tl.num_programs(0) + pid_m, tl.sum(raw, axis=0))
 
