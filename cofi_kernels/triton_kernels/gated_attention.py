@@ -58,6 +58,33 @@ def _scores(q, k, Mask, mask_row, offs_n, T, qk_scale, empty,
 
 
 @triton.jit
+def _program_head(H):
+    """(tile index along T, batch·head index, batch row, head) of this program, as int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    return pid, bh, bh // H, bh % H
+
+
+@triton.jit
+def _tile(base, b, h, s_b, s_h, s_t, offs_t, offs_d):
+    """Pointers to the [len(offs_t), HEAD_DIM] tile of batch row b, head h of a strided [B, H, T, D] tensor."""
+    return base + b * s_b + h * s_h + offs_t[:, None] * s_t + offs_d[None, :]
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, Mask, mask_row, offs_n, T, qk_scale, empty,
+                       HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputed probabilities P and score gradients dS = P (dO vᵀ - Delta) of one tile."""
+    s = _scores(q, k, Mask, mask_row, offs_n, T, qk_scale, empty, HAS_MASK, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_MASK:  # uniform attention of an all-padded row does not depend on q, k
+        ds = tl.where(empty, 0.0, ds)
+    return p, ds
+
+
+@triton.jit
 def _gate_value(Gate, h, HAS_GATE: tl.constexpr):
     g = 1.0
     if HAS_GATE:
@@ -74,29 +101,22 @@ def gated_attention_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     mask_row = b * T
-
-    q = _load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], row_ok[:, None], UPCAST)
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
+    q = _load(_tile(Q, b, h, sq_b, sq_h, sq_t, offs_m, offs_d), row_ok[:, None], UPCAST)
     empty = _row_is_empty(Mask, mask_row, T, HAS_MASK, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
-        offs_n = start_n + offs_n0
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < T
-        k = _load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], key_ok[:, None], UPCAST)
-        v = _load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], key_ok[:, None], UPCAST)
+        k = _load(_tile(K, b, h, sk_b, sk_h, sk_t, offs_n, offs_d), key_ok[:, None], UPCAST)
+        v = _load(_tile(V, b, h, sv_b, sv_h, sv_t, offs_n, offs_d), key_ok[:, None], UPCAST)
         s = _scores(q, k, Mask, mask_row, offs_n, T, qk_scale, empty, HAS_MASK, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -126,17 +146,12 @@ def gated_attention_bwd_pre_kernel(
     ``O`` is the ungated output (float32); ``raw = rowsum(dOut * O)`` is the
     gate gradient of that row and ``Delta = gate * raw``.
     """
-    pid_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    do = tl.load(DOut + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    o = tl.load(O + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = _load(_tile(DOut, b, h, sdo_b, sdo_h, sdo_t, offs_m, offs_d), row_ok[:, None], True)
+    o = _load(O + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], row_ok[:, None], True)
     raw = tl.sum(do * o, axis=1)
     tl.store(Delta + bh * T + offs_m, raw * _gate_value(Gate, h, HAS_GATE), mask=row_ok)
     if GATE_GRAD:
@@ -151,43 +166,33 @@ def gated_attention_bwd_dkdv_kernel(
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    pid_n, bh, b, h = _program_head(H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < T
     mask_row = b * T
-    out_offs = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     gate = _gate_value(Gate, h, HAS_GATE)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if gate != 0.0:  # a closed head passes no gradient to q, k, v
-        k = _load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_t + offs_d[None, :], key_ok[:, None], UPCAST)
-        v = _load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_d[None, :], key_ok[:, None], UPCAST)
+        k = _load(_tile(K, b, h, sk_b, sk_h, sk_t, offs_n, offs_d), key_ok[:, None], UPCAST)
+        v = _load(_tile(V, b, h, sv_b, sv_h, sv_t, offs_n, offs_d), key_ok[:, None], UPCAST)
         empty = _row_is_empty(Mask, mask_row, T, HAS_MASK, BLOCK_N)
-        q_base = Q + b * sq_b + h * sq_h
-        do_base = DOut + b * sdo_b + h * sdo_h
         for start_m in range(0, T, BLOCK_M):
-            offs_m = start_m + offs_m0
+            offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < T
-            q = _load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], row_ok[:, None], UPCAST)
-            do = _load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], row_ok[:, None], UPCAST)
+            q = _load(_tile(Q, b, h, sq_b, sq_h, sq_t, offs_m, offs_d), row_ok[:, None], UPCAST)
+            do = _load(_tile(DOut, b, h, sdo_b, sdo_h, sdo_t, offs_m, offs_d), row_ok[:, None], UPCAST)
             do = (do * gate).to(do.dtype)  # gradient w.r.t. the ungated output
             lse = tl.load(Lse + bh * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(Delta + bh * T + offs_m, mask=row_ok, other=0.0)
-            s = _scores(q, k, Mask, mask_row, offs_n, T, qk_scale, empty, HAS_MASK, PRECISION)
-            p = tl.exp2(s - lse[:, None])
+            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, Mask, mask_row, offs_n, T, qk_scale, empty,
+                                       HAS_MASK, PRECISION)
             p = tl.where(row_ok[:, None], p, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_MASK:  # uniform attention of an all-padded row does not depend on q, k
-                ds = tl.where(empty, 0.0, ds)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out_offs = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -200,12 +205,8 @@ def gated_attention_bwd_dq_kernel(
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     mask_row = b * T
@@ -213,26 +214,19 @@ def gated_attention_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if gate != 0.0:
-        q = _load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], row_ok[:, None], UPCAST)
-        do = _load(DOut + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
-                   row_ok[:, None], UPCAST)
+        q = _load(_tile(Q, b, h, sq_b, sq_h, sq_t, offs_m, offs_d), row_ok[:, None], UPCAST)
+        do = _load(_tile(DOut, b, h, sdo_b, sdo_h, sdo_t, offs_m, offs_d), row_ok[:, None], UPCAST)
         do = (do * gate).to(do.dtype)
         lse = tl.load(Lse + bh * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh * T + offs_m, mask=row_ok, other=0.0)
         empty = _row_is_empty(Mask, mask_row, T, HAS_MASK, BLOCK_N)
-        k_base = K + b * sk_b + h * sk_h
-        v_base = V + b * sv_b + h * sv_h
         for start_n in range(0, T, BLOCK_N):
-            offs_n = start_n + offs_n0
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = offs_n < T
-            k = _load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], key_ok[:, None], UPCAST)
-            v = _load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], key_ok[:, None], UPCAST)
-            s = _scores(q, k, Mask, mask_row, offs_n, T, qk_scale, empty, HAS_MASK, PRECISION)
-            p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_MASK:
-                ds = tl.where(empty, 0.0, ds)
+            k = _load(_tile(K, b, h, sk_b, sk_h, sk_t, offs_n, offs_d), key_ok[:, None], UPCAST)
+            v = _load(_tile(V, b, h, sv_b, sv_h, sv_t, offs_n, offs_d), key_ok[:, None], UPCAST)
+            _, ds = _probs_and_dscores(q, k, v, do, lse, delta, Mask, mask_row, offs_n, T, qk_scale, empty,
+                                       HAS_MASK, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     q_offs = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
