@@ -16,10 +16,10 @@ A *gate dict* maps each type in :data:`TYPES` to a tensor of that shape, or to
 ``None`` meaning "all ones" (the type is not gated). Every method that returns
 gates returns a dict with all five keys.
 
-Usage in a training step::
+Usage in a training step (``model`` patched by :func:`cofi_kernels.apply_cofi`,
+which calls ``gates.current(model.training)`` once per forward)::
 
-    z = gates.current(model.training)          # sample() in training
-    loss = task_loss(model(x, z)) + gates.lagrangian(target)
+    loss = task_loss(model(**batch)) + gates.lagrangian(target)
     loss.backward()
     gates.lambda_1.grad.neg_(); gates.lambda_2.grad.neg_()   # λ ascends
     opt.step(); gates.clamp_()
