@@ -281,13 +281,7 @@ def _attention_sublayer(attn, x, kpm, st: _CoFiState, i: int, hid, z_hid) -> tor
     else:
         # No live head but a live layer gate: the sublayer still adds its bias and normalises (§4).
         out = bo.expand(batch, seq, bo.shape[0])
-    out = so.dropout(out)
-    y = masked_layer_norm(
-        out, x, _take(ln.weight, hid, None), _take(ln.bias, hid, None), z_mha, z_hid, ln.eps, check_gates=False
-    )
-    if plan is None and z_mha is not None:
-        y = torch.where(z_mha == 0, x, y)
-    return y
+    return _gated_residual_norm(so.dropout(out), x, ln, hid, z_mha, z_hid, dense=plan is None)
 
 
 def _ffn_sublayer(layer, x, st: _CoFiState, i: int, hid, z_hid) -> torch.Tensor:
@@ -313,12 +307,17 @@ def _ffn_sublayer(layer, x, st: _CoFiState, i: int, hid, z_hid) -> torch.Tensor:
             out = F.linear(act if z_int is None else act * z_int, w2, b2)
     else:
         out = b2.expand(*x.shape[:-1], b2.shape[0])
-    out = outm.dropout(out)
+    return _gated_residual_norm(outm.dropout(out), x, ln, hid, z_ffn, z_hid, dense=plan is None)
+
+
+def _gated_residual_norm(out, x, ln, hid, layer_gate, z_hid, *, dense: bool) -> torch.Tensor:
+    """``LN_kept(x + out · layer_gate · z_hid) · z_hid``; in dense mode a layer gate of 0 keeps ``x`` (§4)."""
     y = masked_layer_norm(
-        out, x, _take(ln.weight, hid, None), _take(ln.bias, hid, None), z_ffn, z_hid, ln.eps, check_gates=False
+        out, x, _take(ln.weight, hid, None), _take(ln.bias, hid, None), layer_gate, z_hid, ln.eps, check_gates=False
     )
-    if plan is None and z_ffn is not None:
-        y = torch.where(z_ffn == 0, x, y)
+    if dense and layer_gate is not None:
+        # Live-only mode skips a dead sublayer before computing it; dense mode selects without a host sync.
+        y = torch.where(layer_gate == 0, x, y)
     return y
 
 
