@@ -93,11 +93,15 @@ def test_gated_ffn_matches_linear_layers():
     torch.testing.assert_close(reference.gated_ffn(x, l1.weight, l1.bias, l2.weight, l2.bias, gate), want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# float64 and float32: in bfloat16 the reference computes its statistics in
+# bfloat16 (it is the plain same-dtype baseline of the tolerance rule), while
+# F.layer_norm upcasts, so the two legitimately differ by more than any fixed
+# tolerance on some inputs (1 in ~1000 seeds at 2e-2).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_gated_embeddings_without_gate_is_bert_embeddings(dtype):
     ids, types = torch.randint(0, 11, (2, 5)), torch.randint(0, 2, (2, 5))
     word, pos, typ = torch.randn(11, 6, dtype=dtype), torch.randn(8, 6, dtype=dtype), torch.randn(2, 6, dtype=dtype)
     w, b = torch.randn(6, dtype=dtype), torch.randn(6, dtype=dtype)
     want = F.layer_norm(word[ids] + pos[:5] + typ[types], (6,), w, b, eps=1e-12)
     got = reference.gated_embeddings(ids, word, pos, typ, w, b, token_type_ids=types)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want)
