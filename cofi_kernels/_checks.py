@@ -106,12 +106,3 @@ def check_weight(op: str, name: str, t: object, shape: tuple, ref: torch.Tensor,
         raise ValueError(f"{op}: {name} must have the dtype of x ({ref.dtype}), got {t.dtype}")
     return t
 
-
-def check_sized_vector(op: str, name: str, t: object, n: int, ref: torch.Tensor, what: str) -> None:
-    """A bias or gate of length ``n`` (described by ``what``): ref's device, ref's dtype or float32."""
-    t = check_tensor(op, name, t)
-    check_same_device(op, name, t, ref, "x")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{op}: {name} must have shape [{n}] ({what}), got {list(t.shape)}")
-    if t.dtype not in (ref.dtype, torch.float32):
-        raise ValueError(f"{op}: {name} must have dtype {ref.dtype} (as x) or float32, got {t.dtype}")

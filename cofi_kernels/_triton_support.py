@@ -7,6 +7,7 @@ imported; setting it later has no effect on kernels already defined.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -39,3 +40,13 @@ def unavailable_reason(device: torch.device) -> str | None:
         return ("Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 "
                 "before importing cofi_kernels (slow; meant for tests)")
     return f"Triton kernels do not run on {device.type} tensors"
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids (without importing triton)."""
+    return -(-a // b)
+
+
+def device_guard(t: torch.Tensor):
+    """Makes ``t``'s GPU the current device while kernels launch: Triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -216,11 +216,11 @@ def gated_ffn(
     d = x.shape[-1]
     _checks.check_weight(op, "w_in", w_in, (None, d), x, f"[I, D] with D = {d} (the last dim of x)")
     i = w_in.shape[0]
-    _checks.check_sized_vector(op, "b_in", b_in, i, x, "I = w_in.shape[0]")
+    _checks.check_vector(op, "b_in", b_in, i, x, what="I = w_in.shape[0]")
     _checks.check_weight(op, "w_out", w_out, (d, i), x, f"[D, I] = [{d}, {i}] (D: last dim of x, I: w_in.shape[0])")
-    _checks.check_sized_vector(op, "b_out", b_out, d, x, "the last dim of x")
+    _checks.check_vector(op, "b_out", b_out, d, x)
     if int_gate is not None:
-        _checks.check_sized_vector(op, "int_gate", int_gate, i, x, "I = w_in.shape[0]")
+        _checks.check_vector(op, "int_gate", int_gate, i, x, what="I = w_in.shape[0]")
     choice = backends.resolve(_gated_ffn_op.SPEC, backend, x.device)
     if choice == "reference":
         return reference.gated_ffn(x, w_in, b_in, w_out, b_out, int_gate)

@@ -169,9 +169,8 @@ class _CoFiState:
                 p.mha_alive = bool(host["mha"][i] != 0)
             p.n_heads = self.num_heads
             if p.mha_alive and "head" in host:
-                live = host["head"][i] != 0
-                if not bool(live.all()):
-                    idx = live.nonzero().flatten()
+                idx = _live_index(host["head"][i])
+                if idx is not None:
                     p.n_heads = idx.numel()
                     p.head_idx = idx.to(device)
                     p.head_rows = (idx[:, None] * dh + offsets).flatten().to(device)
@@ -179,9 +178,8 @@ class _CoFiState:
                 p.ffn_alive = bool(host["ffn"][i] != 0)
             p.n_units = self.gates.intermediate_size
             if p.ffn_alive and "int" in host:
-                live = host["int"][i] != 0
-                if not bool(live.all()):
-                    idx = live.nonzero().flatten()
+                idx = _live_index(host["int"][i])
+                if idx is not None:
                     p.n_units = idx.numel()
                     p.unit_idx = idx.to(device)
             plans.append(p)
@@ -194,6 +192,12 @@ class _CoFiState:
         kpm = _key_padding_from_hf_mask(attention_mask, batch)
         self._mask_src, self._mask_kpm = attention_mask, kpm
         return kpm
+
+
+def _live_index(gate_row: torch.Tensor) -> torch.Tensor | None:
+    """Host indices of the non-zero entries of ``gate_row``; None when every entry is live."""
+    live = gate_row != 0
+    return None if bool(live.all()) else live.nonzero().flatten()
 
 
 def _key_padding_from_hf_mask(mask, batch: int) -> torch.Tensor | None:

@@ -162,9 +162,10 @@ def test_custom_scale():
 
 
 @needs_triton
-@pytest.mark.parametrize("gate_kind", ["random", "none"])
-def test_opcheck(gate_kind):
-    q, k, v, g, m = attention_inputs((2, 2, 18, 16), gate_kind, "scattered", TRITON_DEVICE)
+@pytest.mark.parametrize("gate_kind,strided", [("random", False), ("none", False), ("random", True)])
+def test_opcheck(gate_kind, strided):
+    # Strided inputs: the fake kernels must report the contiguous layout the kernels write.
+    q, k, v, g, m = attention_inputs((2, 2, 18, 16), gate_kind, "scattered", TRITON_DEVICE, strided)
     torch.library.opcheck(torch.ops.cofi.gated_attention_fwd.default, (q, k, v, g, m, 0.25, True))
     with torch.no_grad():
         out, ungated, lse = torch.ops.cofi.gated_attention_fwd(q, k, v, g, m, 0.25, True)

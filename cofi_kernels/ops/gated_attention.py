@@ -23,6 +23,13 @@ from ..backends import OpSpec
 
 SPEC = OpSpec("gated_attention", backends=("reference", "triton"), auto_order=("triton",))
 
+if _triton_support.INSTALLED:
+    # Imported with the package, so the kernels are compiled or interpreted as
+    # _triton_support.INTERPRET (read at the same moment) says.
+    from ..triton_kernels import gated_attention as _kernels
+else:  # pragma: no cover - torch builds without triton
+    _kernels = None
+
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -47,10 +54,6 @@ def _blocks(head_dim: int, dtype: torch.dtype) -> dict:
     }
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _precision(dtype: torch.dtype) -> str:
     # float32 must meet the float32 tolerance, so no tf32 for it.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -68,6 +71,23 @@ def _mask_bytes(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tu
     if key_padding_mask is None:
         return like.new_empty(1, dtype=torch.uint8), False
     return key_padding_mask.contiguous().view(torch.uint8), True
+
+
+def _require_triton() -> None:
+    if _kernels is None:
+        raise RuntimeError("gated_attention: the triton backend needs triton, which is not installed")
+
+
+def _forward_buffers(q, save_ungated):
+    """(gated output, float32 ungated output or empty, lse), all contiguous as the kernels write them."""
+    B, H, T, D = q.shape
+    ungated = q.new_empty((B, H, T, D), dtype=torch.float32) if save_ungated else q.new_empty(0)
+    return q.new_empty((B, H, T, D)), ungated, q.new_empty((B, H, T), dtype=torch.float32)
+
+
+def _grad_buffers(q, k, v):
+    """dq, dk, dv: contiguous [B, H, T, D] (not ``empty_like``, which would copy a strided layout)."""
+    return tuple(torch.empty(q.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _gate_arg(head_gate: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -90,35 +110,31 @@ def gated_attention_fwd(
 
     ``save_ungated`` must be True when a backward will follow.
     """
-    from ..triton_kernels.gated_attention import gated_attention_fwd_kernel
-
+    _require_triton()
     B, H, T, D = q.shape
-    out = q.new_empty((B, H, T, D))
-    ungated = q.new_empty((B, H, T, D), dtype=torch.float32) if save_ungated else q.new_empty(0)
-    lse = q.new_empty((B, H, T), dtype=torch.float32)
+    out, ungated, lse = _forward_buffers(q, save_ungated)
     if out.numel() == 0:
         return out, ungated, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     mask, has_mask = _mask_bytes(key_padding_mask, q)
     gate, has_gate = _gate_arg(head_gate, q)
     block_m, block_n, opts = _blocks(D, q.dtype)["fwd"]
-    grid = (_cdiv(T, block_m), B * H)
-    gated_attention_fwd_kernel[grid](
-        q, k, v, gate, mask, out, ungated if save_ungated else out, lse,
-        *_strides(q), *_strides(k), *_strides(v),
-        H, T, scale * _LOG2E,
-        HAS_GATE=has_gate, HAS_MASK=has_mask, SAVE_UNGATED=save_ungated,
-        UPCAST=_triton_support.INTERPRET, PRECISION=_precision(q.dtype),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **opts,
-    )
+    grid = (_triton_support.cdiv(T, block_m), B * H)
+    with _triton_support.device_guard(q):
+        _kernels.gated_attention_fwd_kernel[grid](
+            q, k, v, gate, mask, out, ungated if save_ungated else out, lse,
+            *_strides(q), *_strides(k), *_strides(v),
+            H, T, scale * _LOG2E,
+            HAS_GATE=has_gate, HAS_MASK=has_mask, SAVE_UNGATED=save_ungated,
+            UPCAST=_triton_support.INTERPRET, PRECISION=_precision(q.dtype),
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **opts,
+        )
     return out, ungated, lse
 
 
 @gated_attention_fwd.register_fake
 def _fwd_fake(q, k, v, head_gate, key_padding_mask, scale, save_ungated):
-    B, H, T, D = q.shape
-    ungated = q.new_empty((B, H, T, D), dtype=torch.float32) if save_ungated else q.new_empty(0)
-    return q.new_empty((B, H, T, D)), ungated, q.new_empty((B, H, T), dtype=torch.float32)
+    return _forward_buffers(q, save_ungated)
 
 
 @torch.library.custom_op("cofi::gated_attention_bwd", mutates_args=())
@@ -135,10 +151,9 @@ def gated_attention_bwd(
     gate_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d head_gate or an empty tensor); ``ungated`` and ``lse`` come from the forward."""
-    from ..triton_kernels import gated_attention as kernels
-
+    _require_triton()
     B, H, T, D = q.shape
-    dq, dk, dv = (torch.empty((B, H, T, D), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = _grad_buffers(q, k, v)
     if dq.numel() == 0:
         dgate = torch.zeros_like(head_gate) if gate_grad else q.new_empty(0)
         return dq, dk, dv, dgate
@@ -146,25 +161,26 @@ def gated_attention_bwd(
     mask, has_mask = _mask_bytes(key_padding_mask, q)
     gate, has_gate = _gate_arg(head_gate, q)
     block_m, block_n, opts = _blocks(D, q.dtype)["bwd"]
-    n_mblocks = _cdiv(T, block_m)
+    n_mblocks = _triton_support.cdiv(T, block_m)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     partial = torch.empty((B, H, n_mblocks), dtype=torch.float32, device=q.device) if gate_grad else delta
-    kernels.gated_attention_bwd_pre_kernel[(n_mblocks, B * H)](
-        grad_out, *_strides(grad_out), ungated.contiguous(), gate, delta, partial, H, T,
-        HAS_GATE=has_gate, GATE_GRAD=gate_grad,
-        HEAD_DIM=D, BLOCK_M=block_m,
-    )
-    common = dict(
-        HAS_GATE=has_gate, HAS_MASK=has_mask, UPCAST=_triton_support.INTERPRET,
-        PRECISION=_precision(q.dtype), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **opts,
-    )
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    kernels.gated_attention_bwd_dkdv_kernel[(_cdiv(T, block_n), B * H)](
-        q, k, v, grad_out, mask, gate, lse, delta, dk, dv, *strides, H, T, scale * _LOG2E, scale, **common,
-    )
-    kernels.gated_attention_bwd_dq_kernel[(n_mblocks, B * H)](
-        q, k, v, grad_out, mask, gate, lse, delta, dq, *strides, H, T, scale * _LOG2E, scale, **common,
-    )
+    with _triton_support.device_guard(q):
+        _kernels.gated_attention_bwd_pre_kernel[(n_mblocks, B * H)](
+            grad_out, *_strides(grad_out), ungated.contiguous(), gate, delta, partial, H, T,
+            HAS_GATE=has_gate, GATE_GRAD=gate_grad,
+            HEAD_DIM=D, BLOCK_M=block_m,
+        )
+        common = dict(
+            HAS_GATE=has_gate, HAS_MASK=has_mask, UPCAST=_triton_support.INTERPRET,
+            PRECISION=_precision(q.dtype), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **opts,
+        )
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+        _kernels.gated_attention_bwd_dkdv_kernel[(_triton_support.cdiv(T, block_n), B * H)](
+            q, k, v, grad_out, mask, gate, lse, delta, dk, dv, *strides, H, T, scale * _LOG2E, scale, **common,
+        )
+        _kernels.gated_attention_bwd_dq_kernel[(n_mblocks, B * H)](
+            q, k, v, grad_out, mask, gate, lse, delta, dq, *strides, H, T, scale * _LOG2E, scale, **common,
+        )
     if gate_grad:
         # Fixed-order reduction of the per-program partials over batch and query blocks.
         dgate = partial.sum(dim=(0, 2)).to(head_gate.dtype)
@@ -176,7 +192,7 @@ def gated_attention_bwd(
 @gated_attention_bwd.register_fake
 def _bwd_fake(grad_out, q, k, v, ungated, lse, head_gate, key_padding_mask, scale, gate_grad):
     dgate = torch.empty_like(head_gate) if gate_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgate
+    return (*_grad_buffers(q, k, v), dgate)
 
 
 def _setup_context(ctx, inputs, output):

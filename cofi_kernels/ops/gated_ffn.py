@@ -23,7 +23,6 @@ Backends:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -78,28 +77,19 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
     }
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _grid(m: int, n: int):
-    return lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+    return lambda meta: (_triton_support.cdiv(m, meta["BLOCK_M"]) * _triton_support.cdiv(n, meta["BLOCK_N"]),)
 
 
 def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _fwd_outputs(x, w_in, save_pre):
-    i = w_in.shape[0]
-    m = math.prod(x.shape[:-1])
-    out = x.new_empty(x.shape)  # D of the output equals D of x
-    pre = x.new_empty((m, i), dtype=torch.float32) if save_pre else x.new_empty(0)
-    return out, pre
+def _pre_buffer(x, w_in, save_pre):
+    """The saved pre-activation: float32 ``[rows, I]``, or empty when no backward follows."""
+    if not save_pre:
+        return x.new_empty(0)
+    return x.new_empty((math.prod(x.shape[:-1]), w_in.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("cofi::gated_ffn", mutates_args=())
@@ -119,12 +109,12 @@ def gated_ffn_fwd(
     i = w_in.shape[0]
     x2 = x.reshape(-1, d)
     m = x2.shape[0]
-    pre = x.new_empty((m, i), dtype=torch.float32) if save_pre else x.new_empty(0)
+    pre = _pre_buffer(x, w_in, save_pre)
     if i == 0 or m == 0:
         out = b_out.to(x.dtype).expand(m, d).clone()
         return out.reshape(x.shape), pre
     h = x.new_empty((m, i))
-    with _device_guard(x):
+    with _triton_support.device_guard(x):
         _kernels.ffn_up_fwd_kernel[_grid(m, i)](
             x2, w_in, b_in, int_gate if int_gate is not None else b_in, h, pre if save_pre else h,
             m, i, d, _bucket(m),
@@ -137,7 +127,7 @@ def gated_ffn_fwd(
 
 @gated_ffn_fwd.register_fake
 def _fake(x, w_in, b_in, w_out, b_out, int_gate, save_pre):
-    return _fwd_outputs(x, w_in, save_pre)
+    return x.new_empty(x.shape), _pre_buffer(x, w_in, save_pre)  # D of the output equals D of x
 
 
 def _bwd_outputs(x, w_in, w_out, mask):
@@ -185,14 +175,14 @@ def gated_ffn_bwd(
     want_dpre = want_dx or want_dw_in or want_db_in
     d_pre = x.new_empty((m, i)) if want_dpre else None
     h = x.new_empty((m, i)) if want_dw_out else None
-    parts = _cdiv(m, _kernels.MIN_BLOCK_M)
+    parts = _triton_support.cdiv(m, _kernels.MIN_BLOCK_M)
     gsum = torch.zeros((parts, i), dtype=torch.float32, device=x.device) if want_dgate else None
     bsum = torch.zeros((parts, i), dtype=torch.float32, device=x.device) if want_db_in else None
     if want_dpre or want_dw_out or want_dgate:
         dummy = pre
         # Not `pre`: the autotuner zeroes whatever is passed for the sums.
         no_sums = torch.zeros(1, dtype=torch.float32, device=x.device)
-        with _device_guard(x):
+        with _triton_support.device_guard(x):
             _kernels.ffn_up_bwd_kernel[_grid(m, i)](
                 dy, w_out, pre, int_gate if int_gate is not None else dummy,
                 d_pre if d_pre is not None else dummy, h if h is not None else dummy,
