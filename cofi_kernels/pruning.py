@@ -196,12 +196,15 @@ class PrunedModel(nn.Module):
             return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
         """Last hidden state ``[B, T, d]`` over the kept hidden dims (see :meth:`expand_hidden`).
 
         ``input_ids``: ``[B, T]`` long; ``attention_mask``: ``[B, T]`` (1 = token,
         0 = padding, None = all tokens); ``token_type_ids``: ``[B, T]`` or None (zeros).
         Padding keys get ``finfo(dtype).min`` added to their scores, as HF does.
+        With ``output_hidden_states``, returns ``(last, per_layer)`` where
+        ``per_layer`` holds every layer's output ``[B, T, d]`` (a layer whose
+        sublayers are both removed passes its input through).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"PrunedModel: input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
@@ -227,6 +230,7 @@ class PrunedModel(nn.Module):
             mask = torch.zeros(pad.shape, dtype=dtype, device=h.device).masked_fill(pad, torch.finfo(dtype).min)
         dh = cfg["head_dim"]
         scale = dh**-0.5
+        per_layer = []
         for layer in self.layers:
             att = layer.attention
             if att is not None:
@@ -245,17 +249,26 @@ class PrunedModel(nn.Module):
                 else:
                     o = ffn.out_bias
                 h = F.layer_norm(h + o, (d,), ffn.ln_weight, ffn.ln_bias, eps)
-        return h
+            if output_hidden_states:
+                per_layer.append(h)
+        return (h, per_layer) if output_hidden_states else h
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
         """Logits ``[B, num_labels]`` when pruned from a ``*ForSequenceClassification``,
-        else the last hidden state ``[B, T, d]`` (arguments as :meth:`encode`)."""
-        h = self.encode(input_ids, attention_mask, token_type_ids)
+        else the last hidden state ``[B, T, d]`` (arguments as :meth:`encode`).
+        With ``output_hidden_states``, returns ``(that, per_layer)`` as :meth:`encode` does."""
+        h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
         if self.head is None:
-            return h
-        hd = self.head
-        pooled = torch.tanh(F.linear(h[:, 0], hd.dense_weight, hd.dense_bias))
-        return F.linear(pooled, hd.out_weight, hd.out_bias)
+            out = h
+        else:
+            hd = self.head
+            pooled = torch.tanh(F.linear(h[:, 0], hd.dense_weight, hd.dense_bias))
+            out = F.linear(pooled, hd.out_weight, hd.out_bias)
+        return (out, per_layer) if output_hidden_states else out
+
+    def layer_alive(self) -> list[bool]:
+        """Per layer: False where both its attention and its FFN sublayer were removed."""
+        return [l.attention is not None or l.ffn is not None for l in self.layers]
 
     def expand_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Scatter ``[..., d]`` back to the original hidden size ``[..., D]`` (pruned dims 0)."""
