@@ -125,25 +125,25 @@ def _require_columns(path: str, columns, line: int) -> None:
 
 
 def _read_csv(path: str) -> list[tuple]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: spreadsheet programs start UTF-8 CSV files with a byte-order mark.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return []
         _require_columns(path, reader.fieldnames, 1)
         has_pair = "text_pair" in reader.fieldnames
-        # Line numbers count the header as line 1; a row with a quoted newline
-        # spans several lines, so report the line it starts on.
+        # Line numbers count the header as line 1. A row ends on reader.line_num;
+        # quoted newlines inside it move its first line up (blank lines are skipped).
         rows = []
-        start = 2
         for row in reader:
-            rows.append((start, row["text"], row["text_pair"] if has_pair else None, row["label"]))
-            start = reader.line_num + 1
+            inner = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            rows.append((reader.line_num - inner, row["text"], row["text_pair"] if has_pair else None, row["label"]))
         return rows
 
 
 def _read_jsonl(path: str) -> list[tuple]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -175,8 +175,6 @@ def test_csv_line_numbers_follow_quoted_newlines(tmp_path):
         read_examples(path)
 
 
-@pytest.mark.xfail(strict=True, reason="_read_csv: csv.DictReader skips blank lines but the start line of the "
-                   "next row is taken as previous line_num + 1, so a blank line shifts reported lines by one")
 def test_csv_line_numbers_after_blank_line(tmp_path):
     # Line 3 is blank; the row with the empty text is on line 4.
     path = _write_text(tmp_path / "d.csv", "text,label\nhello,a\n\n,b\n")
@@ -237,9 +235,6 @@ def test_non_utf8_bytes(tmp_path, name):
         read_examples(path)
 
 
-@pytest.mark.xfail(strict=True, reason="read_examples opens files as 'utf-8', not 'utf-8-sig': a UTF-8 file with a "
-                   "byte-order mark (Excel's 'CSV UTF-8') reads its first column as '\\ufefftext' and is rejected "
-                   "with \"missing column(s) ['text']\" (JSONL: 'not valid JSON' on line 1)")
 @pytest.mark.parametrize("name", ["d.csv", "d.jsonl"])
 def test_utf8_with_byte_order_mark(tmp_path, name):
     body = "text,label\nhello,a\nbye,b\n" if name.endswith(".csv") else (
