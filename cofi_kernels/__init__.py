@@ -12,6 +12,8 @@ CoFi on Hugging Face models (imported on first use):
 - :func:`apply_cofi` — patch a BERT/RoBERTa model in place with CoFi gates
 - :class:`CoFiGates` — the L0 hard-concrete gates, expected sparsity, Lagrangian
 - :func:`prune` / :class:`PrunedModel` — the compact model, save and load
+- :func:`finetune` / :func:`cofi_prune` with :class:`FinetuneConfig` /
+  :class:`PruneConfig` — the training loop (also the ``cofi`` command)
 
 :mod:`cofi_kernels.reference` holds the PyTorch definitions every kernel is
 tested against. ``python -m cofi_kernels.info`` shows what was built and which
@@ -41,6 +43,10 @@ _LAZY = {
     "CoFiGates": "l0_gates",
     "prune": "pruning",
     "PrunedModel": "pruning",
+    "finetune": "training",
+    "cofi_prune": "training",
+    "FinetuneConfig": "training",
+    "PruneConfig": "training",
 }
 
 
@@ -61,10 +67,14 @@ def __dir__():
 __all__ = [
     "BackendUnavailableError",
     "CoFiGates",
+    "FinetuneConfig",
+    "PruneConfig",
     "PrunedModel",
     "apply_cofi",
     "backends",
+    "cofi_prune",
     "extension_available",
+    "finetune",
     "gated_attention",
     "gated_ffn",
     "gelu_gate",

@@ -31,19 +31,19 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 
 # The demo's settings: sized so that `cofi demo` finishes in minutes on a 2-core CPU.
 DEMO_MAX_LENGTH = 128
-DEMO_FINETUNE = dict(epochs=2.0, lr=1e-4, batch_size=32, eval_every=25, freeze_embeddings=True)
+DEMO_FINETUNE = dict(epochs=1.5, lr=1e-4, batch_size=32, eval_every=20, freeze_embeddings=True)
 DEMO_PRUNE = dict(
     target_sparsity=0.9,
-    distill_epochs=0.2,
-    prune_epochs=3.0,
-    sparsity_warmup_epochs=1.5,
-    finetune_epochs=1.0,
+    distill_epochs=0.1,
+    prune_epochs=2.5,
+    sparsity_warmup_epochs=1.0,
+    finetune_epochs=0.75,
     batch_size=32,
     lr=1e-4,
-    reg_lr=0.1,
+    reg_lr=0.25,
     lambda_lr=0.1,
     finetune_lr=2e-4,
-    eval_every=15,
+    eval_every=10,
     epsilon=0.01,
 )
 
@@ -234,8 +234,8 @@ def _cmd_demo(args) -> int:
     for name, part in (("train", train), ("validation", validation), ("test", test)):
         part.to_jsonl(os.path.join(data_dir, f"{name}.jsonl"))
 
-    ft_cfg = FinetuneConfig(max_length=DEMO_MAX_LENGTH, seed=args.seed, **DEMO_FINETUNE)
-    pr_cfg = PruneConfig(max_length=DEMO_MAX_LENGTH, seed=args.seed,
+    ft_cfg = FinetuneConfig(max_length=args.max_length, seed=args.seed, **DEMO_FINETUNE)
+    pr_cfg = PruneConfig(max_length=args.max_length, seed=args.seed,
                          **{**DEMO_PRUNE, "target_sparsity": args.target_sparsity})
     progress = not args.quiet
     if not _finished(teacher_dir):
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="cofi-demo", help="run directory (default ./cofi-demo)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished demo in --out")
     p.add_argument("--target-sparsity", type=_fraction, default=DEMO_PRUNE["target_sparsity"])
+    p.add_argument("--max-length", type=int, default=DEMO_MAX_LENGTH,
+                   help=f"tokens per article (default {DEMO_MAX_LENGTH}: headline and first paragraph)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

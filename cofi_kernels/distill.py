@@ -87,8 +87,9 @@ class LayerDistiller(nn.Module):
         Args:
             student_hidden: the output of every student layer, ``[B, T, d]`` each
                 (``d = D``, or the reduced size of a pruned model with ``hidden_index``).
-            teacher_hidden: the output of every teacher layer, ``[B, T, D]`` each
-                (only :attr:`teacher_layers` are read).
+            teacher_hidden: the output of every teacher layer, ``[B, T, D]`` each,
+                as a sequence or a mapping layer index → tensor (only
+                :attr:`teacher_layers` are read).
             token_mask: ``[B, T]``, 1 on real tokens; padding positions are not compared.
             alive: per student layer, False where both its attention and FFN gates
                 are 0 (it cannot be matched); default all alive.

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import DataError, Encoded, LabelSpace, TextDataset, epoch_order, steps_per_epoch
+from .data import Encoded, LabelSpace, TextDataset, epoch_order, steps_per_epoch
 from .distill import LayerDistiller, prediction_loss, task_loss
 
 CHECKPOINT_DIR = "checkpoint"
@@ -122,6 +122,10 @@ class PruneConfig:
         freeze_embeddings: do not train the embedding tables (default, as CoFi).
         learn: gate types to learn (subset of ``head, mha, int, ffn, hidden``).
         droprate_init: initial drop probability of the FFN-unit gates.
+        teacher_cache_mb: the teacher is frozen and deterministic, so its logits
+            and matched hidden states for the training set are computed once and
+            kept in memory when they fit in this many MiB (0: run the teacher
+            every step).
         max_length, seed, device, bf16: as in :class:`FinetuneConfig`.
     """
 
@@ -147,6 +151,7 @@ class PruneConfig:
     learn: tuple[str, ...] = ("head", "mha", "int", "ffn", "hidden")
     droprate_init: float = 0.5
     max_length: int = 128
+    teacher_cache_mb: int = 4096
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False
@@ -387,11 +392,13 @@ def _autocast(device, bf16: bool):
 
 
 def throughput(model: nn.Module, data: Encoded, *, batch_size: int = 32, repeats: int = 3,
-               device: str | torch.device = "cpu") -> float:
-    """Examples per second of ``model``'s forward over ``data`` (eval mode, no grad):
-    one warm-up pass, then the median of ``repeats`` timed passes."""
+               device: str | torch.device = "cpu", max_examples: int = 256) -> float:
+    """Examples per second of ``model``'s forward over the first ``max_examples`` of ``data``
+    (eval mode, no grad): one warm-up pass, then the median of ``repeats`` timed passes."""
     model.eval()
-    batches = [data.batch(ix, device) for ix in data.in_order(batch_size)]
+    n = min(len(data), max_examples)
+    batches = [data.batch(ix, device) for ix in data.in_order(batch_size)][: -(-n // batch_size)]
+    n = sum(b["input_ids"].shape[0] for b in batches)
     times = []
     with torch.no_grad():
         for r in range(repeats + 1):
@@ -403,7 +410,7 @@ def throughput(model: nn.Module, data: Encoded, *, batch_size: int = 32, repeats
             if r:
                 times.append(time.perf_counter() - t0)
     times.sort()
-    return len(data) / times[len(times) // 2]
+    return n / times[len(times) // 2]
 
 
 def _sync(device) -> None:
@@ -737,7 +744,7 @@ def cofi_prune(
         DataError, RunError: as :func:`finetune`; also a target sparsity outside (0, 1).
     """
     from .hf_integration import apply_cofi
-    from .pruning import PrunedModel, prune
+    from .pruning import PrunedModel
 
     cfg = config or PruneConfig()
     _check_prune_config(cfg)
@@ -794,6 +801,8 @@ def cofi_prune(
     run.start()
     if run.resumed is not None:
         loop.restore(run.resumed, PrunedModel)
+    if loop.step < plan.total:
+        loop.build_teacher_cache()
     loop.train(progress)
 
     pruned = loop.pruned
@@ -829,6 +838,46 @@ def _save_gates(path: str, selected: dict) -> None:
     save_file(tensors, path)
 
 
+class _TeacherCache:
+    """The teacher's logits and matched layer outputs for every training example.
+
+    Computed once, in index order with a fixed batch size, so a resumed run
+    recomputes exactly the same values; padding positions are not stored.
+    """
+
+    def __init__(self, teacher, enc: Encoded, layers: list[int], batch_size: int, device, bf16: bool):
+        self.layers = layers
+        self.logits: list[torch.Tensor] = []
+        self.hidden: list[dict[int, torch.Tensor]] = []
+        with torch.no_grad(), _autocast(device, bf16):
+            for index in enc.in_order(batch_size):
+                b = enc.batch(index, device)
+                out = _logits(teacher, b, output_hidden_states=bool(layers))
+                logits, hidden = out if layers else (out, None)
+                for r, i in enumerate(index):
+                    n = len(enc.input_ids[i])
+                    self.logits.append(logits[r].float().cpu())
+                    self.hidden.append({t: hidden[t][r, :n].float().cpu() for t in layers} if layers else {})
+
+    @staticmethod
+    def size_mb(enc: Encoded, num_layers: int, hidden_size: int) -> float:
+        """Memory the cache of ``num_layers`` matched layers would take."""
+        tokens = sum(len(ids) for ids in enc.input_ids)
+        return tokens * num_layers * hidden_size * 4 / 2**20
+
+    def batch(self, index: list[int], seq_len: int, device):
+        """``(logits [B, C], {layer: [B, T, D]})`` for the examples ``index`` padded to ``seq_len``."""
+        logits = torch.stack([self.logits[i] for i in index]).to(device)
+        hidden = {}
+        for t in self.layers:
+            rows = [self.hidden[i][t] for i in index]
+            h = rows[0].new_zeros(len(index), seq_len, rows[0].shape[-1])
+            for r, x in enumerate(rows):
+                h[r, : x.shape[0]] = x
+            hidden[t] = h.to(device)
+        return logits, hidden
+
+
 class _PruneLoop:
     """State and steps of one :func:`cofi_prune` run."""
 
@@ -845,7 +894,18 @@ class _PruneLoop:
         self.selected = None
         self.selected_gates = None
         self.seconds = 0.0
+        self.cache = None
         self._make_optimizers()
+
+    def build_teacher_cache(self) -> None:
+        """Run the teacher over the training set once when its outputs fit in ``teacher_cache_mb``."""
+        if self.teacher is None or self.cfg.teacher_cache_mb <= 0:
+            return
+        layers = [] if self.distiller is None else self.distiller.teacher_layers
+        size = _TeacherCache.size_mb(self.train_enc, len(layers), self.teacher.config.hidden_size)
+        if size <= self.cfg.teacher_cache_mb:
+            self.cache = _TeacherCache(self.teacher, self.train_enc, layers, 64, self.device, self.cfg.bf16)
+            self.run.log({"event": "teacher_cache", "examples": len(self.train_enc), "megabytes": round(size, 1)})
 
     # -- optimisers --------------------------------------------------------
 
@@ -950,7 +1010,8 @@ class _PruneLoop:
     def _train_step(self, phase: str) -> dict:
         cfg, plan = self.cfg, self.plan
         _seed_step(cfg.seed, self.step)
-        b = self.train_enc.batch(_batch_at(self.step, len(self.train_enc), cfg.batch_size, cfg.seed), self.device)
+        index = _batch_at(self.step, len(self.train_enc), cfg.batch_size, cfg.seed)
+        b = self.train_enc.batch(index, self.device)
         model = self.pruned if phase == "finetune" else self.student
         if phase == "finetune":
             total_ft = plan.total - plan.prune_end
@@ -966,7 +1027,7 @@ class _PruneLoop:
         model.train()
         try:
             with _autocast(self.device, cfg.bf16):
-                loss = self._loss(model, b, z, rec)
+                loss = self._loss(model, b, index, z, rec)
                 if phase == "prune":
                     target = plan.target(self.step, cfg.target_sparsity)
                     lag = self.gates.lagrangian(target)
@@ -995,26 +1056,29 @@ class _PruneLoop:
         rec["loss"] = loss.item()
         return rec
 
-    def _loss(self, model, b, z, rec: dict) -> torch.Tensor:
+    def _loss(self, model, b, index, z, rec: dict) -> torch.Tensor:
         cfg = self.cfg
         if self.teacher is None:
             loss = task_loss(_logits(model, b), b["labels"])
             rec["task"] = loss.item()
             return loss
         need_layers = self.distiller is not None
-        with torch.no_grad():
-            t_out = _logits(self.teacher, b, output_hidden_states=need_layers)
+        if self.cache is not None:
+            t_logits, t_hidden = self.cache.batch(index, b["input_ids"].shape[1], self.device)
+        else:
+            with torch.no_grad():
+                t_out = _logits(self.teacher, b, output_hidden_states=need_layers)
+            t_logits, t_hidden = t_out if need_layers else (t_out, None)
         s_out = _logits(model, b, output_hidden_states=need_layers)
-        t_logits, t_hidden = t_out if need_layers else (t_out, None)
         s_logits, s_hidden = s_out if need_layers else (s_out, None)
         loss = cfg.alpha_pred * prediction_loss(s_logits, t_logits, cfg.temperature)
         rec["distill_pred"] = loss.item()
         if need_layers:
             if self.pruned is not None:
-                alive, index = self.pruned.layer_alive(), self.pruned.hidden_index
+                alive, hidden_index = self.pruned.layer_alive(), self.pruned.hidden_index
             else:
-                alive, index = _alive_layers(z, self.gates.num_layers), None
-            layer, match = self.distiller(s_hidden, t_hidden, b["attention_mask"], alive, index)
+                alive, hidden_index = _alive_layers(z, self.gates.num_layers), None
+            layer, match = self.distiller(s_hidden, t_hidden, b["attention_mask"], alive, hidden_index)
             loss = loss + cfg.alpha_layer * layer
             rec["distill_layer"] = layer.item()
             rec["match"] = match
