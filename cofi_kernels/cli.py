@@ -30,7 +30,7 @@ DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_VALIDATION_FRACTION = 0.1
 
 # The demo's settings: sized so that `cofi demo` finishes in minutes on a 2-core CPU.
-DEMO_MAX_LENGTH = 128
+DEMO_MAX_LENGTH = 96
 DEMO_FINETUNE = dict(epochs=1.5, lr=1e-4, batch_size=32, eval_every=20, freeze_embeddings=True)
 DEMO_PRUNE = dict(
     target_sparsity=0.9,
@@ -41,10 +41,10 @@ DEMO_PRUNE = dict(
     batch_size=32,
     lr=1e-4,
     reg_lr=0.25,
-    lambda_lr=0.1,
+    lambda_lr=0.5,
     finetune_lr=2e-4,
     eval_every=10,
-    epsilon=0.01,
+    epsilon=0.03,
 )
 
 
@@ -312,10 +312,10 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
+def _common(p: argparse.ArgumentParser, *, train: bool, defaults=None) -> None:
     p.add_argument("--data", help="CSV or JSONL with 'text' [, 'text_pair'] and 'label' (default: BBC News)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
     if not train:
         return
     p.add_argument("--eval-data", help="data to choose the best state on (default: a seeded held-out part of --data)")
@@ -323,9 +323,11 @@ def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
                    help="held-out part of --data when no --eval-data is given (default 0.1)")
     p.add_argument("--out", required=True, help="run directory (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--max-length", type=int, default=defaults.max_length,
+                   help=f"tokens per example (default {defaults.max_length})")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: the default schedule)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help=f"steps between checkpoints (default {defaults.checkpoint_every})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -338,8 +340,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+def _number(p: argparse.ArgumentParser, flag: str, default: float, text: str) -> None:
+    p.add_argument(flag, type=float, default=default, help=f"{text} (default {default:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cofi`` argument parser."""
+    """The ``cofi`` argument parser (defaults of the training options come from
+    :class:`~cofi_kernels.training.FinetuneConfig` and :class:`~cofi_kernels.training.PruneConfig`)."""
+    from .training import FinetuneConfig, PruneConfig
+
+    ft, pr = FinetuneConfig(), PruneConfig()
     parser = _Parser(
         prog="cofi",
         description="CoFi structured pruning of BERT-family classifiers (cofi_kernels).",
@@ -348,9 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a model on labelled text (makes a teacher)")
     p.add_argument("--model", help="pretrained BERT/RoBERTa directory (default: all-MiniLM-L6-v2)")
-    _common(p, train=True)
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=5e-5)
+    _common(p, train=True, defaults=ft)
+    _number(p, "--epochs", ft.epochs, "passes over the training data")
+    _number(p, "--lr", ft.lr, "peak learning rate (linear warm-up and decay)")
     p.add_argument("--task", choices=("classification", "regression"), help="default: inferred from the labels")
     p.add_argument("--freeze-embeddings", action="store_true", help="do not train the embedding tables")
     p.set_defaults(func=_cmd_finetune)
@@ -360,27 +370,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sparsity", type=_fraction, required=True, help="in (0, 1), e.g. 0.9")
     p.add_argument("--student", help="start the student from this pretrained model instead of a copy of the teacher")
     p.add_argument("--no-distill", action="store_true", help="train with cross-entropy only (no teacher)")
-    _common(p, train=True)
-    p.add_argument("--distill-epochs", type=float, default=0.5, help="distillation before pruning starts")
-    p.add_argument("--prune-epochs", type=float, default=5.0, help="the gate-learning phase")
-    p.add_argument("--sparsity-warmup-epochs", type=float, default=2.0, help="target grows linearly over these")
-    p.add_argument("--finetune-epochs", type=float, default=2.0, help="fine-tuning of the pruned model")
-    p.add_argument("--lr", type=float, default=5e-5, help="model learning rate while pruning")
-    p.add_argument("--reg-lr", type=float, default=0.05, help="learning rate of log alpha")
-    p.add_argument("--lambda-lr", type=float, default=0.05, help="learning rate of lambda_1, lambda_2 (ascent)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="learning rate of the pruned model's fine-tuning")
-    p.add_argument("--temperature", type=float, default=2.0, help="prediction distillation temperature")
-    p.add_argument("--alpha-pred", type=float, default=1.0, help="weight of the prediction distillation")
-    p.add_argument("--alpha-layer", type=float, default=1.0, help="weight of the layer distillation")
-    p.add_argument("--epsilon", type=float, default=0.01,
-                   help="best state chosen among evaluations with |expected sparsity - target| <= epsilon")
+    _common(p, train=True, defaults=pr)
+    _number(p, "--distill-epochs", pr.distill_epochs, "distillation before pruning starts")
+    _number(p, "--prune-epochs", pr.prune_epochs, "the gate-learning phase")
+    _number(p, "--sparsity-warmup-epochs", pr.sparsity_warmup_epochs, "the target grows linearly over these")
+    _number(p, "--finetune-epochs", pr.finetune_epochs, "fine-tuning of the pruned model")
+    _number(p, "--lr", pr.lr, "model learning rate while pruning")
+    _number(p, "--reg-lr", pr.reg_lr, "learning rate of log alpha")
+    _number(p, "--lambda-lr", pr.lambda_lr, "learning rate of the ascent on lambda_1, lambda_2")
+    _number(p, "--finetune-lr", pr.finetune_lr, "peak learning rate of the pruned model's fine-tuning")
+    _number(p, "--temperature", pr.temperature, "prediction distillation temperature")
+    _number(p, "--alpha-pred", pr.alpha_pred, "weight of the prediction distillation")
+    _number(p, "--alpha-layer", pr.alpha_layer, "weight of the layer distillation")
+    _number(p, "--epsilon", pr.epsilon, "the best state is chosen among evaluations with |expected sparsity - target| <= this")
     p.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                    help="also train the embedding tables (frozen by default)")
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("eval", help="accuracy, sparsity, parameters and speed of a model directory")
     p.add_argument("--model", required=True, help="directory written by `cofi finetune` or `cofi prune`")
-    _common(p, train=False)
+    _common(p, train=False, defaults=None)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_eval)
 

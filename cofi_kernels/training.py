@@ -117,7 +117,9 @@ class PruneConfig:
             (default: every third layer of a 12-layer model, scaled).
         epsilon: a state is eligible as "best" when ``|ŝ − t| ≤ epsilon``.
         eval_every: evaluate every this many steps (0: twice per epoch) in the
-            prune and finetune phases, and at the end of each.
+            prune and finetune phases, and at the end of each; in the prune
+            phase only states within ``epsilon`` of the target are evaluated
+            (the others cannot be chosen).
         checkpoint_every: write a checkpoint every this many steps.
         freeze_embeddings: do not train the embedding tables (default, as CoFi).
         learn: gate types to learn (subset of ``head, mha, int, ffn, hidden``).
@@ -136,15 +138,15 @@ class PruneConfig:
     finetune_epochs: float = 2.0
     batch_size: int = 32
     lr: float = 5e-5
-    reg_lr: float = 0.05
-    lambda_lr: float = 0.05
+    reg_lr: float = 0.1
+    lambda_lr: float = 0.5
     finetune_lr: float = 1e-4
     weight_decay: float = 0.0
     temperature: float = 2.0
     alpha_pred: float = 1.0
     alpha_layer: float = 1.0
     teacher_layers: list[int] | None = None
-    epsilon: float = 0.01
+    epsilon: float = 0.02
     eval_every: int = 0
     checkpoint_every: int = 50
     freeze_embeddings: bool = True
@@ -635,6 +637,13 @@ def finetune(
         step, best = st["step"], st["best"]
         best_state = st["best_state"]
     t_start = time.perf_counter() - (run.resumed or {}).get("seconds", 0.0)
+
+    def checkpoint():
+        run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "best": best, "best_state": best_state, "seconds": time.perf_counter() - t_start})
+
+    if run.resumed is None:
+        checkpoint()  # a run killed before its first interval still resumes
     bar = _progress(total, step, "finetune", progress)
     model.train()
     while step < total:
@@ -660,9 +669,7 @@ def finetune(
             if _better(m, best):
                 best, best_state = {**m, "step": step}, _clone_state(model)
         if step % cfg.checkpoint_every == 0 or step == total:
-            run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "best": best, "best_state": best_state,
-                                 "seconds": time.perf_counter() - t_start})
+            checkpoint()
     if bar is not None:
         bar.close()
     model.load_state_dict(best_state)
@@ -801,6 +808,9 @@ def cofi_prune(
     run.start()
     if run.resumed is not None:
         loop.restore(run.resumed, PrunedModel)
+        run.log({"event": "resume", "step": loop.step})
+    else:
+        loop.save_checkpoint()  # a run killed before its first interval still resumes
     if loop.step < plan.total:
         loop.build_teacher_cache()
     loop.train(progress)
@@ -968,7 +978,7 @@ class _PruneLoop:
             self.opt_lambda.load_state_dict(st["opt_lambda"])
         self.opt_model.load_state_dict(st["opt_model"])
 
-    def _checkpoint(self) -> None:
+    def save_checkpoint(self) -> None:
         self.run.save_checkpoint(self.state())
 
     # -- phases ------------------------------------------------------------
@@ -980,7 +990,7 @@ class _PruneLoop:
             if self.step == plan.prune_end and self.pruned is None:
                 self._to_compact()
                 self.seconds = time.perf_counter() - t0
-                self._checkpoint()
+                self.save_checkpoint()
             phase = plan.phase(self.step)
             rec = self._train_step(phase)
             self.step += 1
@@ -993,7 +1003,7 @@ class _PruneLoop:
                 self._evaluate(phase, bar)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == plan.total:
                 if not (self.step == plan.prune_end and self.pruned is None):
-                    self._checkpoint()
+                    self.save_checkpoint()
         if self.pruned is None:  # no finetune phase
             self._to_compact()
         if self.best_ft_state is not None:
@@ -1085,33 +1095,41 @@ class _PruneLoop:
         return loss
 
     def _evaluate(self, phase: str, bar) -> None:
-        cfg = self.cfg
-        if self.pruned is None:
-            m = evaluate(self.student, self.eval_enc, self.labels, device=self.device, bf16=cfg.bf16)
-            with torch.no_grad():
-                s_hat = float(self.gates.expected_sparsity())
-                z = self.gates.deterministic()
-            realised = self.gates.realised_sparsity(z)
-            eligible = abs(s_hat - cfg.target_sparsity) <= cfg.epsilon
-            rec = {**m, "expected_sparsity": s_hat, "realised_sparsity": realised, "eligible": eligible}
-            if eligible and _better(m, self.best):
-                self.best = {**m, "step": self.step, "expected_sparsity": s_hat, "realised_sparsity": realised}
-                self.best_state = {
-                    "student": _clone_state(self.student),
-                    "gates": _clone_state(self.gates),
-                    "distiller": None if self.distiller is None else _clone_state(self.distiller),
-                }
-        else:
-            m = evaluate(self.pruned, self.eval_enc, self.labels, device=self.device, bf16=cfg.bf16)
-            rec = {**m, "realised_sparsity": self.pruned.sparsity}
-            if _better(m, self.best_ft):
-                self.best_ft = {**m, "step": self.step}
-                self.best_ft_state = _clone_state(self.pruned)
+        rec = self._evaluate_gated() if self.pruned is None else self._evaluate_compact()
         self.run.log({"event": "eval", "phase": phase, "step": self.step, **rec})
-        if bar is not None:
+        if bar is not None and "metric" in rec:
             extra = f", expected sparsity {rec['expected_sparsity']:.4f}" if "expected_sparsity" in rec else ""
-            bar.write(f"step {self.step} ({phase}): eval {m['metric']} {m[m['metric']]:.4f}, "
+            bar.write(f"step {self.step} ({phase}): eval {rec['metric']} {rec[rec['metric']]:.4f}, "
                       f"realised sparsity {rec['realised_sparsity']:.4f}{extra}")
+
+    def _evaluate_gated(self) -> dict:
+        """Evaluate the gated student under its deterministic gates. Only a state whose
+        expected sparsity is within ε of the target can be chosen, so the others are
+        not evaluated (except at the end of the phase, for the record)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            s_hat = float(self.gates.expected_sparsity())
+        eligible = abs(s_hat - cfg.target_sparsity) <= cfg.epsilon
+        if not eligible and self.step != self.plan.prune_end:
+            return {"expected_sparsity": s_hat, "eligible": False, "skipped": True}
+        m = evaluate(self.student, self.eval_enc, self.labels, device=self.device, bf16=cfg.bf16)
+        with torch.no_grad():
+            realised = self.gates.realised_sparsity(self.gates.deterministic())
+        if eligible and _better(m, self.best):
+            self.best = {**m, "step": self.step, "expected_sparsity": s_hat, "realised_sparsity": realised}
+            self.best_state = {
+                "student": _clone_state(self.student),
+                "gates": _clone_state(self.gates),
+                "distiller": None if self.distiller is None else _clone_state(self.distiller),
+            }
+        return {**m, "expected_sparsity": s_hat, "realised_sparsity": realised, "eligible": eligible}
+
+    def _evaluate_compact(self) -> dict:
+        m = evaluate(self.pruned, self.eval_enc, self.labels, device=self.device, bf16=self.cfg.bf16)
+        if _better(m, self.best_ft):
+            self.best_ft = {**m, "step": self.step}
+            self.best_ft_state = _clone_state(self.pruned)
+        return {**m, "realised_sparsity": self.pruned.sparsity}
 
     def _to_compact(self) -> None:
         """Pick the best eligible prune-phase state (else the last one) and prune it."""

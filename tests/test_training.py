@@ -43,7 +43,9 @@ def _log(out):
 
 
 def _strip_times(records):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    """The training record of a log: steps, evaluations, pruning (not timings or resume notes)."""
+    keep = ("step", "eval", "pruned", "warning")
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] in keep]
 
 
 # ---------------------------------------------------------------------- finetune
@@ -115,6 +117,10 @@ def test_prune_writes_a_compact_model_at_the_selected_gates(pruned_run, toy):
     assert run["selected"]["realised_sparsity"] == pytest.approx(model.sparsity)
     # The best state is chosen only among evaluations within ε of the target.
     evals = [r for r in _log(out) if r["event"] == "eval" and r["phase"] == "prune"]
+    end = max(r["step"] for r in evals)
+    for r in evals:  # states outside the ε band cannot be chosen, so they are not evaluated
+        assert r["eligible"] == (abs(r["expected_sparsity"] - FAST_PRUNE["target_sparsity"]) <= FAST_PRUNE["epsilon"])
+        assert ("accuracy" in r) == (r["eligible"] or r["step"] == end)
     if not run["selected"]["fallback"]:
         chosen = [r for r in evals if r["step"] == run["selected"]["step"]][0]
         assert abs(chosen["expected_sparsity"] - FAST_PRUNE["target_sparsity"]) <= FAST_PRUNE["epsilon"]
