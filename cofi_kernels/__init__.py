@@ -44,9 +44,9 @@ _LAZY = {
     "prune": "pruning",
     "PrunedModel": "pruning",
     "finetune": "training",
-    "cofi_prune": "training",
+    "cofi_prune": "prune_loop",
     "FinetuneConfig": "training",
-    "PruneConfig": "training",
+    "PruneConfig": "prune_loop",
 }
 
 

@@ -114,7 +114,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _prune_config(args):
-    from .training import PruneConfig
+    from .prune_loop import PruneConfig
 
     return PruneConfig(
         target_sparsity=args.target_sparsity, distill_epochs=args.distill_epochs, prune_epochs=args.prune_epochs,
@@ -128,7 +128,7 @@ def _prune_config(args):
 
 
 def _cmd_prune(args) -> int:
-    from .training import cofi_prune
+    from .prune_loop import cofi_prune
 
     cfg = _prune_config(args)
     train, eval_data = _training_data(args)
@@ -217,7 +217,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .training import FinetuneConfig, PruneConfig, RunError, cofi_prune, finetune
+    from .prune_loop import PruneConfig, cofi_prune
+    from .training import FinetuneConfig, RunError, finetune
 
     out = args.out
     teacher_dir, pruned_dir, data_dir = (os.path.join(out, p) for p in ("teacher", "pruned", "data"))
@@ -347,7 +348,8 @@ def _number(p: argparse.ArgumentParser, flag: str, default: float, text: str) ->
 def build_parser() -> argparse.ArgumentParser:
     """The ``cofi`` argument parser (defaults of the training options come from
     :class:`~cofi_kernels.training.FinetuneConfig` and :class:`~cofi_kernels.training.PruneConfig`)."""
-    from .training import FinetuneConfig, PruneConfig
+    from .prune_loop import PruneConfig
+    from .training import FinetuneConfig
 
     ft, pr = FinetuneConfig(), PruneConfig()
     parser = _Parser(

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from cofi_kernels import cli
+from cofi_kernels import prune_loop as pl
 from cofi_kernels import training as tr
 from tests.training_support import (
     FAST_FINETUNE,
@@ -168,14 +169,14 @@ def test_output_directory_in_use_and_foreign_checkpoints(tmp_path, capsys, teach
     # An unfinished run, then attempts to resume it with other settings or data.
     run = tmp_path / "run"
 
-    original = tr._PruneLoop._train_step
+    original = pl._PruneLoop._train_step
 
     def die_at_5(self, *a, **kw):
         if self.step == 5:
             raise KeyboardInterrupt
         return original(self, *a, **kw)
 
-    monkeypatch.setattr(tr._PruneLoop, "_train_step", die_at_5)
+    monkeypatch.setattr(pl._PruneLoop, "_train_step", die_at_5)
     status = cli.main(_prune_args(teacher_dir, files["train"], files["eval"], run))
     assert status == 130 and "continue with --resume" in capsys.readouterr().err
     monkeypatch.undo()
@@ -269,7 +270,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, teacher_di
     p = _cli_subprocess(_prune_args(teacher_dir, files["train"], files["eval"], run, *long, "--resume"))
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    for name in ("model.safetensors", tr.GATES_FILE):
+    for name in ("model.safetensors", pl.GATES_FILE):
         assert files_equal_tensors(str(ref / name), str(run / name)), name
     a, b = (json.load(open(d / tr.RUN_FILE)) for d in (ref, run))
     assert a["selected"] == b["selected"] and a["best"] == b["best"]

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from cofi_kernels import prune_loop as pl
 from cofi_kernels import training as tr
 from cofi_kernels.data import TextDataset
 from tests.training_support import FAST_FINETUNE, FAST_PRUNE, files_equal_tensors, tiny_bert_dir, toy_rows
@@ -81,7 +82,7 @@ def test_finetune_learns_the_toy_task(teacher_dir):
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory, teacher_dir, toy):
     out = str(tmp_path_factory.mktemp("runs") / "pruned")
-    result = tr.cofi_prune(teacher_dir, *toy, out, tr.PruneConfig(**FAST_PRUNE), progress=False)
+    result = pl.cofi_prune(teacher_dir, *toy, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
     return out, result
 
 
@@ -128,7 +129,7 @@ def test_prune_writes_a_compact_model_at_the_selected_gates(pruned_run, toy):
         assert chosen["accuracy"] == max(eligible)
     from safetensors.torch import load_file
 
-    gates = load_file(os.path.join(out, tr.GATES_FILE))
+    gates = load_file(os.path.join(out, pl.GATES_FILE))
     assert {"log_alpha.head", "log_alpha.int", "log_alpha.hidden", "z.head", "z.hidden"} <= set(gates)
     assert int((gates["z.hidden"] > 0).sum()) == model.config["hidden_size"]
 
@@ -142,8 +143,8 @@ def test_compact_finetune_phase_distils_through_the_pruned_model(pruned_run):
 
 def test_prune_without_teacher_uses_cross_entropy(tmp_path, teacher_dir, toy):
     out = str(tmp_path / "ce")
-    cfg = tr.PruneConfig(**{**FAST_PRUNE, "prune_epochs": 1.0, "sparsity_warmup_epochs": 0.5, "finetune_epochs": 0.5})
-    tr.cofi_prune(teacher_dir, *toy, out, cfg, distill=False, progress=False)
+    cfg = pl.PruneConfig(**{**FAST_PRUNE, "prune_epochs": 1.0, "sparsity_warmup_epochs": 0.5, "finetune_epochs": 0.5})
+    pl.cofi_prune(teacher_dir, *toy, out, cfg, distill=False, progress=False)
     steps = [r for r in _log(out) if r["event"] == "step"]
     assert all("task" in r and "distill_pred" not in r for r in steps)
 
@@ -167,7 +168,7 @@ def _kill_at(monkeypatch, cls, method, at_step):
 
 
 def _plan_of(toy):
-    return tr._PrunePlan(tr.PruneConfig(**FAST_PRUNE), len(toy[0]))
+    return pl._PrunePlan(pl.PruneConfig(**FAST_PRUNE), len(toy[0]))
 
 
 @pytest.mark.parametrize("where", ["distill", "prune", "at_pruning", "finetune"])
@@ -176,16 +177,16 @@ def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pr
     at = {"distill": 1, "prune": plan.distill_end + 7, "at_pruning": plan.prune_end,
           "finetune": plan.total - 2}[where]
     out = str(tmp_path / "run")
-    cfg = tr.PruneConfig(**FAST_PRUNE)
+    cfg = pl.PruneConfig(**FAST_PRUNE)
     with monkeypatch.context() as m:
-        _kill_at(m, tr._PruneLoop, "_train_step", at)
+        _kill_at(m, pl._PruneLoop, "_train_step", at)
         with pytest.raises(_Killed):
-            tr.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+            pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     assert os.path.isfile(os.path.join(out, tr.CHECKPOINT_DIR, tr.CHECKPOINT_FILE))
     assert not os.path.exists(os.path.join(out, tr.RUN_FILE))
-    tr.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
+    pl.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
     ref, _ = pruned_run
-    for name in ("model.safetensors", tr.GATES_FILE):
+    for name in ("model.safetensors", pl.GATES_FILE):
         assert files_equal_tensors(os.path.join(ref, name), os.path.join(out, name)), name
     a, b = (json.load(open(os.path.join(d, tr.RUN_FILE))) for d in (ref, out))
     assert a["selected"] == b["selected"] and a["best"] == b["best"]
@@ -194,7 +195,7 @@ def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pr
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, pruned_run, teacher_dir, toy):
     out = str(tmp_path / "run")
-    cfg = tr.PruneConfig(**FAST_PRUNE)
+    cfg = pl.PruneConfig(**FAST_PRUNE)
     original = tr._RunDir.save_checkpoint
     calls = {"n": 0}
 
@@ -209,11 +210,11 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     with monkeypatch.context() as m:
         m.setattr(tr._RunDir, "save_checkpoint", torn)
         with pytest.raises(_Killed):
-            tr.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
-    tr.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
+            pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+    pl.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
     ref, _ = pruned_run
     assert files_equal_tensors(os.path.join(ref, "model.safetensors"), os.path.join(out, "model.safetensors"))
-    assert files_equal_tensors(os.path.join(ref, tr.GATES_FILE), os.path.join(out, tr.GATES_FILE))
+    assert files_equal_tensors(os.path.join(ref, pl.GATES_FILE), os.path.join(out, pl.GATES_FILE))
 
 
 def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, base_dir, teacher_dir, toy):
@@ -252,35 +253,35 @@ def _snapshot(path):
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teacher_dir, toy):
     out = str(tmp_path / "run")
-    cfg = tr.PruneConfig(**FAST_PRUNE)
+    cfg = pl.PruneConfig(**FAST_PRUNE)
     with monkeypatch.context() as m:
-        _kill_at(m, tr._PruneLoop, "_train_step", 6)
+        _kill_at(m, pl._PruneLoop, "_train_step", 6)
         with pytest.raises(_Killed):
-            tr.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+            pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     before = _snapshot(out)
-    other = tr.PruneConfig(**{**FAST_PRUNE, "target_sparsity": 0.5})
+    other = pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": 0.5})
     with pytest.raises(tr.RunError, match="another run.*target_sparsity|another run.*config"):
-        tr.cofi_prune(teacher_dir, *toy, out, other, resume=True, progress=False)
+        pl.cofi_prune(teacher_dir, *toy, out, other, resume=True, progress=False)
     with pytest.raises(tr.RunError, match="another run"):
-        tr.cofi_prune(teacher_dir, toy[1], toy[1], out, cfg, resume=True, progress=False)
+        pl.cofi_prune(teacher_dir, toy[1], toy[1], out, cfg, resume=True, progress=False)
     with pytest.raises(tr.RunError, match="another run"):
         tr.finetune(teacher_dir, *toy, out, tr.FinetuneConfig(**FAST_FINETUNE), resume=True, progress=False)
     with pytest.raises(tr.RunError, match="unfinished run.*--resume"):
-        tr.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+        pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     assert _snapshot(out) == before
 
 
 def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teacher_dir, toy):
-    cfg = tr.PruneConfig(**FAST_PRUNE)
+    cfg = pl.PruneConfig(**FAST_PRUNE)
     with pytest.raises(tr.RunError, match="no checkpoint"):
-        tr.cofi_prune(teacher_dir, *toy, str(tmp_path / "nothing"), cfg, resume=True, progress=False)
+        pl.cofi_prune(teacher_dir, *toy, str(tmp_path / "nothing"), cfg, resume=True, progress=False)
     assert not os.path.exists(tmp_path / "nothing")
     done, _ = pruned_run
     before = _snapshot(done)
     with pytest.raises(tr.RunError, match="finished run"):
-        tr.cofi_prune(teacher_dir, *toy, done, cfg, resume=True, progress=False)
+        pl.cofi_prune(teacher_dir, *toy, done, cfg, resume=True, progress=False)
     with pytest.raises(tr.RunError, match="not empty"):
-        tr.cofi_prune(teacher_dir, *toy, done, cfg, progress=False)
+        pl.cofi_prune(teacher_dir, *toy, done, cfg, progress=False)
     assert _snapshot(done) == before
 
 
@@ -288,14 +289,14 @@ def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teach
 def test_target_sparsity_outside_0_1_is_refused_before_anything_is_written(tmp_path, teacher_dir, toy, target):
     out = tmp_path / "out"
     with pytest.raises(tr.RunError, match=r"target sparsity must be in \(0, 1\)"):
-        tr.cofi_prune(teacher_dir, *toy, str(out), tr.PruneConfig(**{**FAST_PRUNE, "target_sparsity": target}),
+        pl.cofi_prune(teacher_dir, *toy, str(out), pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": target}),
                       progress=False)
     assert not out.exists()
 
 
 def test_bf16_on_cpu_and_missing_gpu_are_clear_errors(tmp_path, teacher_dir, toy):
     with pytest.raises(tr.RunError, match="bf16 autocast is for GPUs"):
-        tr.cofi_prune(teacher_dir, *toy, str(tmp_path / "o"), tr.PruneConfig(**{**FAST_PRUNE, "bf16": True}),
+        pl.cofi_prune(teacher_dir, *toy, str(tmp_path / "o"), pl.PruneConfig(**{**FAST_PRUNE, "bf16": True}),
                       progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(tr.RunError, match="no CUDA GPU"):
@@ -310,7 +311,7 @@ def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
     task = tr.read_task(teacher_dir)
     enc = Encoded(toy[0], task["label_space"], tr.load_tokenizer(teacher_dir), FAST_PRUNE["max_length"])
     teacher = tr.load_classifier(teacher_dir).eval()
-    cache = tr._TeacherCache(teacher, enc, [1, 3], batch_size=5, device="cpu", bf16=False)
+    cache = pl._TeacherCache(teacher, enc, [1, 3], batch_size=5, device="cpu", bf16=False)
     index = [7, 0, 31, 12, 44, 3]
     b = enc.batch(index)
     with torch.no_grad():
