@@ -211,7 +211,6 @@ def cofi_prune(
     Raises:
         DataError, RunError: as :func:`finetune`; also a target sparsity outside (0, 1).
     """
-    from .hf_integration import apply_cofi
     from .pruning import PrunedModel
 
     cfg = config or PruneConfig()
@@ -232,36 +231,7 @@ def cofi_prune(
     fingerprint["config"]["learn"] = list(cfg.learn)
     run = _RunDir(out, fingerprint, resume, "prune")
     device = torch.device(cfg.device)
-
-    teacher = load_classifier(teacher_dir).to(device).eval() if distill else None
-    if teacher is not None:
-        teacher.requires_grad_(False)
-        if teacher.config.num_labels != labels.num_labels:
-            raise RunError(
-                f"teacher {teacher_dir!r}: its head has {teacher.config.num_labels} output(s) but its "
-                f"{TASK_FILE} lists {labels.num_labels}"
-            )
-    torch.manual_seed(cfg.seed)
-    if student_dir is not None:
-        student = load_classifier(student_dir, labels)
-    elif teacher is not None:
-        student = copy.deepcopy(teacher)
-    else:
-        student = load_classifier(teacher_dir)
-    student.to(device).requires_grad_(True)
-    if cfg.freeze_embeddings:
-        _freeze_embeddings(student)
-    if teacher is not None and student.config.hidden_size != teacher.config.hidden_size:
-        raise RunError(
-            f"the student's hidden size {student.config.hidden_size} differs from the teacher's "
-            f"{teacher.config.hidden_size}; give a student of the same width"
-        )
-    gates = apply_cofi(student, learn=cfg.learn, droprate_init=cfg.droprate_init)
-    distiller = None
-    if teacher is not None and cfg.alpha_layer > 0:
-        distiller = LayerDistiller(
-            teacher.config.hidden_size, teacher.config.num_hidden_layers, cfg.teacher_layers
-        ).to(device)
+    teacher, student, gates, distiller = _build_models(cfg, teacher_dir, student_dir, distill, labels, device)
 
     n = len(train_enc)
     plan = _PrunePlan(cfg, n)
@@ -295,6 +265,42 @@ def cofi_prune(
     }
     run.finish(summary)
     return RunResult(run.out, loop.best_ft, plan.total, loop.seconds, {"sparsity": pruned.sparsity})
+
+
+def _build_models(cfg: PruneConfig, teacher_dir, student_dir, distill: bool, labels: LabelSpace, device):
+    """``(teacher or None, gated student, its gates, LayerDistiller or None)`` on ``device``."""
+    from .hf_integration import apply_cofi
+
+    teacher = load_classifier(teacher_dir).to(device).eval() if distill else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+        if teacher.config.num_labels != labels.num_labels:
+            raise RunError(
+                f"teacher {teacher_dir!r}: its head has {teacher.config.num_labels} output(s) but its "
+                f"{TASK_FILE} lists {labels.num_labels}"
+            )
+    torch.manual_seed(cfg.seed)  # a new classification head, when the student brings none
+    if student_dir is not None:
+        student = load_classifier(student_dir, labels)
+    elif teacher is not None:
+        student = copy.deepcopy(teacher)
+    else:
+        student = load_classifier(teacher_dir)
+    student.to(device).requires_grad_(True)
+    if cfg.freeze_embeddings:
+        _freeze_embeddings(student)
+    if teacher is not None and student.config.hidden_size != teacher.config.hidden_size:
+        raise RunError(
+            f"the student's hidden size {student.config.hidden_size} differs from the teacher's "
+            f"{teacher.config.hidden_size}; give a student of the same width"
+        )
+    gates = apply_cofi(student, learn=cfg.learn, droprate_init=cfg.droprate_init)
+    distiller = None
+    if teacher is not None and cfg.alpha_layer > 0:
+        distiller = LayerDistiller(
+            teacher.config.hidden_size, teacher.config.num_hidden_layers, cfg.teacher_layers
+        ).to(device)
+    return teacher, student, gates, distiller
 
 
 def _save_gates(path: str, selected: dict) -> None:

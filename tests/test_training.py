@@ -324,3 +324,39 @@ def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
         want = out.hidden_states[t + 1]  # hidden_states[0] is the embedding output
         torch.testing.assert_close(hidden[t][real], want[real], rtol=1e-5, atol=1e-5)
         assert torch.all(hidden[t][~real] == 0)
+
+
+def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
+    """Float labels: one output, MSE losses, Pearson as the metric, through finetune, prune and eval."""
+    import random
+
+    from cofi_kernels.pruning import PrunedModel
+
+    rng = random.Random(5)
+
+    def rows(n):
+        out = []
+        for r in toy_rows(n, seed=rng.randint(0, 10**6), pair=True):
+            score = {"sport": 0.5, "money": 2.25, "music": 4.0}[r["label"]] + rng.uniform(-0.2, 0.2)
+            out.append({**r, "label": round(score, 3)})
+        return out
+
+    train, ev = _dataset(rows(48)), _dataset(rows(24))
+    assert train.text_pairs is not None
+    teacher = str(tmp_path / "teacher")
+    tr.finetune(base_dir, train, ev, teacher, tr.FinetuneConfig(**FAST_FINETUNE), progress=False)
+    task = tr.read_task(teacher)
+    assert task["task"] == "regression" and tr.load_classifier(teacher).config.num_labels == 1
+    out = str(tmp_path / "pruned")
+    result = pl.cofi_prune(teacher, train, ev, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
+    assert result.metrics["metric"] == "pearson" and -1.0 <= result.metrics["pearson"] <= 1.0
+    steps = [r for r in _log(out) if r["event"] == "step"]
+    assert all(r["distill_pred"] >= 0 for r in steps)
+    model = PrunedModel.from_pretrained(out)
+    assert model.config["num_labels"] == 1
+    from cofi_kernels.data import Encoded
+
+    enc = Encoded(ev, task["label_space"], tr.load_tokenizer(out), FAST_PRUNE["max_length"])
+    assert enc.token_type_ids[0].count(1) > 0  # the pair is its own segment
+    m = tr.evaluate(model, enc, task["label_space"])
+    assert m["pearson"] == pytest.approx(result.metrics["pearson"], abs=1e-6)
