@@ -31,7 +31,7 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 
 # The demo's settings: sized so that `cofi demo` finishes in minutes on a 2-core CPU.
 DEMO_MAX_LENGTH = 128
-DEMO_FINETUNE = dict(epochs=1.0, lr=1e-4, batch_size=16, eval_every=25, freeze_embeddings=True)
+DEMO_FINETUNE = dict(epochs=1.5, lr=1e-4, batch_size=32, eval_every=20, freeze_embeddings=True)
 DEMO_PRUNE = dict(
     target_sparsity=0.9,
     distill_epochs=0.1,
