@@ -170,9 +170,10 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     if kind == "pruned":
         sparsity, encoder = model.sparsity, model.encoder_size
     else:
-        c = model.config
+        from .l0_gates import CoFiGates
+
         sparsity = 0.0
-        encoder = (4 * c.hidden_size + 2 * c.intermediate_size) * c.hidden_size * c.num_hidden_layers
+        encoder = CoFiGates.from_config(model.config).full_size()  # the DESIGN §4 count M
     return {
         "model": model_dir,
         "kind": kind,
@@ -224,8 +225,6 @@ def _cmd_demo(args) -> int:
     teacher_dir, pruned_dir, data_dir = (os.path.join(out, p) for p in ("teacher", "pruned", "data"))
     if not args.resume and os.path.exists(out) and os.listdir(out):
         raise RunError(f"output directory {out!r} exists and is not empty; continue it with --resume or choose another --out")
-    if not 0.0 < args.target_sparsity < 1.0:
-        raise RunError(f"target sparsity must be in (0, 1) (e.g. 0.9 for 90%), got {args.target_sparsity}")
     model_dir = default_model_dir()
     train, validation, test = default_splits()
     t0 = time.perf_counter()

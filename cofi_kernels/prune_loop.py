@@ -386,24 +386,22 @@ class _PruneLoop:
 
     # -- optimisers --------------------------------------------------------
 
-    def _model_params(self, model):
-        return _decay_groups(model, self.cfg.weight_decay)
+    def _model_groups(self, model):
+        """AdamW groups of ``model`` plus the layer distiller's map ``W`` (no weight decay)."""
+        groups = _decay_groups(model, self.cfg.weight_decay)
+        if self.distiller is not None:
+            groups.append({"params": list(self.distiller.parameters()), "weight_decay": 0.0})
+        return groups
 
     def _make_optimizers(self):
         cfg = self.cfg
-        groups = self._model_params(self.student)
-        if self.distiller is not None:
-            groups.append({"params": list(self.distiller.parameters()), "weight_decay": 0.0})
-        self.opt_model = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.opt_model = torch.optim.AdamW(self._model_groups(self.student), lr=cfg.lr)
         self.opt_gates = torch.optim.AdamW(list(self.gates.log_alpha.values()), lr=cfg.reg_lr, weight_decay=0.0)
         self.opt_lambda = torch.optim.AdamW([self.gates.lambda_1, self.gates.lambda_2], lr=cfg.lambda_lr,
                                             weight_decay=0.0)
 
     def _make_finetune_optimizer(self):
-        groups = self._model_params(self.pruned)
-        if self.distiller is not None:
-            groups.append({"params": list(self.distiller.parameters()), "weight_decay": 0.0})
-        self.opt_model = torch.optim.AdamW(groups, lr=self.cfg.finetune_lr)
+        self.opt_model = torch.optim.AdamW(self._model_groups(self.pruned), lr=self.cfg.finetune_lr)
         self.opt_gates = self.opt_lambda = None
 
     # -- checkpoint --------------------------------------------------------

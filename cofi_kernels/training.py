@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -298,7 +298,7 @@ def throughput(model: nn.Module, data: Encoded, *, batch_size: int = 32, repeats
     (eval mode, no grad): one warm-up pass, then the median of ``repeats`` timed passes."""
     model.eval()
     n = min(len(data), max_examples)
-    batches = [data.batch(ix, device) for ix in data.in_order(batch_size)][: -(-n // batch_size)]
+    batches = [data.batch(ix, device) for ix in itertools.islice(data.in_order(batch_size), -(-n // batch_size))]
     n = sum(b["input_ids"].shape[0] for b in batches)
     times = []
     with torch.no_grad():
@@ -414,10 +414,10 @@ def _batch_at(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return epoch_order(n, batch_size, seed, step // spe)[step % spe]
 
 
-def _decay_groups(module: nn.Module, weight_decay: float, skip: Callable[[str], bool] = lambda n: False):
+def _decay_groups(module: nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        if not p.requires_grad or skip(name):
+        if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 or "LayerNorm" in name or "ln_" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -452,10 +452,8 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
+    from tqdm.auto import tqdm  # a declared dependency
+
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0, leave=True)
 
 

@@ -19,6 +19,7 @@ from tests.training_support import (
     FAST_FINETUNE,
     FAST_PRUNE,
     files_equal_tensors,
+    tree_snapshot,
     tiny_bert_dir,
     toy_rows,
     write_csv,
@@ -73,22 +74,11 @@ def teacher_dir(tmp_path_factory, base_dir, files):
     return str(out)
 
 
-def _snapshot(path):
-    if not os.path.exists(path):
-        return None
-    out = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
-
-
 def _fails(capsys, argv, pattern, out=None):
     """Run `cofi argv`; it must exit 2 with one stderr line matching `pattern`, `out` unchanged."""
     import re
 
-    before = _snapshot(out) if out is not None else None
+    before = tree_snapshot(out) if out is not None else None
     try:
         status = cli.main(argv)
     except SystemExit as e:  # argparse
@@ -99,7 +89,7 @@ def _fails(capsys, argv, pattern, out=None):
     assert err.startswith(f"cofi {argv[0]}: error: "), err
     assert re.search(pattern, err), err
     if out is not None:
-        assert _snapshot(out) == before
+        assert tree_snapshot(out) == before
     return err
 
 

@@ -11,7 +11,14 @@ import torch
 from cofi_kernels import prune_loop as pl
 from cofi_kernels import training as tr
 from cofi_kernels.data import TextDataset
-from tests.training_support import FAST_FINETUNE, FAST_PRUNE, files_equal_tensors, tiny_bert_dir, toy_rows
+from tests.training_support import (
+    FAST_FINETUNE,
+    FAST_PRUNE,
+    files_equal_tensors,
+    tiny_bert_dir,
+    toy_rows,
+    tree_snapshot,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -240,17 +247,6 @@ def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch,
 # ---------------------------------------------------------------------- bad runs
 
 
-def _snapshot(path):
-    if not os.path.exists(path):
-        return None
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
-
-
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teacher_dir, toy):
     out = str(tmp_path / "run")
     cfg = pl.PruneConfig(**FAST_PRUNE)
@@ -258,7 +254,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teach
         _kill_at(m, pl._PruneLoop, "_train_step", 6)
         with pytest.raises(_Killed):
             pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
-    before = _snapshot(out)
+    before = tree_snapshot(out)
     other = pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": 0.5})
     with pytest.raises(tr.RunError, match="another run.*target_sparsity|another run.*config"):
         pl.cofi_prune(teacher_dir, *toy, out, other, resume=True, progress=False)
@@ -268,7 +264,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teach
         tr.finetune(teacher_dir, *toy, out, tr.FinetuneConfig(**FAST_FINETUNE), resume=True, progress=False)
     with pytest.raises(tr.RunError, match="unfinished run.*--resume"):
         pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
-    assert _snapshot(out) == before
+    assert tree_snapshot(out) == before
 
 
 def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teacher_dir, toy):
@@ -277,12 +273,12 @@ def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teach
         pl.cofi_prune(teacher_dir, *toy, str(tmp_path / "nothing"), cfg, resume=True, progress=False)
     assert not os.path.exists(tmp_path / "nothing")
     done, _ = pruned_run
-    before = _snapshot(done)
+    before = tree_snapshot(done)
     with pytest.raises(tr.RunError, match="finished run"):
         pl.cofi_prune(teacher_dir, *toy, done, cfg, resume=True, progress=False)
     with pytest.raises(tr.RunError, match="not empty"):
         pl.cofi_prune(teacher_dir, *toy, done, cfg, progress=False)
-    assert _snapshot(done) == before
+    assert tree_snapshot(done) == before
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, -0.2, 1.5, float("nan")])

@@ -96,3 +96,17 @@ def files_equal_tensors(a: str, b: str) -> bool:
 
     ta, tb = load_file(a), load_file(b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def tree_snapshot(path) -> dict[str, bytes] | None:
+    """Every file under ``path`` (relative name → bytes), or None when ``path`` does not exist;
+    equal snapshots mean nothing under ``path`` was written."""
+    if not os.path.exists(path):
+        return None
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            p = os.path.join(root, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, path)] = f.read()
+    return out
