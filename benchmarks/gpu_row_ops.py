@@ -21,7 +21,7 @@ import statistics
 import torch
 
 import cofi_kernels
-from cofi_kernels import reference
+from cofi_kernels.ops import reference
 from row_inputs import gelu_inputs, mln_inputs
 
 L2_MULTIPLE = 4  # input sets together at least this many times the L2 size

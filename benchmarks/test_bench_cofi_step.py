@@ -30,7 +30,7 @@ import time
 import pytest
 import torch
 
-from cofi_kernels.hf_integration import apply_cofi, set_live_only
+from cofi_kernels.pruning.cofi.patch import apply_cofi, set_live_only
 
 from conftest import RESULTS, device_name
 

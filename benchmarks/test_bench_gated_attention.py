@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import cofi_kernels
-from cofi_kernels import reference
+from cofi_kernels.ops import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cofi_kernels
-from cofi_kernels import reference
+from cofi_kernels.ops import reference
 from row_inputs import gelu_inputs, mln_inputs
 
 ROWS = 8 * 128

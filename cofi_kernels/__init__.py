@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _extension, backends, reference
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
-from .backends import BackendUnavailableError
+from .ops import _extension, backends, reference
+from .ops.backends import BackendUnavailableError
 from .functional import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
 
 __version__ = "0.1.0"
@@ -39,14 +39,14 @@ def extension_available() -> bool:
 
 # The model-level API sits above the ops; it is imported when first used.
 _LAZY = {
-    "apply_cofi": "hf_integration",
-    "CoFiGates": "l0_gates",
-    "prune": "pruning",
-    "PrunedModel": "pruning",
-    "finetune": "training",
-    "cofi_prune": "prune_loop",
-    "FinetuneConfig": "training",
-    "PruneConfig": "prune_loop",
+    "apply_cofi": "pruning.cofi.patch",
+    "CoFiGates": "pruning.cofi.gates",
+    "prune": "pruning.cofi.fold",
+    "PrunedModel": "models.pruned_model",
+    "finetune": "training.finetune",
+    "cofi_prune": "pruning.cofi.loop",
+    "FinetuneConfig": "training.finetune",
+    "PruneConfig": "pruning.cofi.loop",
 }
 
 

@@ -69,7 +69,7 @@ def default_model_dir() -> str:
 
 def default_splits():
     """The default data's ``(train, validation, test)`` parts (BBC News, fixed seed)."""
-    from .data import bbc_news, split_held_out
+    from .training.data import bbc_news, split_held_out
 
     data = bbc_news()
     rest, test = split_held_out(data, DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
@@ -79,7 +79,7 @@ def default_splits():
 
 def _training_data(args):
     """(train, eval) for finetune / prune: the files given, or the default data."""
-    from .data import read_examples, split_held_out
+    from .training.data import read_examples, split_held_out
 
     if args.data is None:
         if args.eval_data is not None:
@@ -96,7 +96,7 @@ def _training_data(args):
 
 
 def _cmd_finetune(args) -> int:
-    from .training import FinetuneConfig, finetune
+    from .training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
@@ -114,7 +114,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _prune_config(args):
-    from .prune_loop import PruneConfig
+    from .pruning.cofi.loop import PruneConfig
 
     return PruneConfig(
         target_sparsity=args.target_sparsity, distill_epochs=args.distill_epochs, prune_epochs=args.prune_epochs,
@@ -128,7 +128,7 @@ def _prune_config(args):
 
 
 def _cmd_prune(args) -> int:
-    from .prune_loop import cofi_prune
+    from .pruning.cofi.loop import cofi_prune
 
     cfg = _prune_config(args)
     train, eval_data = _training_data(args)
@@ -142,8 +142,9 @@ def _cmd_prune(args) -> int:
 
 def _load_for_eval(model_dir: str, device: str):
     """(model, task dict, kind) for a directory written by `cofi finetune` / `cofi prune`."""
-    from .pruning import CONFIG_NAME, PrunedModel
-    from .training import RunError, load_classifier, read_task
+    from .models.pruned_model import CONFIG_NAME, PrunedModel
+    from .training.model_io import load_classifier, read_task
+    from .training.trainer import RunError
 
     task = read_task(model_dir)
     if os.path.isfile(os.path.join(model_dir, CONFIG_NAME)):
@@ -160,8 +161,9 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     """Metric, realised sparsity, parameters and examples per second of a model directory on ``data``."""
     import torch
 
-    from .data import Encoded
-    from .training import evaluate, load_tokenizer, throughput
+    from .training.data import Encoded
+    from .training.evaluation import evaluate, throughput
+    from .training.model_io import load_tokenizer
 
     model, task, kind = _load_for_eval(model_dir, device)
     labels = task["label_space"]
@@ -170,7 +172,7 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     if kind == "pruned":
         sparsity, encoder = model.sparsity, model.encoder_size
     else:
-        from .l0_gates import CoFiGates
+        from .pruning.cofi.gates import CoFiGates
 
         sparsity = 0.0
         encoder = CoFiGates.from_config(model.config).full_size()  # the DESIGN §4 count M
@@ -189,7 +191,7 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
 
 
 def _eval_data(args):
-    from .data import read_examples
+    from .training.data import read_examples
 
     if args.data is None:
         return default_splits()[2]
@@ -218,8 +220,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .prune_loop import PruneConfig, cofi_prune
-    from .training import FinetuneConfig, RunError, finetune
+    from .pruning.cofi.loop import PruneConfig, cofi_prune
+    from .training.finetune import FinetuneConfig, finetune
+    from .training.trainer import RunError
 
     out = args.out
     teacher_dir, pruned_dir, data_dir = (os.path.join(out, p) for p in ("teacher", "pruned", "data"))
@@ -273,13 +276,13 @@ def _stage(run_dir: str) -> bool:
 
 
 def _finished(run_dir: str) -> bool:
-    from .training import RUN_FILE
+    from .training.trainer import RUN_FILE
 
     return os.path.isfile(os.path.join(run_dir, RUN_FILE))
 
 
 def _resumable(run_dir: str) -> bool:
-    from .training import CHECKPOINT_DIR, CHECKPOINT_FILE
+    from .training.trainer import CHECKPOINT_DIR, CHECKPOINT_FILE
 
     return os.path.isfile(os.path.join(run_dir, CHECKPOINT_DIR, CHECKPOINT_FILE))
 
@@ -346,9 +349,9 @@ def _number(p: argparse.ArgumentParser, flag: str, default: float, text: str) ->
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cofi`` argument parser (defaults of the training options come from
-    :class:`~cofi_kernels.training.FinetuneConfig` and :class:`~cofi_kernels.training.PruneConfig`)."""
-    from .prune_loop import PruneConfig
-    from .training import FinetuneConfig
+    :class:`~cofi_kernels.training.finetune.FinetuneConfig` and :class:`~cofi_kernels.pruning.cofi.loop.PruneConfig`)."""
+    from .pruning.cofi.loop import PruneConfig
+    from .training.finetune import FinetuneConfig
 
     ft, pr = FinetuneConfig(), PruneConfig()
     parser = _Parser(
@@ -414,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # shard-writing bars would bury ours
-    from .data import DataError
-    from .training import RunError
+    from .training.data import DataError
+    from .training.trainer import RunError
 
     try:
         return args.func(args)

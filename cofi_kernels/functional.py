@@ -2,7 +2,7 @@
 
 Each function runs a registered ``cofi::`` op (C++ on the CPU, CUDA C++ or
 Triton on GPUs) or the PyTorch reference (``backend="reference"``); see
-:mod:`cofi_kernels.backends` for how the backend is chosen. Gradients flow to
+:mod:`cofi_kernels.ops.backends` for how the backend is chosen. Gradients flow to
 every tensor argument through the op's registered autograd formula.
 """
 
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import _checks, backends, reference
+from .ops import _checks, backends, reference
 from .ops import gated_attention as _gated_attention_op
 from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
@@ -35,7 +35,7 @@ def gelu_gate(
             ``backend="reference"`` only).
         bias: ``[N]``, dtype of ``x`` or float32.
         gate: ``[N]`` per-unit gate (z_int), dtype of ``x`` or float32; ``None`` = all ones.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (see :mod:`cofi_kernels.backends`).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (see :mod:`cofi_kernels.ops.backends`).
 
     Returns:
         ``[..., N]`` in the dtype of ``x``; arithmetic in float32. Differentiable

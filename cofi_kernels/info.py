@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import __version__, _extension, _triton_support, backends
+from . import __version__
+from .ops import _extension, backends
+from .ops.triton import support as _triton_support
 from .ops import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
 
 OP_SPECS = (gated_attention.SPEC, gated_ffn.SPEC, gelu_gate.SPEC, masked_layer_norm.SPEC)

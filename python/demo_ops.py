@@ -15,7 +15,8 @@ import time
 import torch
 
 import cofi_kernels
-from cofi_kernels import info, reference
+from cofi_kernels import info
+from cofi_kernels.ops import reference
 
 
 def median_ms(fns, repeats: int = 21) -> list[float]:

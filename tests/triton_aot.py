@@ -125,7 +125,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the launchers must pick their GPU configurations", file=sys.stderr)
         return 2
-    from cofi_kernels.triton_kernels import gated_attention
+    from cofi_kernels.ops.triton import gated_attention
 
     for line in check(gated_attention, gated_attention_launches()):
         print(line)

@@ -1,6 +1,6 @@
 """``cofi::gated_attention_fwd`` / ``_bwd``: flash-style attention with a per-head gate.
 
-Kernels: :mod:`cofi_kernels.triton_kernels.gated_attention`. The forward
+Kernels: :mod:`cofi_kernels.ops.triton.gated_attention`. The forward
 saves the log-sum-exp (no T×T matrix reaches global memory) and, when a
 backward will follow, the ungated output in float32. The gate gradient of
 head h is ``Σ ⟨dOut_h, O_h⟩`` over the ungated output, which cannot be
@@ -18,15 +18,15 @@ import math
 
 import torch
 
-from .. import _triton_support
-from ..backends import OpSpec
+from .triton import support as _triton_support
+from .backends import OpSpec
 
 SPEC = OpSpec("gated_attention", backends=("reference", "triton"), auto_order=("triton",))
 
 if _triton_support.INSTALLED:
     # Imported with the package, so the kernels are compiled or interpreted as
     # _triton_support.INTERPRET (read at the same moment) says.
-    from ..triton_kernels import gated_attention as _kernels
+    from .triton import gated_attention as _kernels
 else:  # pragma: no cover - torch builds without triton
     _kernels = None
 

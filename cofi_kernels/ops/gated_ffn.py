@@ -5,7 +5,7 @@ Backends:
 - ``triton``: ``cofi::gated_ffn`` / ``cofi::gated_ffn_backward``, Python
   ``torch.library.custom_op``s with fake kernels and registered autograd.
   The up-projection is a Triton GEMM with the bias + GELU + gate epilogue
-  (:mod:`cofi_kernels.triton_kernels.gated_ffn`); the down-projection is
+  (:mod:`cofi_kernels.ops.triton.gated_ffn`); the down-projection is
   ``torch.addmm`` (cuBLAS with its fused bias epilogue; a Triton GEMM would
   fuse nothing more). Backward: ``dh = dy w_out`` is a Triton GEMM whose
   epilogue forms ``d_pre``, recomputes ``h`` and writes per-program partial
@@ -28,8 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _triton_support
-from ..backends import OpSpec
+from .triton import support as _triton_support
+from .backends import OpSpec
 from . import gelu_gate as _gelu_gate_op
 
 SPEC = OpSpec(
@@ -42,7 +42,7 @@ SPEC = OpSpec(
 if _triton_support.INSTALLED:
     # Imported with the package so that the kernels are compiled or interpreted
     # as _triton_support.INTERPRET says (both read TRITON_INTERPRET now).
-    from ..triton_kernels import gated_ffn as _kernels
+    from .triton import gated_ffn as _kernels
 else:  # pragma: no cover - torch builds without triton
     _kernels = None
 

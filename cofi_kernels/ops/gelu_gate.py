@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
-from ..backends import OpSpec
+from . import _extension
+from .backends import OpSpec
 
 SPEC = OpSpec("gelu_gate", compiled=("gelu_gate", "gelu_gate_backward"))
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
-from ..backends import OpSpec
+from . import _extension
+from .backends import OpSpec
 
 SPEC = OpSpec("masked_layer_norm", compiled=("masked_layer_norm", "masked_layer_norm_backward"))
 

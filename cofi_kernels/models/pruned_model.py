@@ -1,0 +1,434 @@
+"""The compact model of a pruned encoder: :class:`PrunedModel` and its saved format.
+
+A :class:`PrunedModel` has per-layer head counts and FFN widths, one reduced
+hidden size, and removed sublayers; it is plain PyTorch (``F.linear``,
+``F.layer_norm``, ``F.scaled_dot_product_attention``), saves to
+``model.safetensors`` + ``cofi_config.json`` and loads back without the
+original model class and without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PrunedModel", "UnsupportedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+FORMAT = "cofi-pruned"
+FORMAT_VERSION = 1
+CONFIG_NAME = "cofi_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+_REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "model_type",
+    "task",
+    "hidden_size",
+    "head_dim",
+    "num_layers",
+    "layers",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+    "hidden_act",
+    "num_labels",
+    "original_hidden_size",
+    "original_num_heads",
+    "original_intermediate_size",
+    "original_size",
+)
+
+class UnsupportedModelError(TypeError, ValueError):
+    """The model is not a BERT/RoBERTa encoder (or its sequence-classification wrapper) that can be pruned."""
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _empty(*shape):
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg["hidden_size"]
+        self.word_embeddings = _empty(cfg["vocab_size"], d)
+        self.position_embeddings = _empty(cfg["max_position_embeddings"], d)
+        self.token_type_embeddings = _empty(cfg["type_vocab_size"], d)
+        self.ln_weight = _empty(d)
+        self.ln_bias = _empty(d)
+
+
+class _Attention(nn.Module):
+    def __init__(self, heads: int, head_dim: int, d: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        if heads:
+            self.qkv_weight = _empty(3 * heads * head_dim, d)
+            self.qkv_bias = _empty(3 * heads * head_dim)
+            self.out_weight = _empty(d, heads * head_dim)
+        self.out_bias = _empty(d)
+        self.ln_weight = _empty(d)
+        self.ln_bias = _empty(d)
+
+    def extra_repr(self):
+        return f"heads={self.heads}, head_dim={self.head_dim}"
+
+
+class _FFN(nn.Module):
+    def __init__(self, width: int, d: int):
+        super().__init__()
+        self.width = width
+        if width:
+            self.in_weight = _empty(width, d)
+            self.in_bias = _empty(width)
+            self.out_weight = _empty(d, width)
+        self.out_bias = _empty(d)
+        self.ln_weight = _empty(d)
+        self.ln_bias = _empty(d)
+
+    def extra_repr(self):
+        return f"width={self.width}"
+
+
+class _Layer(nn.Module):
+    def __init__(self, heads, width, head_dim, d):
+        super().__init__()
+        self.attention = None if heads is None else _Attention(heads, head_dim, d)
+        self.ffn = None if width is None else _FFN(width, d)
+
+
+class _Head(nn.Module):
+    # BERT pooler+classifier and RoBERTa's classification head compute the same thing.
+    def __init__(self, d: int, d_out: int, num_labels: int):
+        super().__init__()
+        self.dense_weight = _empty(d_out, d)
+        self.dense_bias = _empty(d_out)
+        self.out_weight = _empty(num_labels, d_out)
+        self.out_bias = _empty(num_labels)
+
+
+class PrunedModel(nn.Module):
+    """A CoFi-pruned BERT/RoBERTa encoder with per-layer head counts and FFN widths.
+
+    Built by :func:`prune` or :meth:`from_pretrained`; ``config`` is the dict
+    written to ``cofi_config.json`` (see :meth:`save_pretrained`). Parameters do
+    not require grad (an inference model); call ``requires_grad_()`` to fine-tune.
+
+    State (names in ``model.safetensors``):
+    ``embeddings.{word,position,token_type}_embeddings`` ``[*, d]``,
+    ``embeddings.ln_{weight,bias}`` ``[d]``; per layer ``i`` with attention:
+    ``layers.i.attention.qkv_weight`` ``[3·h_i·d_head, d]``, ``qkv_bias``,
+    ``out_weight`` ``[d, h_i·d_head]`` (absent when ``h_i = 0``), ``out_bias``,
+    ``ln_weight``, ``ln_bias`` ``[d]``; with an FFN: ``layers.i.ffn.in_weight``
+    ``[w_i, d]``, ``in_bias``, ``out_weight`` ``[d, w_i]`` (absent when ``w_i = 0``),
+    ``out_bias``, ``ln_weight``, ``ln_bias``; with a classification head:
+    ``head.dense_weight`` ``[D, d]``, ``head.dense_bias`` ``[D]``,
+    ``head.out_weight`` ``[num_labels, D]``, ``head.out_bias``; and
+    ``hidden_index`` (int64 ``[d]``): the original hidden dim of each kept dim.
+    ``d`` is the reduced hidden size, ``D`` the original one.
+    """
+
+    def __init__(self, config: Mapping):
+        super().__init__()
+        cfg = dict(config)
+        self.config = cfg
+        d = cfg["hidden_size"]
+        self.embeddings = _Embeddings(cfg)
+        self.layers = nn.ModuleList(
+            _Layer(spec["heads"], spec["ffn_width"], cfg["head_dim"], d) for spec in cfg["layers"]
+        )
+        if cfg["task"] == "sequence_classification":
+            self.head = _Head(d, cfg["original_hidden_size"], cfg["num_labels"])
+        else:
+            self.head = None
+        self.register_buffer("hidden_index", torch.zeros(d, dtype=torch.long))
+        self._act = _ACTIVATIONS[cfg["hidden_act"]]
+
+    # ------------------------------------------------------------------ forward
+
+    def _position_ids(self, input_ids):
+        pad = self.config["pad_token_id"]
+        if self.config["model_type"] == "roberta":
+            # As HF RoBERTa: padding tokens get pad_id, real tokens count up from pad_id + 1.
+            mask = input_ids.ne(pad).int()
+            return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
+        """Last hidden state ``[B, T, d]`` over the kept hidden dims (see :meth:`expand_hidden`).
+
+        ``input_ids``: ``[B, T]`` long; ``attention_mask``: ``[B, T]`` (1 = token,
+        0 = padding, None = all tokens); ``token_type_ids``: ``[B, T]`` or None (zeros).
+        Padding keys get ``finfo(dtype).min`` added to their scores, as HF does.
+        With ``output_hidden_states``, returns ``(last, per_layer)`` where
+        ``per_layer`` holds every layer's output ``[B, T, d]`` (a layer whose
+        sublayers are both removed passes its input through).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"PrunedModel: input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        cfg = self.config
+        emb = self.embeddings
+        d = cfg["hidden_size"]
+        eps = cfg["layer_norm_eps"]
+        B, T = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = F.embedding(input_ids, emb.word_embeddings) + F.embedding(token_type_ids, emb.token_type_embeddings)
+        x = x + F.embedding(self._position_ids(input_ids), emb.position_embeddings)
+        h = F.layer_norm(x, (d,), emb.ln_weight, emb.ln_bias, eps)
+        dtype = h.dtype
+        if attention_mask is None:
+            mask = None
+        else:
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(
+                    f"PrunedModel: attention_mask must have shape {[B, T]}, got {list(attention_mask.shape)}"
+                )
+            pad = ~attention_mask.bool()[:, None, None, :]
+            mask = torch.zeros(pad.shape, dtype=dtype, device=h.device).masked_fill(pad, torch.finfo(dtype).min)
+        dh = cfg["head_dim"]
+        scale = dh**-0.5
+        per_layer = []
+        for layer in self.layers:
+            att = layer.attention
+            if att is not None:
+                if att.heads:
+                    qkv = F.linear(h, att.qkv_weight, att.qkv_bias).view(B, T, 3, att.heads, dh)
+                    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+                    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                    o = F.linear(ctx.transpose(1, 2).reshape(B, T, att.heads * dh), att.out_weight, att.out_bias)
+                else:
+                    o = att.out_bias
+                h = F.layer_norm(h + o, (d,), att.ln_weight, att.ln_bias, eps)
+            ffn = layer.ffn
+            if ffn is not None:
+                if ffn.width:
+                    o = F.linear(self._act(F.linear(h, ffn.in_weight, ffn.in_bias)), ffn.out_weight, ffn.out_bias)
+                else:
+                    o = ffn.out_bias
+                h = F.layer_norm(h + o, (d,), ffn.ln_weight, ffn.ln_bias, eps)
+            if output_hidden_states:
+                per_layer.append(h)
+        return (h, per_layer) if output_hidden_states else h
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
+        """Logits ``[B, num_labels]`` when pruned from a ``*ForSequenceClassification``,
+        else the last hidden state ``[B, T, d]`` (arguments as :meth:`encode`).
+        With ``output_hidden_states``, returns ``(that, per_layer)`` as :meth:`encode` does."""
+        h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+        if self.head is None:
+            out = h
+        else:
+            hd = self.head
+            pooled = torch.tanh(F.linear(h[:, 0], hd.dense_weight, hd.dense_bias))
+            out = F.linear(pooled, hd.out_weight, hd.out_bias)
+        return (out, per_layer) if output_hidden_states else out
+
+    def layer_alive(self) -> list[bool]:
+        """Per layer: False where both its attention and its FFN sublayer were removed."""
+        return [l.attention is not None or l.ffn is not None for l in self.layers]
+
+    def expand_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Scatter ``[..., d]`` back to the original hidden size ``[..., D]`` (pruned dims 0)."""
+        out = h.new_zeros(*h.shape[:-1], self.config["original_hidden_size"])
+        out[..., self.hidden_index] = h
+        return out
+
+    # ------------------------------------------------------------------ shapes
+
+    def layer_shapes(self) -> list[dict]:
+        """Per layer: ``{"heads": int | None, "ffn_width": int | None, "hidden": d}``; None = sublayer removed."""
+        return [
+            {
+                "heads": None if l.attention is None else l.attention.heads,
+                "ffn_width": None if l.ffn is None else l.ffn.width,
+                "hidden": self.config["hidden_size"],
+            }
+            for l in self.layers
+        ]
+
+    def num_parameters(self) -> int:
+        """Total number of stored parameters (embeddings, encoder, LayerNorms, biases, head)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def encoder_size(self) -> int:
+        """The DESIGN §4 count: Σ over live sublayers of ``4·d_head·heads·d + 2·width·d``
+        (Q, K, V, O and W1, W2 weights only)."""
+        d, dh = self.config["hidden_size"], self.config["head_dim"]
+        total = 0
+        for l in self.layers:
+            if l.attention is not None:
+                total += 4 * dh * l.attention.heads * d
+            if l.ffn is not None:
+                total += 2 * l.ffn.width * d
+        return total
+
+    @property
+    def sparsity(self) -> float:
+        """Realised sparsity ``1 − encoder_size / M`` against the original model's count M."""
+        return 1.0 - self.encoder_size / self.config["original_size"]
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter counts: ``embeddings`` (tables + LayerNorm), ``encoder_counted``
+        (:attr:`encoder_size`), ``encoder_other`` (encoder biases and LayerNorms),
+        ``head`` (pooler/classifier) and ``total``."""
+        emb = sum(p.numel() for p in self.embeddings.parameters())
+        enc = sum(p.numel() for p in self.layers.parameters())
+        head = 0 if self.head is None else sum(p.numel() for p in self.head.parameters())
+        return {
+            "embeddings": emb,
+            "encoder_counted": self.encoder_size,
+            "encoder_other": enc - self.encoder_size,
+            "head": head,
+            "total": emb + enc + head,
+        }
+
+    def summary(self) -> str:
+        """A readable multi-line description: shapes per layer, sizes and sparsity."""
+        c = self.config
+        task = (
+            f"sequence classification ({c['num_labels']} labels)" if c["task"] == "sequence_classification" else "encoder"
+        )
+        lines = [
+            f"PrunedModel({c['model_type']}, {task}, hidden {c['hidden_size']}/{c['original_hidden_size']}, "
+            f"head_dim {c['head_dim']}, sparsity {100 * self.sparsity:.2f}%, "
+            f"encoder size {self.encoder_size:,} of {c['original_size']:,}, parameters {self.num_parameters():,})"
+        ]
+        H, I = c["original_num_heads"], c["original_intermediate_size"]
+        for i, s in enumerate(self.layer_shapes()):
+            att = "attention removed" if s["heads"] is None else f"heads {s['heads']}/{H}"
+            ffn = "FFN removed" if s["ffn_width"] is None else f"FFN {s['ffn_width']}/{I}"
+            lines.append(f"  layer {i}: {att}, {ffn}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        """Same as :meth:`summary`."""
+        return self.summary()
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` (every tensor above) and ``cofi_config.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "cofi_format": FORMAT})
+        cfg = dict(self.config)
+        cfg["encoder_size"] = self.encoder_size
+        cfg["dtype"] = str(self.embeddings.word_embeddings.dtype).replace("torch.", "")
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "PrunedModel":
+        """Load a model written by :meth:`save_pretrained` (safetensors only, no pickle).
+
+        Raises ``FileNotFoundError`` for a missing directory or file and
+        ``ValueError`` (naming the file) for a bad config or a weights file whose
+        tensors do not match the config (missing, unexpected or wrong shape).
+        """
+        from safetensors.torch import load_file
+
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"PrunedModel.from_pretrained: directory {directory!r} does not exist")
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        w_path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"PrunedModel.from_pretrained: config file {cfg_path!r} is missing")
+        if not os.path.isfile(w_path):
+            raise FileNotFoundError(f"PrunedModel.from_pretrained: weights file {w_path!r} is missing")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        _validate_config(cfg, cfg_path)
+        try:
+            tensors = load_file(w_path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types for a corrupt file
+            raise ValueError(f"{w_path}: cannot be read as safetensors ({e})") from None
+        model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing:
+            raise ValueError(f"{w_path}: tensor(s) required by {CONFIG_NAME} are missing: {missing}")
+        if unexpected:
+            raise ValueError(f"{w_path}: unexpected tensor(s) not described by {CONFIG_NAME}: {unexpected}")
+        for k, shape in expected.items():
+            if tuple(tensors[k].shape) != shape:
+                raise ValueError(
+                    f"{w_path}: tensor {k!r} has the wrong shape for {CONFIG_NAME}: "
+                    f"expected {list(shape)}, got {list(tensors[k].shape)}"
+                )
+        if tensors["hidden_index"].dtype != torch.long:
+            raise ValueError(f"{w_path}: tensor 'hidden_index' must be int64, got {tensors['hidden_index'].dtype}")
+        model.load_state_dict(tensors, strict=True, assign=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.to(device).eval()
+
+
+def _validate_config(cfg, path):
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: config is missing key(s) {missing}")
+    if cfg["format"] != FORMAT:
+        raise ValueError(f"{path}: 'format' is {cfg['format']!r}, expected {FORMAT!r}")
+    if cfg["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: unsupported format_version {cfg['format_version']!r} (this version reads {FORMAT_VERSION})"
+        )
+    if cfg["model_type"] not in ("bert", "roberta"):
+        raise ValueError(f"{path}: model_type {cfg['model_type']!r} is not 'bert' or 'roberta'")
+    if cfg["task"] not in ("base", "sequence_classification"):
+        raise ValueError(f"{path}: task {cfg['task']!r} is not 'base' or 'sequence_classification'")
+    if cfg["hidden_act"] not in _ACTIVATIONS:
+        raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r} is not one of {sorted(_ACTIVATIONS)}")
+    for k in ("hidden_size", "head_dim", "vocab_size", "max_position_embeddings", "type_vocab_size",
+              "original_hidden_size", "original_num_heads", "original_intermediate_size", "original_size"):
+        v = cfg[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{path}: {k!r} must be a positive integer, got {v!r}")
+    if cfg["task"] == "sequence_classification":
+        n = cfg["num_labels"]
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"{path}: 'num_labels' must be a positive integer, got {n!r}")
+    layers = cfg["layers"]
+    if not isinstance(layers, list) or len(layers) != cfg["num_layers"]:
+        raise ValueError(f"{path}: 'layers' must be a list of num_layers={cfg['num_layers']!r} entries")
+    for i, spec in enumerate(layers):
+        if not isinstance(spec, dict) or "heads" not in spec or "ffn_width" not in spec:
+            raise ValueError(f"{path}: layers[{i}] must be an object with 'heads' and 'ffn_width', got {spec!r}")
+        for k in ("heads", "ffn_width"):
+            v = spec[k]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{path}: layers[{i}].{k} must be null or an integer >= 0, got {v!r}")
+    if not isinstance(cfg["layer_norm_eps"], (int, float)) or not cfg["layer_norm_eps"] > 0:
+        raise ValueError(f"{path}: 'layer_norm_eps' must be a positive number, got {cfg['layer_norm_eps']!r}")
+    if not isinstance(cfg["pad_token_id"], int):
+        raise ValueError(f"{path}: 'pad_token_id' must be an integer, got {cfg['pad_token_id']!r}")

@@ -1,0 +1,650 @@
+"""The CoFi loop (DESIGN §4): learn the gates, prune, fine-tune the compact model.
+
+:func:`cofi_prune` runs four phases on one global step counter:
+
+1. **distill**: the student (a copy of the teacher, or a given model) learns
+   from the teacher with every gate 1;
+2. **prune**: gates sampled every step; loss = α_pred·KL·T² + α_layer·L_layer
+   + the Lagrangian λ1(ŝ−t) + λ2(ŝ−t)²; the target t grows linearly from 0;
+   the model and log α minimise, λ1, λ2 maximise; evaluation every N steps
+   keeps the best state whose expected sparsity is within ε of the target;
+3. :func:`~cofi_kernels.pruning.cofi.fold.prune` of that state, then
+4. **finetune** of the compact model, distillation still on.
+
+Runs are resumable and deterministic as described in :mod:`cofi_kernels.training.trainer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...training.distill import LayerDistiller, prediction_loss, task_loss
+from ...training.evaluation import autocast, evaluate, model_outputs
+from ...training.model_io import TASK_FILE, load_classifier, load_tokenizer, read_task, write_task
+from ...training.optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
+from ...training.trainer import (
+    RunDirectory,
+    RunError,
+    RunResult,
+    batch_at,
+    better,
+    check_common,
+    clone_state,
+    data_digest,
+    model_digest,
+    progress_bar,
+    seed_step,
+)
+
+GATES_FILE = "gates.safetensors"
+
+
+@dataclass
+class PruneConfig:
+    """Settings of :func:`cofi_prune`.
+
+    Attributes:
+        target_sparsity: final target t in (0, 1) of the expected sparsity ŝ.
+        distill_epochs: distillation before any gate is sampled.
+        prune_epochs: the gate-learning phase.
+        sparsity_warmup_epochs: the target grows linearly from 0 to t over
+            this part of the prune phase.
+        finetune_epochs: fine-tuning of the compact model after pruning.
+        batch_size: examples per step.
+        lr: AdamW learning rate of the model (distill and prune phases).
+        reg_lr: AdamW learning rate of log α (no weight decay).
+        lambda_lr: learning rate of the gradient ascent on λ1, λ2 (AdamW on the negated gradients).
+        finetune_lr: peak learning rate of the compact model's fine-tuning
+            (linear warm-up over 10%, then linear decay).
+        weight_decay: AdamW weight decay of the model (not biases, LayerNorms).
+        temperature: T of the prediction distillation.
+        alpha_pred, alpha_layer: weights of the prediction and layer distillation.
+        teacher_layers: teacher layers matched by the layer distillation
+            (default: every third layer of a 12-layer model, scaled).
+        epsilon: a state is eligible as "best" when ``|ŝ − t| ≤ epsilon``.
+        eval_every: evaluate every this many steps (0: twice per epoch) in the
+            prune and finetune phases, and at the end of each; in the prune
+            phase only states within ``epsilon`` of the target are evaluated
+            (the others cannot be chosen).
+        checkpoint_every: write a checkpoint every this many steps.
+        freeze_embeddings: do not train the embedding tables (default, as CoFi).
+        learn: gate types to learn (subset of ``head, mha, int, ffn, hidden``).
+        droprate_init: initial drop probability of the FFN-unit gates.
+        teacher_cache_mb: the teacher is frozen and deterministic, so its logits
+            and matched hidden states for the training set are computed once and
+            kept in memory when they fit in this many MiB (0: run the teacher
+            every step).
+        max_length, seed, device, bf16: as in :class:`~cofi_kernels.training.finetune.FinetuneConfig`.
+    """
+
+    target_sparsity: float = 0.9
+    distill_epochs: float = 0.5
+    prune_epochs: float = 5.0
+    sparsity_warmup_epochs: float = 2.0
+    finetune_epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    reg_lr: float = 0.1
+    lambda_lr: float = 0.5
+    finetune_lr: float = 1e-4
+    weight_decay: float = 0.0
+    temperature: float = 2.0
+    alpha_pred: float = 1.0
+    alpha_layer: float = 1.0
+    teacher_layers: list[int] | None = None
+    epsilon: float = 0.02
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    freeze_embeddings: bool = True
+    learn: tuple[str, ...] = ("head", "mha", "int", "ffn", "hidden")
+    droprate_init: float = 0.5
+    max_length: int = 128
+    teacher_cache_mb: int = 4096
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+
+
+def _check_prune_config(cfg: PruneConfig) -> None:
+    check_common(cfg, "prune")
+    t = cfg.target_sparsity
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t < 1.0:
+        raise RunError(f"prune: target sparsity must be in (0, 1) (e.g. 0.9 for 90%), got {t!r}")
+    for name in ("distill_epochs", "sparsity_warmup_epochs", "finetune_epochs"):
+        if not getattr(cfg, name) >= 0:
+            raise RunError(f"prune: {name} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.prune_epochs > 0:
+        raise RunError(f"prune: prune_epochs must be > 0, got {cfg.prune_epochs}")
+    if cfg.sparsity_warmup_epochs > cfg.prune_epochs:
+        raise RunError(
+            f"prune: sparsity_warmup_epochs ({cfg.sparsity_warmup_epochs}) must not exceed prune_epochs "
+            f"({cfg.prune_epochs})"
+        )
+    for name in ("lr", "reg_lr", "lambda_lr", "finetune_lr", "temperature"):
+        if not getattr(cfg, name) > 0:
+            raise RunError(f"prune: {name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.alpha_pred < 0 or cfg.alpha_layer < 0:
+        raise RunError("prune: alpha_pred and alpha_layer must be >= 0")
+    if not 0 < cfg.epsilon < 1:
+        raise RunError(f"prune: epsilon must be in (0, 1), got {cfg.epsilon}")
+
+
+class _PrunePlan:
+    """Step boundaries of the phases (global step counter)."""
+
+    def __init__(self, cfg: PruneConfig, n: int):
+        spe = steps_per_epoch(n, cfg.batch_size)
+        self.spe = spe
+        self.distill_end = math.ceil(cfg.distill_epochs * spe)
+        self.prune_steps = max(1, math.ceil(cfg.prune_epochs * spe))
+        self.warmup = math.ceil(cfg.sparsity_warmup_epochs * spe)
+        self.prune_end = self.distill_end + self.prune_steps
+        self.total = self.prune_end + math.ceil(cfg.finetune_epochs * spe)
+        self.eval_every = cfg.eval_every or max(1, spe // 2)
+
+    def phase(self, step: int) -> str:
+        if step < self.distill_end:
+            return "distill"
+        return "prune" if step < self.prune_end else "finetune"
+
+    def target(self, step: int, final: float) -> float:
+        k = step - self.distill_end + 1
+        return final if self.warmup == 0 else final * min(1.0, k / self.warmup)
+
+    def eval_due(self, step: int) -> bool:
+        # step = number of steps done so far.
+        if step <= self.distill_end:
+            return False
+        if step == self.prune_end or step == self.total:
+            return True
+        start = self.distill_end if step <= self.prune_end else self.prune_end
+        return (step - start) % self.eval_every == 0
+
+
+def cofi_prune(
+    teacher_dir: str,
+    train: TextDataset,
+    eval_data: TextDataset,
+    out: str,
+    config: PruneConfig | None = None,
+    *,
+    student_dir: str | None = None,
+    distill: bool = True,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """CoFi-prune the fine-tuned model in ``teacher_dir`` to ``config.target_sparsity``.
+
+    Args:
+        teacher_dir: a directory written by :func:`finetune` (or any BERT/RoBERTa
+            classifier with a ``cofi_task.json``).
+        train, eval_data: training data, and the data the best state is chosen on.
+        out: the run directory; at the end it holds the pruned model
+            (:class:`~cofi_kernels.models.pruned_model.PrunedModel` files, tokenizer,
+            ``cofi_task.json``), the learned gates (``gates.safetensors``),
+            ``log.jsonl`` and ``run.json``.
+        config: :class:`PruneConfig`.
+        student_dir: start the student from this pre-trained model instead of a
+            copy of the teacher (same hidden size).
+        distill: False trains the student with plain cross-entropy (MSE for
+            regression) and no teacher.
+        resume: continue the unfinished run in ``out`` from its checkpoint.
+        progress: show a progress bar (loss, expected sparsity ŝ, target, λ).
+
+    Raises:
+        DataError, RunError: as :func:`finetune`; also a target sparsity outside (0, 1).
+    """
+    from ...models.pruned_model import PrunedModel
+
+    cfg = config or PruneConfig()
+    _check_prune_config(cfg)
+    task = read_task(teacher_dir)
+    labels: LabelSpace = task["label_space"]
+    tokenizer = load_tokenizer(teacher_dir)
+    train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
+    eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
+    fingerprint = {
+        "config": dataclasses.asdict(cfg),
+        "teacher": model_digest(teacher_dir),
+        "student": None if student_dir is None else model_digest(student_dir),
+        "distill": bool(distill),
+        "train": data_digest(train),
+        "eval": data_digest(eval_data),
+    }
+    fingerprint["config"]["learn"] = list(cfg.learn)
+    run = RunDirectory(out, fingerprint, resume, "prune")
+    device = torch.device(cfg.device)
+    teacher, student, gates, distiller = _build_models(cfg, teacher_dir, student_dir, distill, labels, device)
+
+    n = len(train_enc)
+    plan = _PrunePlan(cfg, n)
+    loop = _PruneLoop(cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device)
+    run.start()
+    if run.resumed is not None:
+        loop.restore(run.resumed, PrunedModel)
+        run.log({"event": "resume", "step": loop.step})
+    else:
+        loop.save_checkpoint()  # a run killed before its first interval still resumes
+    if loop.step < plan.total:
+        loop.build_teacher_cache()
+    loop.train(progress)
+
+    pruned = loop.pruned
+    pruned.requires_grad_(False)
+    pruned.save_pretrained(run.out)
+    tokenizer.save_pretrained(run.out)
+    write_task(run.out, labels, cfg.max_length, "pruned")
+    _save_gates(os.path.join(run.out, GATES_FILE), loop.selected_gates)
+    summary = {
+        "kind": "prune",
+        "selected": loop.selected,
+        "best": loop.best_ft,
+        "sparsity": pruned.sparsity,
+        "parameters": pruned.num_parameters(),
+        "layer_shapes": pruned.layer_shapes(),
+        "steps": plan.total,
+        "seconds": loop.seconds,
+        "config": fingerprint["config"],
+    }
+    run.finish(summary)
+    return RunResult(run.out, loop.best_ft, plan.total, loop.seconds, {"sparsity": pruned.sparsity})
+
+
+def _build_models(cfg: PruneConfig, teacher_dir, student_dir, distill: bool, labels: LabelSpace, device):
+    """``(teacher or None, gated student, its gates, LayerDistiller or None)`` on ``device``."""
+    from .patch import apply_cofi
+
+    teacher = load_classifier(teacher_dir).to(device).eval() if distill else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+        if teacher.config.num_labels != labels.num_labels:
+            raise RunError(
+                f"teacher {teacher_dir!r}: its head has {teacher.config.num_labels} output(s) but its "
+                f"{TASK_FILE} lists {labels.num_labels}"
+            )
+    torch.manual_seed(cfg.seed)  # a new classification head, when the student brings none
+    if student_dir is not None:
+        student = load_classifier(student_dir, labels)
+    elif teacher is not None:
+        student = copy.deepcopy(teacher)
+    else:
+        student = load_classifier(teacher_dir)
+    student.to(device).requires_grad_(True)
+    if cfg.freeze_embeddings:
+        freeze_embeddings(student)
+    if teacher is not None and student.config.hidden_size != teacher.config.hidden_size:
+        raise RunError(
+            f"the student's hidden size {student.config.hidden_size} differs from the teacher's "
+            f"{teacher.config.hidden_size}; give a student of the same width"
+        )
+    gates = apply_cofi(student, learn=cfg.learn, droprate_init=cfg.droprate_init)
+    distiller = None
+    if teacher is not None and cfg.alpha_layer > 0:
+        distiller = LayerDistiller(
+            teacher.config.hidden_size, teacher.config.num_hidden_layers, cfg.teacher_layers
+        ).to(device)
+    return teacher, student, gates, distiller
+
+
+def _save_gates(path: str, selected: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for t, v in selected["log_alpha"].items():
+        tensors[f"log_alpha.{t}"] = v.contiguous()
+    for t, v in selected["z"].items():
+        if v is not None:
+            tensors[f"z.{t}"] = v.contiguous()
+    save_file(tensors, path)
+
+
+class _TeacherCache:
+    """The teacher's logits and matched layer outputs for every training example.
+
+    Computed once, in index order with a fixed batch size, so a resumed run
+    recomputes exactly the same values; padding positions are not stored.
+    """
+
+    def __init__(self, teacher, enc: Encoded, layers: list[int], batch_size: int, device, bf16: bool):
+        self.layers = layers
+        self.logits: list[torch.Tensor] = []
+        self.hidden: list[dict[int, torch.Tensor]] = []
+        with torch.no_grad(), autocast(device, bf16):
+            for index in enc.in_order(batch_size):
+                b = enc.batch(index, device)
+                out = model_outputs(teacher, b, output_hidden_states=bool(layers))
+                logits, hidden = out if layers else (out, None)
+                for r, i in enumerate(index):
+                    n = len(enc.input_ids[i])
+                    self.logits.append(logits[r].float().cpu())
+                    self.hidden.append({t: hidden[t][r, :n].float().cpu() for t in layers} if layers else {})
+
+    @staticmethod
+    def size_mb(enc: Encoded, num_layers: int, hidden_size: int) -> float:
+        """Memory the cache of ``num_layers`` matched layers would take."""
+        tokens = sum(len(ids) for ids in enc.input_ids)
+        return tokens * num_layers * hidden_size * 4 / 2**20
+
+    def batch(self, index: list[int], seq_len: int, device):
+        """``(logits [B, C], {layer: [B, T, D]})`` for the examples ``index`` padded to ``seq_len``."""
+        logits = torch.stack([self.logits[i] for i in index]).to(device)
+        hidden = {}
+        for t in self.layers:
+            rows = [self.hidden[i][t] for i in index]
+            h = rows[0].new_zeros(len(index), seq_len, rows[0].shape[-1])
+            for r, x in enumerate(rows):
+                h[r, : x.shape[0]] = x
+            hidden[t] = h.to(device)
+        return logits, hidden
+
+
+class _PruneLoop:
+    """State and steps of one :func:`cofi_prune` run."""
+
+    def __init__(self, cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device):
+        self.cfg, self.plan, self.run = cfg, plan, run
+        self.student, self.teacher, self.gates, self.distiller = student, teacher, gates, distiller
+        self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
+        self.pruned = None
+        self.step = 0
+        self.best = None  # best eligible evaluation in the prune phase
+        self.best_state = None  # {"student": ..., "gates": ..., "distiller": ...}
+        self.best_ft = None  # best evaluation of the compact model
+        self.best_ft_state = None
+        self.selected = None
+        self.selected_gates = None
+        self.seconds = 0.0
+        self.cache = None
+        self._make_optimizers()
+
+    def build_teacher_cache(self) -> None:
+        """Run the teacher over the training set once when its outputs fit in ``teacher_cache_mb``."""
+        if self.teacher is None or self.cfg.teacher_cache_mb <= 0:
+            return
+        layers = [] if self.distiller is None else self.distiller.teacher_layers
+        size = _TeacherCache.size_mb(self.train_enc, len(layers), self.teacher.config.hidden_size)
+        if size <= self.cfg.teacher_cache_mb:
+            self.cache = _TeacherCache(self.teacher, self.train_enc, layers, 64, self.device, self.cfg.bf16)
+            self.run.log({"event": "teacher_cache", "examples": len(self.train_enc), "megabytes": round(size, 1)})
+
+    # -- optimisers --------------------------------------------------------
+
+    def _model_groups(self, model):
+        """AdamW groups of ``model`` plus the layer distiller's map ``W`` (no weight decay)."""
+        groups = decay_groups(model, self.cfg.weight_decay)
+        if self.distiller is not None:
+            groups.append({"params": list(self.distiller.parameters()), "weight_decay": 0.0})
+        return groups
+
+    def _make_optimizers(self):
+        cfg = self.cfg
+        self.opt_model = torch.optim.AdamW(self._model_groups(self.student), lr=cfg.lr)
+        self.opt_gates = torch.optim.AdamW(list(self.gates.log_alpha.values()), lr=cfg.reg_lr, weight_decay=0.0)
+        self.opt_lambda = torch.optim.AdamW([self.gates.lambda_1, self.gates.lambda_2], lr=cfg.lambda_lr,
+                                            weight_decay=0.0)
+
+    def _make_finetune_optimizer(self):
+        self.opt_model = torch.optim.AdamW(self._model_groups(self.pruned), lr=self.cfg.finetune_lr)
+        self.opt_gates = self.opt_lambda = None
+
+    # -- checkpoint --------------------------------------------------------
+
+    def state(self) -> dict:
+        st = {
+            "step": self.step,
+            "seconds": self.seconds,
+            "best": self.best,
+            "best_state": self.best_state,
+            "best_ft": self.best_ft,
+            "best_ft_state": self.best_ft_state,
+            "selected": self.selected,
+            "selected_gates": self.selected_gates,
+            "distiller": None if self.distiller is None else self.distiller.state_dict(),
+            "opt_model": self.opt_model.state_dict(),
+        }
+        if self.pruned is None:
+            st.update(student=self.student.state_dict(), gates=self.gates.state_dict(),
+                      opt_gates=self.opt_gates.state_dict(), opt_lambda=self.opt_lambda.state_dict())
+        else:
+            st.update(pruned_config=self.pruned.config, pruned=self.pruned.state_dict())
+        return st
+
+    def restore(self, st: dict, pruned_cls) -> None:
+        self.step, self.seconds = st["step"], st["seconds"]
+        self.best, self.best_state = st["best"], st["best_state"]
+        self.best_ft, self.best_ft_state = st["best_ft"], st["best_ft_state"]
+        self.selected, self.selected_gates = st["selected"], st["selected_gates"]
+        if self.distiller is not None:
+            self.distiller.load_state_dict(st["distiller"])
+        if "pruned" in st:
+            self._become_pruned(pruned_cls(st["pruned_config"]))
+            self.pruned.load_state_dict(st["pruned"])
+        else:
+            self.student.load_state_dict(st["student"])
+            self.gates.load_state_dict(st["gates"])
+            self.opt_gates.load_state_dict(st["opt_gates"])
+            self.opt_lambda.load_state_dict(st["opt_lambda"])
+        self.opt_model.load_state_dict(st["opt_model"])
+
+    def save_checkpoint(self) -> None:
+        self.run.save_checkpoint(self.state())
+
+    # -- phases ------------------------------------------------------------
+
+    def run_steps(self, bar) -> None:
+        plan = self.plan
+        t0 = time.perf_counter() - self.seconds
+        while self.step < plan.total:
+            if self.step == plan.prune_end and self.pruned is None:
+                self._to_compact()
+                self.seconds = time.perf_counter() - t0
+                self.save_checkpoint()
+            phase = plan.phase(self.step)
+            rec = self._train_step(phase)
+            self.step += 1
+            self.seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(phase, rec), refresh=False)
+            self.run.log({"event": "step", "phase": phase, "step": self.step, **rec, "seconds": round(self.seconds, 3)})
+            if plan.eval_due(self.step):
+                self._evaluate(phase, bar)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == plan.total:
+                if not (self.step == plan.prune_end and self.pruned is None):
+                    self.save_checkpoint()
+        if self.pruned is None:  # no finetune phase
+            self._to_compact()
+        if self.best_ft_state is not None:
+            self.pruned.load_state_dict(self.best_ft_state)
+
+    def train(self, progress: bool) -> None:
+        bar = progress_bar(self.plan.total, self.step, "cofi prune", progress)
+        try:
+            self.run_steps(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _train_step(self, phase: str) -> dict:
+        cfg, plan = self.cfg, self.plan
+        seed_step(cfg.seed, self.step)
+        index = batch_at(self.step, len(self.train_enc), cfg.batch_size, cfg.seed)
+        b = self.train_enc.batch(index, self.device)
+        model = self.pruned if phase == "finetune" else self.student
+        if phase == "finetune":
+            total_ft = plan.total - plan.prune_end
+            k = self.step - plan.prune_end
+            set_lr(self.opt_model, cfg.finetune_lr * linear_schedule(k, total_ft, int(0.1 * total_ft)))
+        rec: dict = {}
+        z = None
+        if phase == "prune":
+            z = self.gates.sample()
+            self.gates.fix(z)
+        elif phase == "distill":
+            self.gates.fix({})
+        model.train()
+        try:
+            with autocast(self.device, cfg.bf16):
+                loss = self._loss(model, b, index, z, rec)
+                if phase == "prune":
+                    target = plan.target(self.step, cfg.target_sparsity)
+                    lag = self.gates.lagrangian(target)
+                    loss = loss + lag
+                    rec.update(lagrangian=lag.item(), target=target)
+            loss.backward()
+        finally:
+            if self.pruned is None:
+                self.gates.unfix()
+        self.opt_model.step()
+        self.opt_model.zero_grad(set_to_none=True)
+        if phase == "prune":
+            for lam in (self.gates.lambda_1, self.gates.lambda_2):
+                if lam.grad is not None:
+                    lam.grad.neg_()  # gradient ascent on λ
+            self.opt_gates.step()
+            self.opt_lambda.step()
+            self.gates.clamp_()
+            self.opt_gates.zero_grad(set_to_none=True)
+            self.opt_lambda.zero_grad(set_to_none=True)
+        if self.pruned is None:
+            with torch.no_grad():
+                rec["expected_sparsity"] = float(self.gates.expected_sparsity())
+            rec["lambda_1"] = self.gates.lambda_1.item()
+            rec["lambda_2"] = self.gates.lambda_2.item()
+        rec["loss"] = loss.item()
+        return rec
+
+    def _loss(self, model, b, index, z, rec: dict) -> torch.Tensor:
+        cfg = self.cfg
+        if self.teacher is None:
+            loss = task_loss(model_outputs(model, b), b["labels"])
+            rec["task"] = loss.item()
+            return loss
+        need_layers = self.distiller is not None
+        if self.cache is not None:
+            t_logits, t_hidden = self.cache.batch(index, b["input_ids"].shape[1], self.device)
+        else:
+            with torch.no_grad():
+                t_out = model_outputs(self.teacher, b, output_hidden_states=need_layers)
+            t_logits, t_hidden = t_out if need_layers else (t_out, None)
+        s_out = model_outputs(model, b, output_hidden_states=need_layers)
+        s_logits, s_hidden = s_out if need_layers else (s_out, None)
+        loss = cfg.alpha_pred * prediction_loss(s_logits, t_logits, cfg.temperature)
+        rec["distill_pred"] = loss.item()
+        if need_layers:
+            if self.pruned is not None:
+                alive, hidden_index = self.pruned.layer_alive(), self.pruned.hidden_index
+            else:
+                alive, hidden_index = _alive_layers(z, self.gates.num_layers), None
+            layer, match = self.distiller(s_hidden, t_hidden, b["attention_mask"], alive, hidden_index)
+            loss = loss + cfg.alpha_layer * layer
+            rec["distill_layer"] = layer.item()
+            rec["match"] = match
+        return loss
+
+    def _evaluate(self, phase: str, bar) -> None:
+        rec = self._evaluate_gated() if self.pruned is None else self._evaluate_compact()
+        self.run.log({"event": "eval", "phase": phase, "step": self.step, **rec})
+        if bar is not None and "metric" in rec:
+            extra = f", expected sparsity {rec['expected_sparsity']:.4f}" if "expected_sparsity" in rec else ""
+            bar.write(f"step {self.step} ({phase}): eval {rec['metric']} {rec[rec['metric']]:.4f}, "
+                      f"realised sparsity {rec['realised_sparsity']:.4f}{extra}")
+
+    def _evaluate_gated(self) -> dict:
+        """Evaluate the gated student under its deterministic gates. Only a state whose
+        expected sparsity is within ε of the target can be chosen, so the others are
+        not evaluated (except at the end of the phase, for the record)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            s_hat = float(self.gates.expected_sparsity())
+        eligible = abs(s_hat - cfg.target_sparsity) <= cfg.epsilon
+        if not eligible and self.step != self.plan.prune_end:
+            return {"expected_sparsity": s_hat, "eligible": False, "skipped": True}
+        m = evaluate(self.student, self.eval_enc, self.labels, device=self.device, bf16=cfg.bf16)
+        with torch.no_grad():
+            realised = self.gates.realised_sparsity(self.gates.deterministic())
+        if eligible and better(m, self.best):
+            self.best = {**m, "step": self.step, "expected_sparsity": s_hat, "realised_sparsity": realised}
+            self.best_state = {
+                "student": clone_state(self.student),
+                "gates": clone_state(self.gates),
+                "distiller": None if self.distiller is None else clone_state(self.distiller),
+            }
+        return {**m, "expected_sparsity": s_hat, "realised_sparsity": realised, "eligible": eligible}
+
+    def _evaluate_compact(self) -> dict:
+        m = evaluate(self.pruned, self.eval_enc, self.labels, device=self.device, bf16=self.cfg.bf16)
+        if better(m, self.best_ft):
+            self.best_ft = {**m, "step": self.step}
+            self.best_ft_state = clone_state(self.pruned)
+        return {**m, "realised_sparsity": self.pruned.sparsity}
+
+    def _to_compact(self) -> None:
+        """Pick the best eligible prune-phase state (else the last one) and prune it."""
+        from .fold import prune
+
+        if self.best_state is not None:
+            self.student.load_state_dict(self.best_state["student"])
+            self.gates.load_state_dict(self.best_state["gates"])
+            if self.distiller is not None and self.best_state["distiller"] is not None:
+                self.distiller.load_state_dict(self.best_state["distiller"])
+            self.selected = {**self.best, "fallback": False}
+        else:
+            with torch.no_grad():
+                s_hat = float(self.gates.expected_sparsity())
+            self.selected = {"step": self.step, "expected_sparsity": s_hat, "fallback": True}
+            self.run.log({"event": "warning", "step": self.step,
+                          "message": f"no evaluation had expected sparsity within {self.cfg.epsilon} of the target "
+                                     f"{self.cfg.target_sparsity}; pruning the last state (expected sparsity {s_hat:.4f})"})
+        with torch.no_grad():
+            z = self.gates.deterministic()
+        self.selected["realised_sparsity"] = self.gates.realised_sparsity(z)
+        self.selected_gates = {
+            "log_alpha": {t: v.detach().clone().cpu() for t, v in self.gates.log_alpha.items()},
+            "z": {t: (None if v is None else v.detach().clone().cpu()) for t, v in z.items()},
+        }
+        self.student.eval()
+        pruned = prune(self.student, self.gates, z)
+        self.run.log({"event": "pruned", "step": self.step, **self.selected, "layer_shapes": pruned.layer_shapes()})
+        self._become_pruned(pruned)
+        self.best_state = None  # no longer needed; keeps checkpoints small
+
+    def _become_pruned(self, pruned) -> None:
+        self.pruned = pruned.to(self.device)
+        self.pruned.requires_grad_(True)
+        if self.cfg.freeze_embeddings:
+            freeze_embeddings(self.pruned)
+        self.student = self.gates = None
+        self._make_finetune_optimizer()
+
+
+def _alive_layers(z, num_layers: int) -> list[bool]:
+    if z is None:
+        return [True] * num_layers
+    mha, ffn = z.get("mha"), z.get("ffn")
+    alive = []
+    for i in range(num_layers):
+        a = mha is None or bool(mha[i] != 0)
+        f = ffn is None or bool(ffn[i] != 0)
+        alive.append(a or f)
+    return alive
+
+
+def _postfix(phase: str, rec: dict) -> dict:
+    out = {"phase": phase, "loss": f"{rec['loss']:.4f}"}
+    if "expected_sparsity" in rec:
+        out["ŝ"] = f"{rec['expected_sparsity']:.3f}"
+    if "target" in rec:
+        out["t"] = f"{rec['target']:.3f}"
+    if "lambda_1" in rec and phase == "prune":
+        out["λ1"] = f"{rec['lambda_1']:.3f}"
+        out["λ2"] = f"{rec['lambda_2']:.3f}"
+    return out

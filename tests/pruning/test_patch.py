@@ -1,0 +1,407 @@
+"""apply_cofi on Hugging Face BERT / RoBERTa models: equivalence, CoFi semantics, live-only gradients, API."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cofi_kernels.pruning.cofi.patch import (
+    apply_cofi,
+    cofi_gates,
+    is_cofi_patched,
+    remove_cofi,
+    set_live_only,
+)
+from cofi_kernels.pruning.cofi.gates import CoFiGates
+
+from tests.cofi_model_ref import (
+    cofi_reference_forward,
+    cofi_reference_logits,
+    encoder_of,
+    minilm_model,
+    padded_batch,
+    random_gates,
+    small_model,
+)
+
+IMPLS = ("eager", "sdpa")
+
+
+def _seed() -> int:
+    # Inputs and gates follow the per-test torch seed printed by conftest.
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def _small(kind, classifier, impl, **kw):
+    model = small_model(kind, classifier, seed=_seed(), **kw)
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (b is the expected value)."""
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _main_output(out, classifier):
+    return out.logits if classifier else out.last_hidden_state
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+# ----------------------------------------------------------- all gates 1 == HF
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("how", ["fix_ones", "deterministic_large_log_alpha"])
+def test_minilm_all_gates_one_matches_hf(impl, how):
+    model = minilm_model()
+    model.set_attn_implementation(impl)
+    hf = copy.deepcopy(model)
+    gates = apply_cofi(model)
+    if how == "fix_ones":
+        gates.fix(gates.ones())
+    else:
+        with torch.no_grad():
+            for p in gates.log_alpha.values():
+                p.fill_(100.0)  # soft value sigmoid(100/β·0.8) rounds to exactly 1 in fp32
+    ids, mask, types = padded_batch(model, batch=4, seq=19, seed=_seed())
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        got = model(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    assert _max_rel(got.last_hidden_state, want.last_hidden_state) <= 1e-5
+    assert _max_rel(got.pooler_output, want.pooler_output) <= 1e-5
+    assert len(got.hidden_states) == len(want.hidden_states) == model.config.num_hidden_layers + 1
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        assert _max_rel(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("classifier", [False, True], ids=["base", "seqcls"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_small_all_gates_one_matches_hf(kind, classifier, impl):
+    model = _small(kind, classifier, impl)
+    hf = copy.deepcopy(model)
+    gates = apply_cofi(model)
+    gates.fix(gates.ones())
+    ids, mask, types = padded_batch(model, batch=3, seq=13, seed=_seed())
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=types)
+        got = model(ids, attention_mask=mask, token_type_ids=types)
+        # no attention_mask at all (sdpa then gets no mask from HF)
+        want_nomask = hf(ids, token_type_ids=types)
+        got_nomask = model(ids, token_type_ids=types)
+    assert _max_rel(_main_output(got, classifier), _main_output(want, classifier)) <= 1e-5
+    assert _max_rel(_main_output(got_nomask, classifier), _main_output(want_nomask, classifier)) <= 1e-5
+
+
+# ------------------------------------------------- random gates == independent reference
+
+
+def _hard_gates(cfg, seed):
+    """Random soft gates with exact zeros, plus every special case of DESIGN §4 in 4 layers."""
+    z = random_gates(cfg, seed=seed, p_zero=0.3, soft=True)
+    z["mha"] = torch.tensor([0.7, 0.9, 0.0, 1.0])  # layer 2: dead attention sublayer
+    z["ffn"] = torch.tensor([0.0, 0.6, 1.0, 0.8])  # layer 0: dead FFN sublayer
+    z["head"][1] = 0.0  # layer 1: live attention gate, no live head (bias + LayerNorm only)
+    z["int"][3] = 0.0  # layer 3: live FFN gate, no live unit
+    z["head"][3] = torch.linspace(0.3, 1.0, cfg.num_attention_heads)  # soft, all live
+    z["hidden"][:2] = 0.0  # pruned hidden dims (at least two)
+    z["hidden"][2] = 0.5
+    return z
+
+
+@pytest.mark.parametrize("live_only", [True, False], ids=["live", "dense"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("classifier", [False, True], ids=["base", "seqcls"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_random_gates_match_reference(kind, classifier, impl, live_only):
+    model = _small(kind, classifier, impl, layers=4)
+    plain = copy.deepcopy(model)
+    gates = apply_cofi(model, live_only=live_only)
+    z = _hard_gates(encoder_of(model).config, _seed())
+    gates.fix(z)
+    ids, mask, types = padded_batch(model, batch=3, seq=13, seed=_seed())
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, token_type_ids=types)
+    if classifier:
+        want = cofi_reference_logits(plain, z, ids, mask, types)
+        assert _max_rel(out.logits, want) <= 1e-5
+        hidden = model.base_model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    else:
+        hidden = out.last_hidden_state
+    want_h = cofi_reference_forward(plain, z, ids, mask, types)
+    assert _max_rel(hidden, want_h) <= 1e-5
+    assert (hidden[..., :2] == 0).all()  # pruned hidden dims come out exactly 0
+
+
+def test_minilm_random_gates_match_reference():
+    model = minilm_model()
+    plain = copy.deepcopy(model)
+    gates = apply_cofi(model)
+    cfg = model.config
+    z = random_gates(cfg, seed=_seed(), p_zero=0.4)
+    z["mha"][1] = 0.0
+    z["ffn"][4] = 0.0
+    z["head"][2] = 0.0
+    z["int"][5] = 0.0
+    gates.fix(z)
+    ids, mask, types = padded_batch(model, batch=3, seq=17, seed=_seed())
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert _max_rel(got, cofi_reference_forward(plain, z, ids, mask, types)) <= 1e-5
+
+
+# ----------------------------------------------------- live-only == dense, with gradients
+
+
+def _sparse_log_alpha(gates, gen):
+    """log α spread so samples have many exact zeros, with sure-dead sublayers, heads and units."""
+    with torch.no_grad():
+        for t, p in gates.log_alpha.items():
+            p.copy_(torch.empty(p.shape).uniform_(-2.0, 3.0, generator=gen))
+        la = gates.log_alpha
+        la["mha"][1] = -30.0  # P(z > 0) ~ 1e-13: dead attention sublayer
+        la["ffn"][2] = -30.0  # dead FFN sublayer
+        la["mha"][0] = la["ffn"][3] = la["ffn"][0] = la["mha"][3] = 30.0
+        la["head"][0] = -30.0  # layer 0: attention gate live, no head
+        la["head"][3, 0] = 30.0
+        la["int"][3] = -30.0  # layer 3: FFN gate live, no unit
+        la["int"][0, 0] = 30.0
+
+
+def _train_step_grads(model, gates, batch, seed, classifier):
+    ids, mask, types = batch
+    model.zero_grad(set_to_none=True)
+    gates.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    proj = torch.linspace(-1, 1, out.hidden_states[-1].shape[-1])
+    loss = (out.hidden_states[-1] * proj).square().mean()
+    if classifier:
+        loss = loss + out.logits.square().sum()
+    loss.backward()
+    grads = {f"model.{n}": p.grad for n, p in model.named_parameters()}
+    grads.update({f"log_alpha.{t}": p.grad for t, p in gates.log_alpha.items()})
+    return _main_output(out, classifier).detach(), grads
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,classifier", [("bert", True), ("roberta", False), ("roberta", True)])
+def test_live_only_equals_dense_with_gradients(kind, classifier, impl):
+    model = _no_dropout(_small(kind, classifier, impl, layers=4)).train()
+    gates = apply_cofi(model)
+    gen = torch.Generator().manual_seed(_seed())
+    _sparse_log_alpha(gates, gen)
+    batch = padded_batch(model, batch=3, seq=13, seed=_seed())
+    seed = _seed()
+
+    torch.manual_seed(seed)
+    z = gates.sample()
+    assert z["mha"][1] == 0 and z["ffn"][2] == 0 and (z["head"][0] == 0).all() and (z["int"][3] == 0).all()
+    assert (z["int"] == 0).float().mean() > 0.1 and (z["hidden"] == 0).any()
+    assert ((z["int"] > 0) & (z["int"] < 1)).any()  # soft values too
+
+    set_live_only(model, True)
+    out_live, g_live = _train_step_grads(model, gates, batch, seed, classifier)
+    set_live_only(model, False)
+    out_dense, g_dense = _train_step_grads(model, gates, batch, seed, classifier)
+
+    assert _max_rel(out_live, out_dense) <= 1e-5
+    assert g_live.keys() == g_dense.keys()
+    for name in g_dense:
+        a, b = g_live[name], g_dense[name]
+        if b is None or not b.any():
+            # Dead sublayers: dense gets exact zero gradients, live-only none or zeros.
+            assert a is None or not a.any(), name
+            continue
+        assert a is not None, name
+        if name.endswith("key.bias"):
+            # 0 analytically (softmax ignores a per-row shift): only fp32 noise, so
+            # it is held to the scale of the key weights' gradient instead.
+            scale = float(g_dense[name[: -len("bias")] + "weight"].abs().max())
+            assert float((a - b).abs().max()) <= 1e-5 * scale, name
+            continue
+        # A gate gradient is one sum over B·T·D products with cancellation: a long
+        # reduction, held to DESIGN §6's 1e-4; every model parameter to 1e-5.
+        assert _max_rel(a, b) <= (1e-4 if name.startswith("log_alpha") else 1e-5), name
+    # the sure-dead gates got no gradient, soft live ones did
+    assert g_dense["log_alpha.mha"][1] == 0 and g_live["log_alpha.mha"][1] == 0
+    assert not g_dense["log_alpha.int"][3].any() and not g_dense["log_alpha.head"][0].any()
+    assert g_dense["log_alpha.int"].any() and g_dense["log_alpha.hidden"].any()
+    soft_heads = (z["head"] > 0) & (z["head"] < 1)
+    soft_heads &= (z["mha"] > 0)[:, None]
+    assert bool(g_dense["log_alpha.head"].any()) == bool(soft_heads.any())
+
+
+# ------------------------------------------------------------------------- API behaviour
+
+
+def test_fix_unfix_and_train_vs_eval():
+    model = small_model("bert", False, seed=_seed())
+    gates = apply_cofi(model)
+    with torch.no_grad():
+        gates.log_alpha["int"].normal_(0.0, 2.0)
+        gates.log_alpha["head"].normal_(1.0, 2.0)
+    ids, mask, types = padded_batch(model, seed=_seed())
+
+    def run():
+        with torch.no_grad():
+            return model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+
+    model.eval()
+    e1, e2 = run(), run()
+    assert torch.equal(e1, e2)  # eval: deterministic gates
+    gates.fix(gates.deterministic())
+    assert gates.fixed is not None
+    assert torch.equal(run(), e1)
+    gates.fix(gates.ones())
+    ones = run()
+    assert not torch.allclose(ones, e1)
+    gates.unfix()
+    assert gates.fixed is None and torch.equal(run(), e1)
+
+    model.train()  # dropout on: compare gates only, via the samples drawn
+    seen = []
+    real_current = gates.current
+    gates.current = lambda training: seen.append(training) or real_current(training)
+    try:
+        _no_dropout(model)
+        t1, t2 = run(), run()
+    finally:
+        del gates.current
+    assert seen == [True, True]  # exactly one gate draw per forward, with the model's mode
+    assert not torch.equal(t1, t2)  # a fresh sample each training step
+    gates.fix(gates.ones())
+    assert torch.equal(run(), ones)  # fixed gates win in training mode too
+
+
+def test_current_called_once_per_forward_of_wrapper():
+    model = small_model("roberta", True, seed=_seed())
+    gates = apply_cofi(model)
+    calls = []
+    real_current = gates.current
+    gates.current = lambda training: calls.append(training) or real_current(training)
+    ids, mask, types = padded_batch(model, seed=_seed())
+    with torch.no_grad():
+        model(ids, attention_mask=mask, output_hidden_states=True)
+    assert calls == [False]
+
+
+def test_outputs_and_structure_preserved():
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+
+    model = small_model("bert", True, seed=_seed())
+    keys = list(model.state_dict())
+    n_params = len(list(model.parameters()))
+    gates = apply_cofi(model)
+    assert list(model.state_dict()) == keys
+    assert len(list(model.parameters())) == n_params  # the gates are not a submodule
+    assert all(p is not q for p in model.parameters() for q in gates.parameters())
+    assert is_cofi_patched(model) and cofi_gates(model) is gates
+    assert isinstance(model.bert.embeddings, BertEmbeddings)
+    assert all(isinstance(layer, BertLayer) for layer in model.bert.encoder.layer)
+    assert all(layer.attention.self.is_causal is False for layer in model.bert.encoder.layer)
+    gates.fix(random_gates(model.config, seed=_seed()))
+    ids, mask, types = padded_batch(model, seed=_seed())
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        tup = model(ids, attention_mask=mask, return_dict=False)
+        base = model.bert(ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(base.hidden_states[-1], base.last_hidden_state)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], out.logits)
+
+
+def test_remove_and_deepcopy():
+    model = small_model("bert", False, seed=_seed())
+    hf = copy.deepcopy(model)
+    gates = apply_cofi(model)
+    gates.fix(random_gates(model.config, seed=_seed()))
+    ids, mask, types = padded_batch(model, seed=_seed())
+    twin = copy.deepcopy(model)
+    twin_gates = cofi_gates(twin)
+    assert twin_gates is not gates
+    twin_gates.fix(twin_gates.ones())
+    with torch.no_grad():
+        gated = model(ids, attention_mask=mask).last_hidden_state
+        twin_out = twin(ids, attention_mask=mask).last_hidden_state
+        plain = hf(ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(model(ids, attention_mask=mask).last_hidden_state, gated)  # twin did not touch it
+    assert _max_rel(twin_out, plain) <= 1e-5 and not torch.allclose(gated, plain)
+    assert remove_cofi(model) is gates and not is_cofi_patched(model)
+    assert type(model.encoder.layer[0]).__name__ == "BertLayer"
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).last_hidden_state, plain)
+    apply_cofi(model, gates=gates)  # patch again after removal, with the same gates
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).last_hidden_state, gated)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = _no_dropout(small_model("bert", True, seed=_seed(), layers=4)).train()
+    gates = apply_cofi(model)
+    _sparse_log_alpha(gates, torch.Generator().manual_seed(_seed()))
+    batch = padded_batch(model, seed=_seed())
+    seed = _seed()
+    _, plain = _train_step_grads(model, gates, batch, seed, True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, ckpt = _train_step_grads(model, gates, batch, seed, True)
+    for name, g in plain.items():
+        if g is None:
+            assert ckpt[name] is None or not ckpt[name].any(), name
+        else:
+            assert torch.allclose(ckpt[name], g, rtol=1e-5, atol=1e-7), name
+
+
+def test_errors():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+    with pytest.raises(TypeError, match=r"BertForMaskedLM.*BertModel.*RobertaForSequenceClassification"):
+        apply_cofi(BertForMaskedLM(cfg))
+    with pytest.raises(TypeError, match="Linear"):
+        apply_cofi(nn.Linear(2, 2))
+
+    model = small_model("bert", False, seed=_seed())
+    wrong = CoFiGates(model.config.num_hidden_layers + 1, 4, 8, 48, 32)
+    with pytest.raises(ValueError, match="do not match the model config"):
+        apply_cofi(model, gates=wrong)
+    assert not is_cofi_patched(model)
+    with pytest.raises(ValueError, match="not both"):
+        apply_cofi(model, gates=CoFiGates.from_config(model.config), droprate_init=0.3)
+    with pytest.raises(ValueError, match="not patched"):
+        cofi_gates(model)
+
+    gates = apply_cofi(model, learn=("head", "int"))
+    assert gates.learn == ("head", "int")
+    with pytest.raises(ValueError, match="already patched"):
+        apply_cofi(model)
+    with pytest.raises(ValueError, match="wrong shape"):
+        gates.fix({"head": torch.ones(2, 2)})
+    ids, mask, _ = padded_batch(model, seed=_seed())
+    gates.fix({"hidden": torch.full((32,), float("nan"))})
+    with pytest.raises(ValueError, match="NaN"):
+        model(ids, attention_mask=mask)
+    gates.unfix()
+    fresh = small_model("bert", False, seed=_seed())
+    apply_cofi(fresh)
+    with pytest.raises(RuntimeError, match="call the patched model"):
+        fresh.encoder.layer[0](torch.zeros(1, 3, 32))
+
+    decoder_cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=24, is_decoder=True)
+    from transformers import BertModel
+
+    with pytest.raises(ValueError, match="decoder"):
+        apply_cofi(BertModel(decoder_cfg))

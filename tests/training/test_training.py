@@ -1,0 +1,360 @@
+"""The CoFi training loop on tiny random models: gates and λ respond, runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from cofi_kernels.pruning.cofi import loop as pl
+from cofi_kernels.training import distill, evaluation, model_io
+from cofi_kernels.training import finetune as ft
+from cofi_kernels.training import trainer as tr
+from cofi_kernels.training.data import TextDataset
+from tests.training_support import (
+    FAST_FINETUNE,
+    FAST_PRUNE,
+    files_equal_tensors,
+    tiny_bert_dir,
+    toy_rows,
+    tree_snapshot,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _dataset(rows, source="toy") -> TextDataset:
+    pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+    return TextDataset([r["text"] for r in rows], pairs, [r["label"] for r in rows], source)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return _dataset(toy_rows(48, seed=1)), _dataset(toy_rows(24, seed=2))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return tiny_bert_dir(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, base_dir, toy):
+    out = str(tmp_path_factory.mktemp("runs") / "teacher")
+    ft.finetune(base_dir, *toy, out, ft.FinetuneConfig(**FAST_FINETUNE), progress=False)
+    return out
+
+
+def _log(out):
+    with open(os.path.join(out, tr.LOG_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _strip_times(records):
+    """The training record of a log: steps, evaluations, pruning (not timings or resume notes)."""
+    keep = ("step", "eval", "pruned", "warning")
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] in keep]
+
+
+# ---------------------------------------------------------------------- finetune
+
+
+def test_finetune_writes_a_loadable_teacher(teacher_dir, toy):
+    files = set(os.listdir(teacher_dir))
+    assert {"config.json", "model.safetensors", model_io.TASK_FILE, tr.RUN_FILE, tr.LOG_FILE} <= files
+    assert tr.CHECKPOINT_DIR not in files  # removed once the run finished
+    task = model_io.read_task(teacher_dir)
+    assert task["label_space"].names == ["money", "music", "sport"]
+    model = model_io.load_classifier(teacher_dir)
+    assert model.config.num_labels == 3
+    run = json.load(open(os.path.join(teacher_dir, tr.RUN_FILE)))
+    evals = [r for r in _log(teacher_dir) if r["event"] == "eval"]
+    # The kept weights are those of the best evaluation, and they reproduce its accuracy.
+    assert run["best"]["accuracy"] == max(r["accuracy"] for r in evals)
+    from cofi_kernels.training.data import Encoded
+
+    enc = Encoded(toy[1], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_FINETUNE["max_length"])
+    assert evaluation.evaluate(model, enc, task["label_space"])["accuracy"] == pytest.approx(run["best"]["accuracy"])
+
+
+def test_finetune_learns_the_toy_task(teacher_dir):
+    run = json.load(open(os.path.join(teacher_dir, tr.RUN_FILE)))
+    # 3 balanced classes: chance is 1/3; the class words make it learnable in a few steps.
+    assert run["best"]["accuracy"] > 0.5
+
+
+# ---------------------------------------------------------------------- prune
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, teacher_dir, toy):
+    out = str(tmp_path_factory.mktemp("runs") / "pruned")
+    result = pl.cofi_prune(teacher_dir, *toy, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
+    return out, result
+
+
+def test_prune_moves_expected_sparsity_to_the_target_and_lambda_responds(pruned_run):
+    out, _ = pruned_run
+    steps = [r for r in _log(out) if r["event"] == "step" and r["phase"] == "prune"]
+    target = FAST_PRUNE["target_sparsity"]
+    first, last = steps[0], steps[-1]
+    # The gates move most of the way from where they start to the target within this short run ...
+    start = first["expected_sparsity"]
+    assert start < 0.2 * target
+    assert last["expected_sparsity"] > start + 0.6 * (target - start), [r["expected_sparsity"] for r in steps]
+    # ... the target ramps linearly from 0 to t over the warm-up ...
+    assert first["target"] < 0.2 * target and last["target"] == pytest.approx(target)
+    ramp = [r["target"] for r in steps]
+    assert all(b >= a for a, b in zip(ramp, ramp[1:]))
+    # ... and λ1 is pushed negative (ascent on λ1·(ŝ − t) while ŝ < t), λ2 positive.
+    below = [r for r in steps if r["expected_sparsity"] < r["target"] - 0.05]
+    assert below, "the run never lagged the target"
+    assert min(r["lambda_1"] for r in steps) < -0.1
+    assert max(r["lambda_2"] for r in steps) > 0.0
+
+
+def test_prune_writes_a_compact_model_at_the_selected_gates(pruned_run, toy):
+    from cofi_kernels.models.pruned_model import PrunedModel
+
+    out, result = pruned_run
+    model = PrunedModel.from_pretrained(out)
+    run = json.load(open(os.path.join(out, tr.RUN_FILE)))
+    assert run["sparsity"] == pytest.approx(model.sparsity)
+    assert result.extra["sparsity"] == pytest.approx(model.sparsity)
+    assert model.sparsity > 0.2
+    assert run["selected"]["realised_sparsity"] == pytest.approx(model.sparsity)
+    # The best state is chosen only among evaluations within ε of the target.
+    evals = [r for r in _log(out) if r["event"] == "eval" and r["phase"] == "prune"]
+    end = max(r["step"] for r in evals)
+    for r in evals:  # states outside the ε band cannot be chosen, so they are not evaluated
+        assert r["eligible"] == (abs(r["expected_sparsity"] - FAST_PRUNE["target_sparsity"]) <= FAST_PRUNE["epsilon"])
+        assert ("accuracy" in r) == (r["eligible"] or r["step"] == end)
+    if not run["selected"]["fallback"]:
+        chosen = [r for r in evals if r["step"] == run["selected"]["step"]][0]
+        assert abs(chosen["expected_sparsity"] - FAST_PRUNE["target_sparsity"]) <= FAST_PRUNE["epsilon"]
+        eligible = [r["accuracy"] for r in evals if r["eligible"]]
+        assert chosen["accuracy"] == max(eligible)
+    from safetensors.torch import load_file
+
+    gates = load_file(os.path.join(out, pl.GATES_FILE))
+    assert {"log_alpha.head", "log_alpha.int", "log_alpha.hidden", "z.head", "z.hidden"} <= set(gates)
+    assert int((gates["z.hidden"] > 0).sum()) == model.config["hidden_size"]
+
+
+def test_compact_finetune_phase_distils_through_the_pruned_model(pruned_run):
+    out, _ = pruned_run
+    ft = [r for r in _log(out) if r["event"] == "step" and r["phase"] == "finetune"]
+    assert ft and all(r["distill_layer"] >= 0 and r["distill_pred"] >= 0 for r in ft)
+    assert all(all(m is None or isinstance(m, int) for m in r["match"]) for r in ft)
+
+
+def test_prune_without_teacher_uses_cross_entropy(tmp_path, teacher_dir, toy):
+    out = str(tmp_path / "ce")
+    cfg = pl.PruneConfig(**{**FAST_PRUNE, "prune_epochs": 1.0, "sparsity_warmup_epochs": 0.5, "finetune_epochs": 0.5})
+    pl.cofi_prune(teacher_dir, *toy, out, cfg, distill=False, progress=False)
+    steps = [r for r in _log(out) if r["event"] == "step"]
+    assert all("task" in r and "distill_pred" not in r for r in steps)
+
+
+# ---------------------------------------------------------------------- resume
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: escapes every `except Exception`."""
+
+
+def _kill_at(monkeypatch, cls, method, at_step):
+    original = getattr(cls, method)
+
+    def wrapper(self, *a, **kw):
+        if self.step == at_step:
+            raise _Killed()
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(cls, method, wrapper)
+
+
+def _plan_of(toy):
+    return pl._PrunePlan(pl.PruneConfig(**FAST_PRUNE), len(toy[0]))
+
+
+@pytest.mark.parametrize("where", ["distill", "prune", "at_pruning", "finetune"])
+def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pruned_run, teacher_dir, toy, where):
+    plan = _plan_of(toy)
+    at = {"distill": 1, "prune": plan.distill_end + 7, "at_pruning": plan.prune_end,
+          "finetune": plan.total - 2}[where]
+    out = str(tmp_path / "run")
+    cfg = pl.PruneConfig(**FAST_PRUNE)
+    with monkeypatch.context() as m:
+        _kill_at(m, pl._PruneLoop, "_train_step", at)
+        with pytest.raises(_Killed):
+            pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+    assert os.path.isfile(os.path.join(out, tr.CHECKPOINT_DIR, tr.CHECKPOINT_FILE))
+    assert not os.path.exists(os.path.join(out, tr.RUN_FILE))
+    pl.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
+    ref, _ = pruned_run
+    for name in ("model.safetensors", pl.GATES_FILE):
+        assert files_equal_tensors(os.path.join(ref, name), os.path.join(out, name)), name
+    a, b = (json.load(open(os.path.join(d, tr.RUN_FILE))) for d in (ref, out))
+    assert a["selected"] == b["selected"] and a["best"] == b["best"]
+    assert _strip_times(_log(ref)) == _strip_times(_log(out))
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, pruned_run, teacher_dir, toy):
+    out = str(tmp_path / "run")
+    cfg = pl.PruneConfig(**FAST_PRUNE)
+    original = tr.RunDirectory.save_checkpoint
+    calls = {"n": 0}
+
+    def torn(self, state):
+        calls["n"] += 1
+        if calls["n"] == 3:  # half a file at the temporary name, then death
+            with open(self.ckpt_path + ".tmp", "wb") as f:
+                f.write(b"PK\x03\x04 torn")
+            raise _Killed()
+        return original(self, state)
+
+    with monkeypatch.context() as m:
+        m.setattr(tr.RunDirectory, "save_checkpoint", torn)
+        with pytest.raises(_Killed):
+            pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+    pl.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
+    ref, _ = pruned_run
+    assert files_equal_tensors(os.path.join(ref, "model.safetensors"), os.path.join(out, "model.safetensors"))
+    assert files_equal_tensors(os.path.join(ref, pl.GATES_FILE), os.path.join(out, pl.GATES_FILE))
+
+
+def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, base_dir, teacher_dir, toy):
+    out = str(tmp_path / "ft")
+    cfg = ft.FinetuneConfig(**FAST_FINETUNE)
+    original = distill.task_loss
+    seen = {"n": 0}
+
+    def dying_loss(*a, **kw):
+        seen["n"] += 1
+        if seen["n"] == 8:  # mid-epoch 2, after the checkpoint at step 6
+            raise _Killed()
+        return original(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ft, "task_loss", dying_loss)
+        with pytest.raises(_Killed):
+            ft.finetune(base_dir, *toy, out, cfg, progress=False)
+    ft.finetune(base_dir, *toy, out, cfg, resume=True, progress=False)
+    assert files_equal_tensors(os.path.join(teacher_dir, "model.safetensors"), os.path.join(out, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------- bad runs
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teacher_dir, toy):
+    out = str(tmp_path / "run")
+    cfg = pl.PruneConfig(**FAST_PRUNE)
+    with monkeypatch.context() as m:
+        _kill_at(m, pl._PruneLoop, "_train_step", 6)
+        with pytest.raises(_Killed):
+            pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+    before = tree_snapshot(out)
+    other = pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": 0.5})
+    with pytest.raises(tr.RunError, match="another run.*target_sparsity|another run.*config"):
+        pl.cofi_prune(teacher_dir, *toy, out, other, resume=True, progress=False)
+    with pytest.raises(tr.RunError, match="another run"):
+        pl.cofi_prune(teacher_dir, toy[1], toy[1], out, cfg, resume=True, progress=False)
+    with pytest.raises(tr.RunError, match="another run"):
+        ft.finetune(teacher_dir, *toy, out, ft.FinetuneConfig(**FAST_FINETUNE), resume=True, progress=False)
+    with pytest.raises(tr.RunError, match="unfinished run.*--resume"):
+        pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
+    assert tree_snapshot(out) == before
+
+
+def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teacher_dir, toy):
+    cfg = pl.PruneConfig(**FAST_PRUNE)
+    with pytest.raises(tr.RunError, match="no checkpoint"):
+        pl.cofi_prune(teacher_dir, *toy, str(tmp_path / "nothing"), cfg, resume=True, progress=False)
+    assert not os.path.exists(tmp_path / "nothing")
+    done, _ = pruned_run
+    before = tree_snapshot(done)
+    with pytest.raises(tr.RunError, match="finished run"):
+        pl.cofi_prune(teacher_dir, *toy, done, cfg, resume=True, progress=False)
+    with pytest.raises(tr.RunError, match="not empty"):
+        pl.cofi_prune(teacher_dir, *toy, done, cfg, progress=False)
+    assert tree_snapshot(done) == before
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.2, 1.5, float("nan")])
+def test_target_sparsity_outside_0_1_is_refused_before_anything_is_written(tmp_path, teacher_dir, toy, target):
+    out = tmp_path / "out"
+    with pytest.raises(tr.RunError, match=r"target sparsity must be in \(0, 1\)"):
+        pl.cofi_prune(teacher_dir, *toy, str(out), pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": target}),
+                      progress=False)
+    assert not out.exists()
+
+
+def test_bf16_on_cpu_and_missing_gpu_are_clear_errors(tmp_path, teacher_dir, toy):
+    with pytest.raises(tr.RunError, match="bf16 autocast is for GPUs"):
+        pl.cofi_prune(teacher_dir, *toy, str(tmp_path / "o"), pl.PruneConfig(**{**FAST_PRUNE, "bf16": True}),
+                      progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(tr.RunError, match="no CUDA GPU"):
+            ft.finetune(teacher_dir, *toy, str(tmp_path / "o"), ft.FinetuneConfig(device="cuda"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
+    """The cached logits and layer outputs equal a direct teacher forward on the training batch."""
+    from cofi_kernels.training.data import Encoded
+
+    task = model_io.read_task(teacher_dir)
+    enc = Encoded(toy[0], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_PRUNE["max_length"])
+    teacher = model_io.load_classifier(teacher_dir).eval()
+    cache = pl._TeacherCache(teacher, enc, [1, 3], batch_size=5, device="cpu", bf16=False)
+    index = [7, 0, 31, 12, 44, 3]
+    b = enc.batch(index)
+    with torch.no_grad():
+        out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      token_type_ids=b["token_type_ids"], output_hidden_states=True)
+    logits, hidden = cache.batch(index, b["input_ids"].shape[1], "cpu")
+    torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
+    real = b["attention_mask"].bool()
+    for t in (1, 3):
+        want = out.hidden_states[t + 1]  # hidden_states[0] is the embedding output
+        torch.testing.assert_close(hidden[t][real], want[real], rtol=1e-5, atol=1e-5)
+        assert torch.all(hidden[t][~real] == 0)
+
+
+def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
+    """Float labels: one output, MSE losses, Pearson as the metric, through finetune, prune and eval."""
+    import random
+
+    from cofi_kernels.models.pruned_model import PrunedModel
+
+    rng = random.Random(5)
+
+    def rows(n):
+        out = []
+        for r in toy_rows(n, seed=rng.randint(0, 10**6), pair=True):
+            score = {"sport": 0.5, "money": 2.25, "music": 4.0}[r["label"]] + rng.uniform(-0.2, 0.2)
+            out.append({**r, "label": round(score, 3)})
+        return out
+
+    train, ev = _dataset(rows(48)), _dataset(rows(24))
+    assert train.text_pairs is not None
+    teacher = str(tmp_path / "teacher")
+    ft.finetune(base_dir, train, ev, teacher, ft.FinetuneConfig(**FAST_FINETUNE), progress=False)
+    task = model_io.read_task(teacher)
+    assert task["task"] == "regression" and model_io.load_classifier(teacher).config.num_labels == 1
+    out = str(tmp_path / "pruned")
+    result = pl.cofi_prune(teacher, train, ev, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
+    assert result.metrics["metric"] == "pearson" and -1.0 <= result.metrics["pearson"] <= 1.0
+    steps = [r for r in _log(out) if r["event"] == "step"]
+    assert all(r["distill_pred"] >= 0 for r in steps)
+    model = PrunedModel.from_pretrained(out)
+    assert model.config["num_labels"] == 1
+    from cofi_kernels.training.data import Encoded
+
+    enc = Encoded(ev, task["label_space"], model_io.load_tokenizer(out), FAST_PRUNE["max_length"])
+    assert enc.token_type_ids[0].count(1) > 0  # the pair is its own segment
+    m = evaluation.evaluate(model, enc, task["label_space"])
+    assert m["pearson"] == pytest.approx(result.metrics["pearson"], abs=1e-6)
