@@ -172,10 +172,12 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     if kind == "pruned":
         sparsity, encoder = model.sparsity, model.encoder_size
     else:
-        from .pruning.cofi.gates import CoFiGates
+        from .models.arch import encoder_dims
+        from .models.size import dense_encoder_size
 
+        d = encoder_dims(model.config)
         sparsity = 0.0
-        encoder = CoFiGates.from_config(model.config).full_size()  # the DESIGN §4 count M
+        encoder = dense_encoder_size(d.num_layers, d.num_heads, d.head_dim, d.intermediate_size, d.hidden_size)
     return {
         "model": model_dir,
         "kind": kind,

@@ -18,7 +18,7 @@ from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
 from .ops import masked_layer_norm as _mln_op
 
-__all__ = ["gated_attention", "gated_ffn", "gelu_gate", "masked_layer_norm"]
+__all__ = ["attention", "ffn", "gated_attention", "gated_ffn", "gelu_gate", "layer_norm", "masked_layer_norm"]
 
 
 def gelu_gate(
@@ -228,3 +228,75 @@ def gated_ffn(
     if choice == "cpu":
         return _gated_ffn_op.gated_ffn_cpu(x, w_in, b_in, w_out, b_out, int_gate)
     return _gated_ffn_op.gated_ffn_triton(x, w_in, b_in, w_out, b_out, int_gate)
+
+
+# ------------------------------------------------------------------ pruned model (serving)
+#
+# The sublayer ops of a PrunedModel. Today they run their PyTorch reference
+# (``ops/reference.py``); the serving engine's kernels plug in here as backends.
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention core of a pruned model: ``softmax(q kᵀ · scale + padding) v``.
+
+    Args:
+        q, k, v: ``[B, H, T, D]``, one dtype and device; ``H`` is the layer's
+            own head count.
+        key_padding_mask: ``[B, T]`` bool, True = attend (padded keys get
+            ``finfo.min`` added, as Hugging Face does); ``None`` = attend to all.
+        scale: multiplies ``q kᵀ``; defaults to ``D ** -0.5``.
+
+    Returns:
+        ``[B, H, T, D]`` in the dtype of ``q``.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention: q, k, v must be [B, H, T, D] of one shape, got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    return reference.attention(q, k, v, key_padding_mask, scale)
+
+
+def ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    activation,
+) -> torch.Tensor:
+    """FFN of a pruned model: ``activation(x w_inᵀ + b_in) w_outᵀ + b_out`` (nn.Linear layouts).
+
+    Args:
+        x: ``[..., d]``; w_in: ``[w, d]``; b_in: ``[w]``; w_out: ``[d, w]``;
+            b_out: ``[d]``, with ``w`` the layer's FFN width.
+        activation: the elementwise activation (a callable on tensors).
+    """
+    if w_in.shape[-1] != x.shape[-1] or w_out.shape != (x.shape[-1], w_in.shape[0]):
+        raise ValueError(f"ffn: expected w_in [w, {x.shape[-1]}] and w_out [{x.shape[-1]}, w], got "
+                         f"{list(w_in.shape)} and {list(w_out.shape)}")
+    return reference.ffn(x, w_in, b_in, w_out, b_out, activation)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Residual LayerNorm of a pruned model: ``LayerNorm(residual + x)`` over the last dim.
+
+    Args:
+        x: ``[..., d]`` (or ``[d]``, e.g. the output bias of a sublayer with
+            no head or unit left, broadcast against ``residual``).
+        weight, bias: ``[d]``.
+        eps: added to the variance.
+        residual: broadcastable with ``x``; ``None`` = plain ``LayerNorm(x)``.
+    """
+    return reference.layer_norm(x, weight, bias, eps, residual)

@@ -1,10 +1,11 @@
 """The compact model of a pruned encoder: :class:`PrunedModel` and its saved format.
 
 A :class:`PrunedModel` has per-layer head counts and FFN widths, one reduced
-hidden size, and removed sublayers; it is plain PyTorch (``F.linear``,
-``F.layer_norm``, ``F.scaled_dot_product_attention``), saves to
-``model.safetensors`` + ``cofi_config.json`` and loads back without the
-original model class and without pickle.
+hidden size, and removed sublayers. Its sublayers are the modules of
+:mod:`cofi_kernels.modules.pruned`; it saves to ``model.safetensors`` +
+``cofi_config.json`` and loads back without the original model class and
+without pickle. Every pruning method builds one through
+:func:`cofi_kernels.models.builder.build_pruned_model`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import os
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..modules.pruned import ACTIVATIONS, ClassificationHead, PrunedAttention, PrunedEmbeddings, PrunedFFN, PrunedLayer
+from .arch import ARCHS, UnsupportedModelError
+from .size import encoder_size
 
 __all__ = ["PrunedModel", "UnsupportedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -23,13 +27,6 @@ FORMAT = "cofi-pruned"
 FORMAT_VERSION = 1
 CONFIG_NAME = "cofi_config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 _REQUIRED_KEYS = (
     "format",
@@ -53,82 +50,12 @@ _REQUIRED_KEYS = (
     "original_size",
 )
 
-class UnsupportedModelError(TypeError, ValueError):
-    """The model is not a BERT/RoBERTa encoder (or its sequence-classification wrapper) that can be pruned."""
-
-
-# --------------------------------------------------------------------------- modules
-
-
-def _empty(*shape):
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg["hidden_size"]
-        self.word_embeddings = _empty(cfg["vocab_size"], d)
-        self.position_embeddings = _empty(cfg["max_position_embeddings"], d)
-        self.token_type_embeddings = _empty(cfg["type_vocab_size"], d)
-        self.ln_weight = _empty(d)
-        self.ln_bias = _empty(d)
-
-
-class _Attention(nn.Module):
-    def __init__(self, heads: int, head_dim: int, d: int):
-        super().__init__()
-        self.heads = heads
-        self.head_dim = head_dim
-        if heads:
-            self.qkv_weight = _empty(3 * heads * head_dim, d)
-            self.qkv_bias = _empty(3 * heads * head_dim)
-            self.out_weight = _empty(d, heads * head_dim)
-        self.out_bias = _empty(d)
-        self.ln_weight = _empty(d)
-        self.ln_bias = _empty(d)
-
-    def extra_repr(self):
-        return f"heads={self.heads}, head_dim={self.head_dim}"
-
-
-class _FFN(nn.Module):
-    def __init__(self, width: int, d: int):
-        super().__init__()
-        self.width = width
-        if width:
-            self.in_weight = _empty(width, d)
-            self.in_bias = _empty(width)
-            self.out_weight = _empty(d, width)
-        self.out_bias = _empty(d)
-        self.ln_weight = _empty(d)
-        self.ln_bias = _empty(d)
-
-    def extra_repr(self):
-        return f"width={self.width}"
-
-
-class _Layer(nn.Module):
-    def __init__(self, heads, width, head_dim, d):
-        super().__init__()
-        self.attention = None if heads is None else _Attention(heads, head_dim, d)
-        self.ffn = None if width is None else _FFN(width, d)
-
-
-class _Head(nn.Module):
-    # BERT pooler+classifier and RoBERTa's classification head compute the same thing.
-    def __init__(self, d: int, d_out: int, num_labels: int):
-        super().__init__()
-        self.dense_weight = _empty(d_out, d)
-        self.dense_bias = _empty(d_out)
-        self.out_weight = _empty(num_labels, d_out)
-        self.out_bias = _empty(num_labels)
-
-
 class PrunedModel(nn.Module):
-    """A CoFi-pruned BERT/RoBERTa encoder with per-layer head counts and FFN widths.
+    """A pruned BERT/RoBERTa encoder with per-layer head counts and FFN widths.
 
-    Built by :func:`prune` or :meth:`from_pretrained`; ``config`` is the dict
+    Built by :func:`~cofi_kernels.models.builder.build_pruned_model` (which
+    every pruning method uses, CoFi's :func:`~cofi_kernels.prune` among them)
+    or :meth:`from_pretrained`; ``config`` is the dict
     written to ``cofi_config.json`` (see :meth:`save_pretrained`). Parameters do
     not require grad (an inference model); call ``requires_grad_()`` to fine-tune.
 
@@ -150,27 +77,26 @@ class PrunedModel(nn.Module):
         super().__init__()
         cfg = dict(config)
         self.config = cfg
-        d = cfg["hidden_size"]
-        self.embeddings = _Embeddings(cfg)
+        d, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
+        self.embeddings = PrunedEmbeddings(cfg["vocab_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"],
+                                           d, eps)
         self.layers = nn.ModuleList(
-            _Layer(spec["heads"], spec["ffn_width"], cfg["head_dim"], d) for spec in cfg["layers"]
+            PrunedLayer(
+                None if spec["heads"] is None else PrunedAttention(spec["heads"], cfg["head_dim"], d, eps),
+                None if spec["ffn_width"] is None else PrunedFFN(spec["ffn_width"], d, cfg["hidden_act"], eps),
+            )
+            for spec in cfg["layers"]
         )
         if cfg["task"] == "sequence_classification":
-            self.head = _Head(d, cfg["original_hidden_size"], cfg["num_labels"])
+            self.head = ClassificationHead(d, cfg["original_hidden_size"], cfg["num_labels"])
         else:
             self.head = None
         self.register_buffer("hidden_index", torch.zeros(d, dtype=torch.long))
-        self._act = _ACTIVATIONS[cfg["hidden_act"]]
 
     # ------------------------------------------------------------------ forward
 
     def _position_ids(self, input_ids):
-        pad = self.config["pad_token_id"]
-        if self.config["model_type"] == "roberta":
-            # As HF RoBERTa: padding tokens get pad_id, real tokens count up from pad_id + 1.
-            mask = input_ids.ne(pad).int()
-            return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return ARCHS[self.config["model_type"]].position_ids(input_ids, self.config["pad_token_id"])
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
         """Last hidden state ``[B, T, d]`` over the kept hidden dims (see :meth:`expand_hidden`).
@@ -184,47 +110,21 @@ class PrunedModel(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"PrunedModel: input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
-        cfg = self.config
-        emb = self.embeddings
-        d = cfg["hidden_size"]
-        eps = cfg["layer_norm_eps"]
         B, T = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = F.embedding(input_ids, emb.word_embeddings) + F.embedding(token_type_ids, emb.token_type_embeddings)
-        x = x + F.embedding(self._position_ids(input_ids), emb.position_embeddings)
-        h = F.layer_norm(x, (d,), emb.ln_weight, emb.ln_bias, eps)
-        dtype = h.dtype
+        h = self.embeddings(input_ids, token_type_ids, self._position_ids(input_ids))
         if attention_mask is None:
-            mask = None
+            key_padding_mask = None
         else:
             if tuple(attention_mask.shape) != (B, T):
                 raise ValueError(
                     f"PrunedModel: attention_mask must have shape {[B, T]}, got {list(attention_mask.shape)}"
                 )
-            pad = ~attention_mask.bool()[:, None, None, :]
-            mask = torch.zeros(pad.shape, dtype=dtype, device=h.device).masked_fill(pad, torch.finfo(dtype).min)
-        dh = cfg["head_dim"]
-        scale = dh**-0.5
+            key_padding_mask = attention_mask.bool()
         per_layer = []
         for layer in self.layers:
-            att = layer.attention
-            if att is not None:
-                if att.heads:
-                    qkv = F.linear(h, att.qkv_weight, att.qkv_bias).view(B, T, 3, att.heads, dh)
-                    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-                    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-                    o = F.linear(ctx.transpose(1, 2).reshape(B, T, att.heads * dh), att.out_weight, att.out_bias)
-                else:
-                    o = att.out_bias
-                h = F.layer_norm(h + o, (d,), att.ln_weight, att.ln_bias, eps)
-            ffn = layer.ffn
-            if ffn is not None:
-                if ffn.width:
-                    o = F.linear(self._act(F.linear(h, ffn.in_weight, ffn.in_bias)), ffn.out_weight, ffn.out_bias)
-                else:
-                    o = ffn.out_bias
-                h = F.layer_norm(h + o, (d,), ffn.ln_weight, ffn.ln_bias, eps)
+            h = layer(h, key_padding_mask)
             if output_hidden_states:
                 per_layer.append(h)
         return (h, per_layer) if output_hidden_states else h
@@ -234,12 +134,7 @@ class PrunedModel(nn.Module):
         else the last hidden state ``[B, T, d]`` (arguments as :meth:`encode`).
         With ``output_hidden_states``, returns ``(that, per_layer)`` as :meth:`encode` does."""
         h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
-        if self.head is None:
-            out = h
-        else:
-            hd = self.head
-            pooled = torch.tanh(F.linear(h[:, 0], hd.dense_weight, hd.dense_bias))
-            out = F.linear(pooled, hd.out_weight, hd.out_bias)
+        out = h if self.head is None else self.head(h)
         return (out, per_layer) if output_hidden_states else out
 
     def layer_alive(self) -> list[bool]:
@@ -273,14 +168,9 @@ class PrunedModel(nn.Module):
     def encoder_size(self) -> int:
         """The DESIGN §4 count: Σ over live sublayers of ``4·d_head·heads·d + 2·width·d``
         (Q, K, V, O and W1, W2 weights only)."""
-        d, dh = self.config["hidden_size"], self.config["head_dim"]
-        total = 0
-        for l in self.layers:
-            if l.attention is not None:
-                total += 4 * dh * l.attention.heads * d
-            if l.ffn is not None:
-                total += 2 * l.ffn.width * d
-        return total
+        heads = [0 if l.attention is None else l.attention.heads for l in self.layers]
+        widths = [0 if l.ffn is None else l.ffn.width for l in self.layers]
+        return encoder_size(heads, widths, self.config["hidden_size"], self.config["head_dim"])
 
     @property
     def sparsity(self) -> float:
@@ -369,7 +259,8 @@ class PrunedModel(nn.Module):
             tensors = load_file(w_path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for a corrupt file
             raise ValueError(f"{w_path}: cannot be read as safetensors ({e})") from None
-        model = cls(cfg)
+        with torch.device("meta"):  # no initialisation: every tensor is loaded next
+            model = cls(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -403,12 +294,12 @@ def _validate_config(cfg, path):
         raise ValueError(
             f"{path}: unsupported format_version {cfg['format_version']!r} (this version reads {FORMAT_VERSION})"
         )
-    if cfg["model_type"] not in ("bert", "roberta"):
-        raise ValueError(f"{path}: model_type {cfg['model_type']!r} is not 'bert' or 'roberta'")
+    if cfg["model_type"] not in ARCHS:
+        raise ValueError(f"{path}: model_type {cfg['model_type']!r} is not one of {sorted(ARCHS)}")
     if cfg["task"] not in ("base", "sequence_classification"):
         raise ValueError(f"{path}: task {cfg['task']!r} is not 'base' or 'sequence_classification'")
-    if cfg["hidden_act"] not in _ACTIVATIONS:
-        raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r} is not one of {sorted(_ACTIVATIONS)}")
+    if cfg["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}")
     for k in ("hidden_size", "head_dim", "vocab_size", "max_position_embeddings", "type_vocab_size",
               "original_hidden_size", "original_num_heads", "original_intermediate_size", "original_size"):
         v = cfg[k]

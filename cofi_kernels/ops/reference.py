@@ -22,6 +22,9 @@ __all__ = [
     "gated_attention",
     "gated_ffn",
     "gated_embeddings",
+    "attention",
+    "ffn",
+    "layer_norm",
 ]
 
 
@@ -147,3 +150,49 @@ def gated_embeddings(
     return masked_layer_norm(
         summed, torch.zeros_like(summed), ln_weight, ln_bias, None, hidden_gate, eps
     )
+
+
+# ------------------------------------------------------------------ pruned model (serving)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + padding) v`` through PyTorch's SDPA, as a pruned model computes it.
+
+    ``q, k, v``: ``[B, H, T, D]``; ``key_padding_mask``: ``[B, T]`` bool, True =
+    attend; padded keys get ``finfo(dtype).min`` added (Hugging Face's mask).
+    """
+    mask = None
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask[:, None, None, :]
+        mask = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill(pad, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    activation,
+) -> torch.Tensor:
+    """``activation(x w_inᵀ + b_in) w_outᵀ + b_out`` with nn.Linear layouts."""
+    return F.linear(activation(F.linear(x, w_in, b_in)), w_out, b_out)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``LayerNorm(residual + x)`` over the last dim (``LayerNorm(x)`` without a residual)."""
+    y = x if residual is None else residual + x
+    return F.layer_norm(y, (y.shape[-1],), weight, bias, eps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..models.arch import UnsupportedModelError, arch_for_model_type, supported_model
 from .data import LabelSpace
 from .trainer import RunError, first_line, write_json
 
@@ -36,11 +37,10 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
         config = tf.AutoConfig.from_pretrained(model_dir)
     except Exception as e:
         raise RunError(f"model directory {model_dir!r}: cannot read config.json ({first_line(e)})") from None
-    if config.model_type not in ("bert", "roberta"):
-        raise RunError(
-            f"model directory {model_dir!r}: model_type {config.model_type!r} is not supported; "
-            "give a BERT or RoBERTa model"
-        )
+    try:
+        arch_for_model_type(config.model_type)
+    except UnsupportedModelError as e:
+        raise RunError(f"model directory {model_dir!r}: {e}") from None
     kw = {}
     if labels is not None:
         kw = {"num_labels": labels.num_labels, "problem_type": problem_type(labels)}
@@ -60,6 +60,10 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
             hf_logging.set_verbosity(verbosity)
     except Exception as e:
         raise RunError(f"model directory {model_dir!r}: cannot load the model ({first_line(e)})") from None
+    try:
+        supported_model(model)
+    except UnsupportedModelError as e:
+        raise RunError(f"model directory {model_dir!r}: {e}") from None
     return model
 
 

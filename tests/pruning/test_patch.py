@@ -48,6 +48,21 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def _within_twice_torch_error(got: torch.Tensor, torch_outputs: list[torch.Tensor], exact: torch.Tensor) -> bool:
+    """DESIGN §6's rule: the error against float64 is at most 2x that of plain PyTorch in the same dtype.
+
+    The error is the Frobenius norm of the difference; the PyTorch error is the larger of HF's
+    eager and sdpa paths (both plain fp32 PyTorch). On ill-conditioned rows the max-abs error
+    of one fp32 run against another scatters by 2x from seed to seed; the norm is steadier
+    (over 40 seeds the patched model's ratio stayed below 1.6).
+    """
+    assert torch.isfinite(got).all()
+    exact = exact.double()
+    err = float((got.double() - exact).norm())
+    torch_err = max(float((t.double() - exact).norm()) for t in torch_outputs)
+    return err <= 2 * torch_err
+
+
 def _main_output(out, classifier):
     return out.logits if classifier else out.last_hidden_state
 
@@ -66,8 +81,13 @@ def _no_dropout(model):
 @pytest.mark.parametrize("how", ["fix_ones", "deterministic_large_log_alpha"])
 def test_minilm_all_gates_one_matches_hf(impl, how):
     model = minilm_model()
+    exact = copy.deepcopy(model).double()
+    hf_paths = {}
+    for path in IMPLS:
+        hf_paths[path] = copy.deepcopy(model)
+        hf_paths[path].set_attn_implementation(path)
     model.set_attn_implementation(impl)
-    hf = copy.deepcopy(model)
+    hf = hf_paths[impl]
     gates = apply_cofi(model)
     if how == "fix_ones":
         gates.fix(gates.ones())
@@ -76,14 +96,23 @@ def test_minilm_all_gates_one_matches_hf(impl, how):
             for p in gates.log_alpha.values():
                 p.fill_(100.0)  # soft value sigmoid(100/β·0.8) rounds to exactly 1 in fp32
     ids, mask, types = padded_batch(model, batch=4, seq=19, seed=_seed())
+    run = dict(attention_mask=mask, token_type_ids=types, output_hidden_states=True)
     with torch.no_grad():
-        want = hf(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-        got = model(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-    assert _max_rel(got.last_hidden_state, want.last_hidden_state) <= 1e-5
+        got = model(ids, **run)
+        hf_out = {path: m(ids, **run) for path, m in hf_paths.items()}
+        ref64 = exact(ids, **run)
+    want = hf_out[impl]
     assert _max_rel(got.pooler_output, want.pooler_output) <= 1e-5
     assert len(got.hidden_states) == len(want.hidden_states) == model.config.num_hidden_layers + 1
-    for g, w in zip(got.hidden_states, want.hidden_states):
-        assert _max_rel(g, w) <= 1e-5
+    real = mask.bool()
+    assert (~real).any()
+    for i, (g, w, r) in enumerate(zip(got.hidden_states, want.hidden_states, ref64.hidden_states)):
+        # Real tokens: within 1e-5 of HF in fp32.
+        assert _max_rel(g[real], w[real]) <= 1e-5, i
+        # Padded query rows are ill-conditioned in fp32 (HF itself is off by up to ~1e-4
+        # there): DESIGN §6's rule against float64 instead.
+        torch_outputs = [out.hidden_states[i][~real] for out in hf_out.values()]
+        assert _within_twice_torch_error(g[~real], torch_outputs, r[~real]), i
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -178,6 +207,7 @@ def _sparse_log_alpha(gates, gen):
         la["head"][3, 0] = 30.0
         la["int"][3] = -30.0  # layer 3: FFN gate live, no unit
         la["int"][0, 0] = 30.0
+        la["hidden"][0] = -30.0  # a dead hidden dim in every sample
 
 
 def _train_step_grads(model, gates, batch, seed, classifier):

@@ -33,6 +33,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from ...models.arch import encoder_dims
+from ...models.size import dense_encoder_size, encoder_size
+
 __all__ = ["CoFiGates", "TYPES"]
 
 TYPES = ("head", "mha", "int", "ffn", "hidden")
@@ -137,16 +140,10 @@ class CoFiGates(nn.Module):
         """Gates for a BERT/RoBERTa config (``num_hidden_layers``, ``num_attention_heads``,
         ``hidden_size``, ``intermediate_size``); ``kw`` go to the constructor."""
         try:
-            layers = hf_config.num_hidden_layers
-            heads = hf_config.num_attention_heads
-            hidden = hf_config.hidden_size
-            inter = hf_config.intermediate_size
-        except AttributeError as e:
-            raise ValueError(f"CoFiGates.from_config: config lacks a required field ({e})") from None
-        if hidden % heads:
-            raise ValueError(f"CoFiGates.from_config: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-        head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-        return cls(layers, heads, head_dim, inter, hidden, **kw)
+            d = encoder_dims(hf_config)
+        except ValueError as e:
+            raise ValueError(f"CoFiGates.from_config: {e}") from None
+        return cls(d.num_layers, d.num_heads, d.head_dim, d.intermediate_size, d.hidden_size, **kw)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -297,7 +294,8 @@ class CoFiGates(nn.Module):
     # ------------------------------------------------------------ size model
 
     def _size(self, p: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
-        """4·d_head·Σ_i Σ_h p_mha,i·p_head,ih·Σ_k p_hid,k + 2·Σ_i Σ_j p_ffn,i·p_int,ij·Σ_k p_hid,k."""
+        """The size model of DESIGN §4 with per-gate keep values ``p`` (``None`` = 1): per layer,
+        Σ_h p_mha·p_head heads and Σ_j p_ffn·p_int units, times Σ_k p_hid kept dims."""
         L, H, I, D = self.num_layers, self.num_heads, self.intermediate_size, self.hidden_size
         ref = self._ref_tensor()
 
@@ -309,7 +307,7 @@ class CoFiGates(nn.Module):
         if ffn is not None:
             units_alive = units_alive * ffn
         hid_alive = hid.sum() if hid is not None else torch.tensor(float(D), dtype=ref.dtype, device=ref.device)
-        return (4 * self.head_dim * heads_alive.sum() + 2 * units_alive.sum()) * hid_alive
+        return encoder_size(heads_alive, units_alive, hid_alive, self.head_dim)
 
     def expected_size(self) -> torch.Tensor:
         """E[number of counted encoder weights] under the keep probabilities (0-d, differentiable in log α).
@@ -321,8 +319,8 @@ class CoFiGates(nn.Module):
 
     def full_size(self) -> int:
         """M: the counted size with every gate 1 (BERT-base: 84,934,656)."""
-        L, H, I, D = self.num_layers, self.num_heads, self.intermediate_size, self.hidden_size
-        return (4 * self.head_dim * L * H + 2 * L * I) * D
+        return dense_encoder_size(self.num_layers, self.num_heads, self.head_dim, self.intermediate_size,
+                                  self.hidden_size)
 
     def expected_sparsity(self) -> torch.Tensor:
         """ŝ = 1 − E[size]/M (0-d, differentiable in log α)."""
@@ -342,18 +340,18 @@ class CoFiGates(nn.Module):
     def realised_size(self, z: Mapping[str, torch.Tensor | None]) -> int:
         """Counted size of the model the gate dict ``z`` prunes to (z > 0 counts as 1, ``None`` = all kept)."""
         z = self.validate(z, "CoFiGates.realised_size")
-        binary = {t: (None if v is None else (v > 0).to(torch.float64)) for t, v in z.items()}
-        L, H, I, D = self.num_layers, self.num_heads, self.intermediate_size, self.hidden_size
-        heads = binary["head"].sum(-1) if binary["head"] is not None else torch.full((L,), float(H), dtype=torch.float64)
-        units = binary["int"].sum(-1) if binary["int"] is not None else torch.full((L,), float(I), dtype=torch.float64)
-        heads = heads.cpu()
-        units = units.cpu()
-        if binary["mha"] is not None:
-            heads = heads * binary["mha"].cpu()
-        if binary["ffn"] is not None:
-            units = units * binary["ffn"].cpu()
-        hid = int(binary["hidden"].sum().item()) if binary["hidden"] is not None else D
-        return int(round((4 * self.head_dim * heads.sum().item() + 2 * units.sum().item()))) * hid
+        kept = {t: (None if v is None else (v > 0).cpu()) for t, v in z.items()}
+
+        def per_layer(sub: str, unit: str, full: int) -> list[int]:
+            counts = [full] * self.num_layers if kept[unit] is None else kept[unit].sum(-1).tolist()
+            if kept[sub] is not None:
+                counts = [c if alive else 0 for c, alive in zip(counts, kept[sub].tolist())]
+            return counts
+
+        heads = per_layer("mha", "head", self.num_heads)
+        units = per_layer("ffn", "int", self.intermediate_size)
+        hidden = self.hidden_size if kept["hidden"] is None else int(kept["hidden"].sum())
+        return encoder_size(heads, units, hidden, self.head_dim)
 
     def realised_sparsity(self, z: Mapping[str, torch.Tensor | None]) -> float:
         """1 − realised_size(z)/M."""

@@ -24,27 +24,23 @@ How the patch works:
   does not contain log α or λ); the model only holds a plain reference,
   reachable with :func:`cofi_gates`.
 
-Attention uses the key-padding part of HF's prepared mask (eager additive or
-sdpa boolean, or ``None``), so padded keys behave as in HF; the attention core
-is :func:`cofi_kernels.functional.gated_attention` (the FFN
-:func:`~cofi_kernels.functional.gated_ffn`), which never materialises
-the attention probabilities: ``output_attentions`` therefore returns no maps
-(as HF's sdpa path). Attention-probability dropout, when the config has it
-and the model trains, uses a plain PyTorch core instead.
+The gated computations themselves live in :mod:`cofi_kernels.modules.gated`
+(attention through :func:`cofi_kernels.functional.gated_attention`, which
+never materialises the attention probabilities: ``output_attentions``
+therefore returns no maps, as HF's sdpa path); this module swaps the classes,
+draws the gates and hands each layer its gates, live indices and the
+key-padding part of HF's prepared mask (eager additive or sdpa boolean, or
+``None``), so padded keys behave as in HF.
 
 Live-only compute (``live_only=True``, the default): heads, FFN units,
-sublayers and hidden dims whose gate is exactly 0 are not computed. Each layer
-gathers the kept hidden dims of its input (the dropped ones are exactly 0 in
-every hidden state), runs both sublayers on them with the live rows / columns
-cut out of the full weights by ``index_select`` (so gradients land in the
-right entries of the full parameters and the dead ones get exactly 0, as in
-the dense computation) and scatters its output back to the full width, so
-every hidden state the model returns has the full hidden size. ``live_only=False`` computes everything and multiplies by
-the gates, and turns a sublayer with layer gate 0 into the identity with a
-``torch.where`` (no host sync); it exists for tests and benchmarks.
+sublayers and hidden dims whose gate is exactly 0 are not computed; every
+hidden state the model returns still has the full hidden size.
+``live_only=False`` computes everything and multiplies by the gates; it
+exists for tests and benchmarks.
 
-Only encoder models are supported: configs with ``is_decoder`` or
-``add_cross_attention`` are refused, and ``past_key_values`` is not used.
+The supported models and configurations are those of
+:mod:`cofi_kernels.models.arch` (encoders only: configs with ``is_decoder``
+or ``add_cross_attention`` are refused); ``past_key_values`` is not used.
 """
 
 from __future__ import annotations
@@ -52,10 +48,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...functional import gated_attention, gated_ffn, masked_layer_norm
+from ...models.arch import SUPPORTED_MODELS, encoder_dims, gate_shapes, supported_model
+from ...modules.gated import HiddenGates, LayerGates, LiveLayer, gated_embedding_norm, gated_layer, live_layer
 from .gates import TYPES, CoFiGates
 
 __all__ = [
@@ -67,41 +63,7 @@ __all__ = [
     "SUPPORTED_MODELS",
 ]
 
-SUPPORTED_MODELS = (
-    "BertModel",
-    "BertForSequenceClassification",
-    "RobertaModel",
-    "RobertaForSequenceClassification",
-)
-
-
-def _supported_classes() -> tuple[type, ...]:
-    from transformers import (
-        BertForSequenceClassification,
-        BertModel,
-        RobertaForSequenceClassification,
-        RobertaModel,
-    )
-
-    return (BertModel, BertForSequenceClassification, RobertaModel, RobertaForSequenceClassification)
-
-
 # ----------------------------------------------------------------------------- state
-
-
-class _LayerPlan:
-    """Which parts of one layer are live, from the host copy of the gates (live-only mode)."""
-
-    __slots__ = ("mha_alive", "head_idx", "head_rows", "n_heads", "ffn_alive", "unit_idx", "n_units")
-
-    def __init__(self) -> None:
-        self.mha_alive = True
-        self.head_idx: torch.Tensor | None = None  # None = every head live
-        self.head_rows: torch.Tensor | None = None
-        self.n_heads = 0
-        self.ffn_alive = True
-        self.unit_idx: torch.Tensor | None = None
-        self.n_units = 0
 
 
 class _CoFiState:
@@ -113,12 +75,10 @@ class _CoFiState:
     def __init__(self, gates, config, live_only: bool) -> None:
         self.gates = gates
         self.live_only = bool(live_only)
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = encoder_dims(config).head_dim
         self.z: dict[str, torch.Tensor | None] | None = None
-        self.plans: list[_LayerPlan] | None = None
-        self.hid_idx: torch.Tensor | None = None  # kept hidden dims (live-only), None = all
-        self.z_hid_kept: torch.Tensor | None = None
+        self.plans: list[LiveLayer] | None = None
+        self.hidden: HiddenGates | None = None
         self.patched: list[tuple[nn.Module, type]] = []
         self._mask_src = None
         self._mask_kpm = None
@@ -137,53 +97,35 @@ class _CoFiState:
                 )
         self.z = self.plans = None
         self._mask_src = self._mask_kpm = None
-        present = [t for t in TYPES if z[t] is not None]
-        host = {}
-        if present:
-            flat = torch.cat([z[t].detach().reshape(-1).float() for t in present]).cpu()
-            if torch.isnan(flat).any():
-                raise ValueError("apply_cofi: the gates contain NaN (the kept hidden dims would be undefined)")
-            off = 0
-            for t in present:
-                n = z[t].numel()
-                host[t] = flat[off : off + n].reshape(z[t].shape)
-                off += n
+        host = _host_copy(z)
         self.plans = self._plan(host, device) if self.live_only else None
-        self.hid_idx = self.z_hid_kept = None
+        kept = kept_gate = None
         if self.live_only and "hidden" in host:
-            kept = host["hidden"] != 0
+            keep = host["hidden"] != 0
             # With no kept dim at all the full-width path gives the defined all-zero output.
-            if kept.any() and not kept.all():
-                self.hid_idx = kept.nonzero().flatten().to(device)
-                self.z_hid_kept = z["hidden"].index_select(0, self.hid_idx)
+            if keep.any() and not keep.all():
+                kept = keep.nonzero().flatten().to(device)
+                kept_gate = z["hidden"].index_select(0, kept)
+        self.hidden = HiddenGates(z["hidden"], kept, kept_gate)
         self.z = z
 
-    def _plan(self, host: dict[str, torch.Tensor], device: torch.device) -> list[_LayerPlan]:
-        num_layers = self.gates.num_layers
-        dh = self.head_dim
-        plans = []
-        offsets = torch.arange(dh)
-        for i in range(num_layers):
-            p = _LayerPlan()
-            if "mha" in host:
-                p.mha_alive = bool(host["mha"][i] != 0)
-            p.n_heads = self.num_heads
-            if p.mha_alive and "head" in host:
-                idx = _live_index(host["head"][i])
-                if idx is not None:
-                    p.n_heads = idx.numel()
-                    p.head_idx = idx.to(device)
-                    p.head_rows = (idx[:, None] * dh + offsets).flatten().to(device)
-            if "ffn" in host:
-                p.ffn_alive = bool(host["ffn"][i] != 0)
-            p.n_units = self.gates.intermediate_size
-            if p.ffn_alive and "int" in host:
-                idx = _live_index(host["int"][i])
-                if idx is not None:
-                    p.n_units = idx.numel()
-                    p.unit_idx = idx.to(device)
-            plans.append(p)
-        return plans
+    def _plan(self, host: dict[str, torch.Tensor], device: torch.device) -> list[LiveLayer]:
+        g = self.gates
+
+        def row(t, i):
+            return host[t][i] if t in host else None
+
+        return [live_layer(row("head", i), row("mha", i), row("int", i), row("ffn", i), g.num_heads, self.head_dim,
+                           g.intermediate_size, device) for i in range(g.num_layers)]
+
+    def layer_gates(self, i: int) -> LayerGates:
+        z = self.z
+
+        def row(t):
+            return None if z[t] is None else z[t][i]
+
+        return LayerGates(row("head"), row("mha"), row("int"), row("ffn"),
+                          None if self.plans is None else self.plans[i])
 
     def key_padding_mask(self, attention_mask, batch: int) -> torch.Tensor | None:
         """[B, T] bool (True = attend) from HF's prepared mask; cached for the forward."""
@@ -194,10 +136,20 @@ class _CoFiState:
         return kpm
 
 
-def _live_index(gate_row: torch.Tensor) -> torch.Tensor | None:
-    """Host indices of the non-zero entries of ``gate_row``; None when every entry is live."""
-    live = gate_row != 0
-    return None if bool(live.all()) else live.nonzero().flatten()
+def _host_copy(z: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The gates on the host, in one transfer (one small sync); NaN gates are refused."""
+    present = [t for t in TYPES if z[t] is not None]
+    if not present:
+        return {}
+    flat = torch.cat([z[t].detach().reshape(-1).float() for t in present]).cpu()
+    if torch.isnan(flat).any():
+        raise ValueError("apply_cofi: the gates contain NaN (the kept hidden dims would be undefined)")
+    host, off = {}, 0
+    for t in present:
+        n = z[t].numel()
+        host[t] = flat[off : off + n].reshape(z[t].shape)
+        off += n
+    return host
 
 
 def _key_padding_from_hf_mask(mask, batch: int) -> torch.Tensor | None:
@@ -231,105 +183,11 @@ def _state_of(module) -> _CoFiState:
     return st
 
 
-# ------------------------------------------------------------------------- sublayers
-
-
-def _core(sa, q, k, v, head_gate, kpm):
-    """Gated attention core; a plain PyTorch path only when attention dropout is active."""
-    if head_gate is not None and head_gate.dtype != q.dtype:
-        head_gate = head_gate.to(q.dtype)
-    p = sa.dropout.p if sa.training else 0.0
-    if p == 0.0:
-        return gated_attention(q, k, v, head_gate, kpm, scale=sa.scaling)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * sa.scaling
-    if kpm is not None:
-        scores = scores.masked_fill(~kpm[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = F.dropout(torch.softmax(scores, dim=-1), p=p, training=True)
-    out = torch.matmul(probs, v)
-    return out if head_gate is None else out * head_gate[None, :, None, None]
-
-
-def _take(w: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
-    # index_select (not a mask) so the backward scatters into the right rows and
-    # columns of the full parameter and leaves exact zeros elsewhere.
-    if rows is not None:
-        w = w.index_select(0, rows)
-    if cols is not None:
-        w = w.index_select(-1, cols)
-    return w
-
-
-def _attention_sublayer(attn, x, kpm, st: _CoFiState, i: int, hid, z_hid) -> torch.Tensor:
-    """Attention sublayer on ``x`` ([B, T, D] or, with ``hid``, only the kept hidden dims)."""
-    z, plan = st.z, (st.plans[i] if st.plans is not None else None)
-    z_mha = None if z["mha"] is None else z["mha"][i]
-    if plan is not None and not plan.mha_alive:
-        return x
-    sa, so, ln = attn.self, attn.output, attn.output.LayerNorm
-    dh = sa.attention_head_size
-    z_head = None if z["head"] is None else z["head"][i]
-    n, rows = sa.num_attention_heads, None
-    if plan is not None and plan.head_idx is not None:
-        n, rows = plan.n_heads, plan.head_rows
-        z_head = z_head.index_select(0, plan.head_idx)
-    bo = _take(so.dense.bias, hid, None)
-    batch, seq, _ = x.shape
-    if n > 0:
-
-        def proj(lin):
-            w, b = _take(lin.weight, rows, hid), _take(lin.bias, rows, None)
-            return F.linear(x, w, b).view(batch, seq, n, dh).transpose(1, 2)
-
-        ctx = _core(sa, proj(sa.query), proj(sa.key), proj(sa.value), z_head, kpm)
-        out = F.linear(ctx.transpose(1, 2).reshape(batch, seq, n * dh), _take(so.dense.weight, hid, rows), bo)
-    else:
-        # No live head but a live layer gate: the sublayer still adds its bias and normalises (§4).
-        out = bo.expand(batch, seq, bo.shape[0])
-    return _gated_residual_norm(so.dropout(out), x, ln, hid, z_mha, z_hid, dense=plan is None)
-
-
-def _ffn_sublayer(layer, x, st: _CoFiState, i: int, hid, z_hid) -> torch.Tensor:
-    """FFN sublayer on ``x`` ([B, T, D] or, with ``hid``, only the kept hidden dims)."""
-    z, plan = st.z, (st.plans[i] if st.plans is not None else None)
-    z_ffn = None if z["ffn"] is None else z["ffn"][i]
-    if plan is not None and not plan.ffn_alive:
-        return x
-    inter, outm, ln = layer.intermediate, layer.output, layer.output.LayerNorm
-    z_int = None if z["int"] is None else z["int"][i]
-    n, units = inter.dense.weight.shape[0], None
-    if plan is not None and plan.unit_idx is not None:
-        n, units = plan.n_units, plan.unit_idx
-        z_int = z_int.index_select(0, units)
-    b2 = _take(outm.dense.bias, hid, None)
-    if n > 0:
-        w1, b1 = _take(inter.dense.weight, units, hid), _take(inter.dense.bias, units, None)
-        w2 = _take(outm.dense.weight, hid, units)
-        if layer._cofi_erf_gelu:
-            out = gated_ffn(x, w1, b1, w2, b2, z_int)
-        else:
-            act = inter.intermediate_act_fn(F.linear(x, w1, b1))
-            out = F.linear(act if z_int is None else act * z_int, w2, b2)
-    else:
-        out = b2.expand(*x.shape[:-1], b2.shape[0])
-    return _gated_residual_norm(outm.dropout(out), x, ln, hid, z_ffn, z_hid, dense=plan is None)
-
-
-def _gated_residual_norm(out, x, ln, hid, layer_gate, z_hid, *, dense: bool) -> torch.Tensor:
-    """``LN_kept(x + out · layer_gate · z_hid) · z_hid``; in dense mode a layer gate of 0 keeps ``x`` (§4)."""
-    y = masked_layer_norm(
-        out, x, _take(ln.weight, hid, None), _take(ln.bias, hid, None), layer_gate, z_hid, ln.eps, check_gates=False
-    )
-    if dense and layer_gate is not None:
-        # Live-only mode skips a dead sublayer before computing it; dense mode selects without a host sync.
-        y = torch.where(layer_gate == 0, x, y)
-    return y
-
-
 # --------------------------------------------------------------------- patched classes
 
 
 class _CoFiLayerForward:
-    """Mixin that replaces a BERT/RoBERTa encoder layer's forward with the gated one."""
+    """Mixin that replaces a BERT/RoBERTa encoder layer's forward with the gated one of :mod:`~cofi_kernels.modules.gated`."""
 
     def forward(
         self,
@@ -341,35 +199,20 @@ class _CoFiLayerForward:
         **kwargs,
     ) -> torch.Tensor:
         st = _state_of(self)
-        i = self._cofi_layer
-        plan = st.plans[i] if st.plans is not None else None
-        if plan is not None and not (plan.mha_alive or plan.ffn_alive):
-            return hidden_states
         kpm = st.key_padding_mask(attention_mask, hidden_states.shape[0])
-        hid = st.hid_idx if plan is not None else None
-        # Live-only: work on the kept hidden dims only. The dropped dims of every
-        # hidden state are exactly 0 (trailing ·z_hid), so gathering them here and
-        # scattering back below loses nothing.
-        x = hidden_states if hid is None else hidden_states.index_select(-1, hid)
-        z_hid = st.z["hidden"] if hid is None else st.z_hid_kept
-        h = _attention_sublayer(self.attention, x, kpm, st, i, hid, z_hid)
-        h = _ffn_sublayer(self, h, st, i, hid, z_hid)
-        if hid is not None:
-            h = hidden_states.new_zeros(hidden_states.shape).index_copy(-1, hid, h)
-        return h
+        return gated_layer(hidden_states, kpm, self._cofi_attention, self._cofi_ffn,
+                           st.layer_gates(self._cofi_layer), st.hidden)
 
 
 class _CoFiEmbeddingNormForward:
     """Mixin for the embeddings' LayerNorm: ``LN_kept(e · z_hid) · z_hid`` (plain LN without a hidden gate)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z_hid = _state_of(self).z["hidden"]
-        if z_hid is None:
-            return super().forward(x)
-        return masked_layer_norm(x, torch.zeros_like(x), self.weight, self.bias, None, z_hid, self.eps, check_gates=False)
+        return gated_embedding_norm(x, self, _state_of(self).z["hidden"])
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
+_LAYER_ATTRS = ("_cofi_state", "_cofi_layer", "_cofi_attention", "_cofi_ffn")
 
 
 def _cofi_subclass(cls: type, mixin: type) -> type:
@@ -389,34 +232,17 @@ def _swap_class(module: nn.Module, mixin: type, st: _CoFiState) -> None:
 
 
 def _check_model(model) -> nn.Module:
-    supported = _supported_classes()
-    if not isinstance(model, supported):
-        raise TypeError(
-            f"apply_cofi: unsupported model class {type(model).__name__}; supported: {', '.join(SUPPORTED_MODELS)}"
-        )
-    base = model.base_model
-    cfg = base.config
-    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        raise ValueError(
-            f"apply_cofi: {type(model).__name__} is configured as a decoder (is_decoder / add_cross_attention); "
-            "CoFi gates are supported on encoders only"
-        )
-    return base
+    """The base encoder of a supported model (the adapter's check, shared by every entry point)."""
+    return supported_model(model)[2]
 
 
 def _check_gates(gates, cfg) -> None:
     if not all(hasattr(gates, a) for a in ("current", "validate", "shapes")):
         raise TypeError(f"apply_cofi: gates must be a CoFiGates, got {type(gates).__name__}")
-    heads = cfg.num_attention_heads
-    expected = {
-        "head": (cfg.num_hidden_layers, heads),
-        "mha": (cfg.num_hidden_layers,),
-        "int": (cfg.num_hidden_layers, cfg.intermediate_size),
-        "ffn": (cfg.num_hidden_layers,),
-        "hidden": (cfg.hidden_size,),
-    }
+    expected = gate_shapes(cfg)
+    head_dim = encoder_dims(cfg).head_dim
     got = {t: tuple(s) for t, s in gates.shapes.items()}
-    if got != expected or getattr(gates, "head_dim", cfg.hidden_size // heads) != cfg.hidden_size // heads:
+    if got != expected or getattr(gates, "head_dim", head_dim) != head_dim:
         raise ValueError(f"apply_cofi: the gates' shapes {got} do not match the model config (expected {expected})")
 
 
@@ -456,14 +282,17 @@ def apply_cofi(
     or the dict given to ``gates.fix``); the whole batch shares it.
 
     Raises:
-        TypeError: unsupported model class, or ``gates`` is not a CoFiGates.
-        ValueError: decoder config, gates whose shapes do not match the config,
+        UnsupportedModelError (a TypeError and a ValueError): a model class or
+            configuration :mod:`cofi_kernels.models.arch` does not support
+            (the same error as :func:`~cofi_kernels.pruning.cofi.fold.prune` gives).
+        TypeError: ``gates`` is not a CoFiGates.
+        ValueError: gates whose shapes do not match the config,
             ``gates`` together with ``learn``/``gate_kwargs``, or a model that
             is already patched (patching twice is an error; use
             :func:`cofi_gates` to get the existing gates or :func:`remove_cofi`
             first).
     """
-    base = _check_model(model)
+    arch, _, base = supported_model(model)
     if is_cofi_patched(model):
         raise ValueError(
             f"apply_cofi: {type(model).__name__} is already patched with CoFi gates; "
@@ -481,13 +310,13 @@ def apply_cofi(
     _check_gates(gates, cfg)
 
     st = _CoFiState(gates, cfg, live_only)
-    erf_gelu = cfg.hidden_act == "gelu"  # gated_ffn uses exact-erf GELU; other activations use HF's function
     try:
-        _swap_class(base.embeddings.LayerNorm, _CoFiEmbeddingNormForward, st)
-        for i, layer in enumerate(base.encoder.layer):
+        _swap_class(arch.embedding_parts(base).norm, _CoFiEmbeddingNormForward, st)
+        for i, layer in enumerate(arch.layers(base)):
+            # The weight views are taken before the class swap (they read the HF submodules).
+            attention, ffn = arch.attention_parts(layer), arch.ffn_parts(layer, cfg)
             _swap_class(layer, _CoFiLayerForward, st)
-            layer._cofi_layer = i
-            layer._cofi_erf_gelu = erf_gelu
+            layer._cofi_layer, layer._cofi_attention, layer._cofi_ffn = i, attention, ffn
     except Exception:
         _undo(base, st)
         raise
@@ -513,7 +342,7 @@ def _device_of(module: nn.Module) -> torch.device:
 def _undo(base, st: _CoFiState) -> None:
     for module, cls in reversed(st.patched):
         module.__class__ = cls
-        for attr in ("_cofi_state", "_cofi_layer", "_cofi_erf_gelu"):
+        for attr in _LAYER_ATTRS:
             module.__dict__.pop(attr, None)
     st.patched.clear()
     for key, fn in list(base._forward_pre_hooks.items()):

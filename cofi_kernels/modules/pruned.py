@@ -1,0 +1,186 @@
+"""Sublayers of a pruned encoder: each owns its parameters, their initialisation and its forward.
+
+A pruned layer has its own head count and FFN width (either may be 0), one
+reduced hidden size ``d`` shared by every layer, and may have lost either
+sublayer. Every gate value is already folded into the weights, so these are
+plain post-LayerNorm BERT sublayers. Their forward runs the ops of
+:mod:`cofi_kernels.functional` (today their PyTorch reference: the serving
+engine's kernels become backends of those ops). Parameter names are those of
+the saved format of :class:`~cofi_kernels.models.pruned_model.PrunedModel`.
+
+The constructors allocate with ``torch.empty`` and then call
+``reset_parameters`` (BERT's initialisation: normal(0, 0.02) weights, zero
+biases, LayerNorm 1 and 0); build under ``torch.device("meta")`` to skip both
+when the weights are loaded next.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional
+
+__all__ = ["ACTIVATIONS", "ClassificationHead", "PrunedAttention", "PrunedEmbeddings", "PrunedFFN", "PrunedLayer"]
+
+# The FFN activations a pruned model can compute, by their Hugging Face names.
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+INIT_STD = 0.02
+
+
+def _param(*shape: int) -> nn.Parameter:
+    # Inference models: fine-tuning turns gradients on with requires_grad_().
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+@torch.no_grad()
+def _init(module: nn.Module) -> None:
+    """BERT's initialisation for the parameters of ``module`` by name."""
+    for name, p in module.named_parameters(recurse=False):
+        if name.startswith("ln_weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, INIT_STD)
+
+
+class PrunedEmbeddings(nn.Module):
+    """Word + position + token-type embeddings over the kept hidden dims, then LayerNorm."""
+
+    def __init__(self, vocab_size: int, max_positions: int, type_vocab_size: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.word_embeddings = _param(vocab_size, hidden_size)
+        self.position_embeddings = _param(max_positions, hidden_size)
+        self.token_type_embeddings = _param(type_vocab_size, hidden_size)
+        self.ln_weight = _param(hidden_size)
+        self.ln_bias = _param(hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init(self)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` ids of each kind → ``[B, T, d]``."""
+        x = F.embedding(input_ids, self.word_embeddings) + F.embedding(token_type_ids, self.token_type_embeddings)
+        x = x + F.embedding(position_ids, self.position_embeddings)
+        return functional.layer_norm(x, self.ln_weight, self.ln_bias, self.eps)
+
+
+class PrunedAttention(nn.Module):
+    """Self-attention with ``heads`` heads (fused QKV), output projection and residual LayerNorm.
+
+    With ``heads == 0`` only the output bias and the LayerNorm remain:
+    ``LN(h + b_out)``, which is what a sublayer with a live layer gate and no
+    live head computes.
+    """
+
+    def __init__(self, heads: int, head_dim: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        if heads:
+            self.qkv_weight = _param(3 * heads * head_dim, hidden_size)
+            self.qkv_bias = _param(3 * heads * head_dim)
+            self.out_weight = _param(hidden_size, heads * head_dim)
+        self.out_bias = _param(hidden_size)
+        self.ln_weight = _param(hidden_size)
+        self.ln_bias = _param(hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init(self)
+
+    def forward(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """``h`` ``[B, T, d]``; ``key_padding_mask`` ``[B, T]`` bool (True = attend) or None."""
+        if not self.heads:
+            return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=h)
+        B, T, _ = h.shape
+        dh = self.head_dim
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, T, 3, self.heads, dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = functional.attention(q, k, v, key_padding_mask, scale=dh**-0.5)
+        out = F.linear(ctx.transpose(1, 2).reshape(B, T, self.heads * dh), self.out_weight, self.out_bias)
+        return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=h)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}"
+
+
+class PrunedFFN(nn.Module):
+    """FFN of ``width`` units with residual LayerNorm; ``width == 0`` leaves ``LN(h + b_out)``."""
+
+    def __init__(self, width: int, hidden_size: int, activation: str, eps: float):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"PrunedFFN: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.width, self.activation, self.eps = width, activation, eps
+        if width:
+            self.in_weight = _param(width, hidden_size)
+            self.in_bias = _param(width)
+            self.out_weight = _param(hidden_size, width)
+        self.out_bias = _param(hidden_size)
+        self.ln_weight = _param(hidden_size)
+        self.ln_bias = _param(hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init(self)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` → ``[..., d]``."""
+        if not self.width:
+            return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=h)
+        out = functional.ffn(h, self.in_weight, self.in_bias, self.out_weight, self.out_bias,
+                             ACTIVATIONS[self.activation])
+        return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=h)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}"
+
+
+class PrunedLayer(nn.Module):
+    """One encoder layer: attention then FFN, either of which may be removed (``None``)."""
+
+    def __init__(self, attention: PrunedAttention | None, ffn: PrunedFFN | None):
+        super().__init__()
+        self.attention = attention
+        self.ffn = ffn
+
+    def forward(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.attention is not None:
+            h = self.attention(h, key_padding_mask)
+        if self.ffn is not None:
+            h = self.ffn(h)
+        return h
+
+
+class ClassificationHead(nn.Module):
+    """``out(tanh(dense(h[:, 0])))``: BERT's pooler + classifier, or RoBERTa's classification head.
+
+    The dense layer reads the kept hidden dims (``d``) and keeps the original
+    hidden size ``D`` as its output: the pooled vector is not hidden-gated.
+    """
+
+    def __init__(self, hidden_size: int, pooled_size: int, num_labels: int):
+        super().__init__()
+        self.dense_weight = _param(pooled_size, hidden_size)
+        self.dense_bias = _param(pooled_size)
+        self.out_weight = _param(num_labels, pooled_size)
+        self.out_bias = _param(num_labels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init(self)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d]`` → logits ``[B, num_labels]`` from the first token."""
+        pooled = torch.tanh(F.linear(h[:, 0], self.dense_weight, self.dense_bias))
+        return F.linear(pooled, self.out_weight, self.out_bias)
