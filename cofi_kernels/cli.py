@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+from .training.config import fraction
+
 DEFAULT_SPLIT_SEED = 20220522  # fixes the default data's train / validation / test parts
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_VALIDATION_FRACTION = 0.1
@@ -95,14 +97,21 @@ def _training_data(args):
 # ---------------------------------------------------------------------- commands
 
 
+def _config_from(args, config_class):
+    """The config dataclass filled from its generated flags."""
+    from .training.config import settings_of
+
+    values = {f.name: getattr(args, f.name) for f in settings_of(config_class)}
+    for f in settings_of(config_class):
+        if isinstance(f.default, tuple):  # argparse gives lists; the config keeps tuples
+            values[f.name] = tuple(values[f.name])
+    return config_class(**values)
+
+
 def _cmd_finetune(args) -> int:
     from .training.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        freeze_embeddings=args.freeze_embeddings, seed=args.seed, device=args.device, bf16=args.bf16,
-    )
+    cfg = _config_from(args, FinetuneConfig)
     model_dir = args.model or default_model_dir()
     train, eval_data = _training_data(args)
     result = finetune(model_dir, train, eval_data, args.out, cfg, resume=args.resume, progress=not args.quiet,
@@ -113,27 +122,14 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
-def _prune_config(args):
-    from .pruning.cofi.loop import PruneConfig
-
-    return PruneConfig(
-        target_sparsity=args.target_sparsity, distill_epochs=args.distill_epochs, prune_epochs=args.prune_epochs,
-        sparsity_warmup_epochs=args.sparsity_warmup_epochs, finetune_epochs=args.finetune_epochs,
-        batch_size=args.batch_size, lr=args.lr, reg_lr=args.reg_lr, lambda_lr=args.lambda_lr,
-        finetune_lr=args.finetune_lr, temperature=args.temperature, alpha_pred=args.alpha_pred,
-        alpha_layer=args.alpha_layer, epsilon=args.epsilon, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, freeze_embeddings=args.freeze_embeddings,
-        max_length=args.max_length, seed=args.seed, device=args.device, bf16=args.bf16,
-    )
-
-
 def _cmd_prune(args) -> int:
-    from .pruning.cofi.loop import cofi_prune
+    from .pruning import get_method
 
-    cfg = _prune_config(args)
+    method = get_method(args.method)
+    cfg = _config_from(args, method.config)
     train, eval_data = _training_data(args)
-    result = cofi_prune(args.teacher, train, eval_data, args.out, cfg, student_dir=args.student,
-                        distill=not args.no_distill, resume=args.resume, progress=not args.quiet)
+    inputs = {a.name: getattr(args, a.name) for a in method.arguments}
+    result = method.run(train, eval_data, args.out, cfg, resume=args.resume, progress=not args.quiet, **inputs)
     m = result.metrics
     print(f"pruned model written to {result.out}: realised sparsity {result.extra['sparsity']:.4f}, "
           f"{m['metric']} {m[m['metric']]:.4f} ({result.seconds:.0f} s)")
@@ -307,34 +303,54 @@ def _demo_table(teacher: dict, pruned: dict, speedup: float) -> str:
 # ---------------------------------------------------------------------- arguments
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1) (e.g. 0.9 for 90%), got {text}")
-    return v
+_TYPES = {"int": int, "float": float, "str": str}
 
 
-def _common(p: argparse.ArgumentParser, *, train: bool, defaults=None) -> None:
+def config_flag(f) -> str:
+    """The command-line flag of a config field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of ``config_class``, typed, with its help text and default."""
+    from .training.config import settings_of
+
+    for f in settings_of(config_class):
+        meta, flag, kind = f.metadata, config_flag(f), str(f.type).replace(" ", "")
+        text = (meta.get("flag_help") or meta.get("help", "")).replace("%", "%%")  # argparse %-formats help
+        if kind == "bool":
+            # A flag switches away from the default: --bf16 turns it on, --train-embeddings turns freezing off.
+            action = "store_false" if f.default else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, default=f.default, help=text)
+            continue
+        kw = {"dest": f.name, "default": f.default, "required": bool(meta.get("required"))}
+        if kind in ("list[int]|None", "tuple[str,...]"):
+            kw.update(nargs="+", type=int if kind.startswith("list[int]") else str)
+            if meta.get("choices"):
+                kw["choices"] = list(meta["choices"])
+            shown = "all" if kind.startswith("tuple") else None
+        else:
+            if kind not in _TYPES and meta.get("cli_type") is None:
+                raise TypeError(f"{config_class.__name__}.{f.name}: no command-line type for {f.type!r}")
+            kw["type"] = meta.get("cli_type") or _TYPES[kind]
+            shown = f"{f.default:g}" if isinstance(f.default, float) else f"{f.default}"
+        if kind == "list[int]|None":
+            kw["metavar"] = "N"
+        help_text = text if kw["required"] or shown is None else f"{text} (default {shown})"
+        p.add_argument(flag, help=help_text, **kw)
+
+
+def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--data", help="CSV or JSONL with 'text' [, 'text_pair'] and 'label' (default: BBC News)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
     if not train:
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+        p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
         return
     p.add_argument("--eval-data", help="data to choose the best state on (default: a seeded held-out part of --data)")
-    p.add_argument("--eval-fraction", type=_fraction, default=0.1,
+    p.add_argument("--eval-fraction", type=fraction, default=0.1,
                    help="held-out part of --data when no --eval-data is given (default 0.1)")
     p.add_argument("--out", required=True, help="run directory (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
-    p.add_argument("--max-length", type=int, default=defaults.max_length,
-                   help=f"tokens per example (default {defaults.max_length})")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: the default schedule)")
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                   help=f"steps between checkpoints (default {defaults.checkpoint_every})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -345,17 +361,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-def _number(p: argparse.ArgumentParser, flag: str, default: float, text: str) -> None:
-    p.add_argument(flag, type=float, default=default, help=f"{text} (default {default:g})")
+def _method_in(argv: list[str] | None) -> str:
+    """The ``--method`` of a ``cofi prune`` command line (its flags depend on it); default ``cofi``."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return "cofi"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``cofi`` argument parser (defaults of the training options come from
-    :class:`~cofi_kernels.training.finetune.FinetuneConfig` and :class:`~cofi_kernels.pruning.cofi.loop.PruneConfig`)."""
-    from .pruning.cofi.loop import PruneConfig
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``cofi`` argument parser. The training commands' flags are generated from their config
+    dataclasses (:class:`~cofi_kernels.training.finetune.FinetuneConfig`, and for ``prune`` the
+    config of the ``--method`` named in ``argv``), so every setting has a flag."""
+    from .pruning import get_method, method_names
     from .training.finetune import FinetuneConfig
 
-    ft, pr = FinetuneConfig(), PruneConfig()
     parser = _Parser(
         prog="cofi",
         description="CoFi structured pruning of BERT-family classifiers (cofi_kernels).",
@@ -364,45 +387,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a model on labelled text (makes a teacher)")
     p.add_argument("--model", help="pretrained BERT/RoBERTa directory (default: all-MiniLM-L6-v2)")
-    _common(p, train=True, defaults=ft)
-    _number(p, "--epochs", ft.epochs, "passes over the training data")
-    _number(p, "--lr", ft.lr, "peak learning rate (linear warm-up and decay)")
+    _common(p, train=True)
     p.add_argument("--task", choices=("classification", "regression"), help="default: inferred from the labels")
-    p.add_argument("--freeze-embeddings", action="store_true", help="do not train the embedding tables")
+    _add_config_flags(p, FinetuneConfig)
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser("prune", help="CoFi-prune a fine-tuned model to a target sparsity")
-    p.add_argument("--teacher", required=True, help="directory written by `cofi finetune`")
-    p.add_argument("--target-sparsity", type=_fraction, required=True, help="in (0, 1), e.g. 0.9")
-    p.add_argument("--student", help="start the student from this pretrained model instead of a copy of the teacher")
-    p.add_argument("--no-distill", action="store_true", help="train with cross-entropy only (no teacher)")
-    _common(p, train=True, defaults=pr)
-    _number(p, "--distill-epochs", pr.distill_epochs, "distillation before pruning starts")
-    _number(p, "--prune-epochs", pr.prune_epochs, "the gate-learning phase")
-    _number(p, "--sparsity-warmup-epochs", pr.sparsity_warmup_epochs, "the target grows linearly over these")
-    _number(p, "--finetune-epochs", pr.finetune_epochs, "fine-tuning of the pruned model")
-    _number(p, "--lr", pr.lr, "model learning rate while pruning")
-    _number(p, "--reg-lr", pr.reg_lr, "learning rate of log alpha")
-    _number(p, "--lambda-lr", pr.lambda_lr, "learning rate of the ascent on lambda_1, lambda_2")
-    _number(p, "--finetune-lr", pr.finetune_lr, "peak learning rate of the pruned model's fine-tuning")
-    _number(p, "--temperature", pr.temperature, "prediction distillation temperature")
-    _number(p, "--alpha-pred", pr.alpha_pred, "weight of the prediction distillation")
-    _number(p, "--alpha-layer", pr.alpha_layer, "weight of the layer distillation")
-    _number(p, "--epsilon", pr.epsilon, "the best state is chosen among evaluations with |expected sparsity - target| <= this")
-    p.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
-                   help="also train the embedding tables (frozen by default)")
+    names = method_names()
+    chosen = _method_in(argv)
+    method = get_method(chosen if chosen in names else "cofi")
+    p = sub.add_parser("prune", help="prune a fine-tuned model to a target sparsity (--method, default cofi)")
+    p.add_argument("--method", choices=names, default="cofi",
+                   help="; ".join(f"{n}: {get_method(n).summary}" for n in names) + " (default cofi)")
+    for a in method.arguments:
+        if a.switch:
+            p.add_argument(a.flag, dest=a.name, action="store_true", help=a.help)
+        else:
+            p.add_argument(a.flag, dest=a.name, required=a.required, help=a.help)
+    _common(p, train=True)
+    _add_config_flags(p, method.config)
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("eval", help="accuracy, sparsity, parameters and speed of a model directory")
     p.add_argument("--model", required=True, help="directory written by `cofi finetune` or `cofi prune`")
-    _common(p, train=False, defaults=None)
+    _common(p, train=False)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="finetune -> prune -> eval of all-MiniLM-L6-v2 on BBC News, one table")
     p.add_argument("--out", default="cofi-demo", help="run directory (default ./cofi-demo)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished demo in --out")
-    p.add_argument("--target-sparsity", type=_fraction, default=DEMO_PRUNE["target_sparsity"])
+    p.add_argument("--target-sparsity", type=fraction, default=DEMO_PRUNE["target_sparsity"])
     p.add_argument("--max-length", type=int, default=DEMO_MAX_LENGTH,
                    help=f"tokens per article (default {DEMO_MAX_LENGTH}: headline and first paragraph)")
     p.add_argument("--seed", type=int, default=0)
@@ -413,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cofi`` console script; returns the exit status."""
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
     from transformers.utils import logging as hf_logging

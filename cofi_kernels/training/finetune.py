@@ -2,69 +2,45 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
+from .config import RunSettings, check_run_settings, documented, setting
 from .data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from .distill import task_loss
 from .evaluation import autocast, evaluate, model_outputs
 from .model_io import load_classifier, load_tokenizer, write_task
 from .optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
 from .trainer import (
+    Evaluation,
+    Phase,
     RunDirectory,
     RunError,
     RunResult,
-    batch_at,
-    better,
-    check_common,
+    Trainer,
+    TrainerHooks,
     clone_state,
-    data_digest,
-    model_digest,
-    progress_bar,
-    seed_step,
+    run_fingerprint,
 )
 
 
+@documented
 @dataclass
-class FinetuneConfig:
-    """Settings of :func:`finetune` (the teacher).
+class FinetuneConfig(RunSettings):
+    """Settings of :func:`finetune` (the teacher)."""
 
-    Attributes:
-        epochs: passes over the training data (fractions allowed).
-        batch_size: examples per step.
-        lr: peak AdamW learning rate (linear warm-up, then linear decay to 0).
-        warmup_fraction: share of the steps spent warming up.
-        weight_decay: AdamW weight decay (not on biases and LayerNorms).
-        max_length: tokens per example (longer texts are truncated).
-        eval_every: evaluate every this many steps (0: once per epoch); the best
-            evaluation's weights are kept.
-        checkpoint_every: write a checkpoint every this many steps.
-        freeze_embeddings: do not train the embedding tables.
-        seed: seeds the data order, dropout and the classifier initialisation.
-        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
-        bf16: bf16 autocast (GPU only).
-    """
-
-    epochs: float = 3.0
-    batch_size: int = 32
-    lr: float = 5e-5
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    max_length: int = 128
-    eval_every: int = 0
-    checkpoint_every: int = 50
-    freeze_embeddings: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    bf16: bool = False
+    epochs: float = setting(3.0, "passes over the training data (fractions allowed)")
+    lr: float = setting(5e-5, "peak AdamW learning rate (linear warm-up, then linear decay to 0)")
+    warmup_fraction: float = setting(0.1, "share of the steps spent warming up the learning rate")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorms)")
+    eval_every: int = setting(0, "evaluate every N steps (0: once per epoch); the best evaluation's weights are kept")
+    freeze_embeddings: bool = setting(False, "do not train the embedding tables")
 
 
 def _check_finetune_config(cfg: FinetuneConfig) -> None:
-    check_common(cfg, "finetune")
+    check_run_settings(cfg, "finetune")
     if not cfg.epochs > 0:
         raise RunError(f"finetune: epochs must be > 0, got {cfg.epochs}")
     if not cfg.lr > 0:
@@ -103,75 +79,64 @@ def finetune(
     tokenizer = load_tokenizer(model_dir)
     train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
     eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
-    fingerprint = {
-        "config": dataclasses.asdict(cfg),
-        "model": model_digest(model_dir),
-        "train": data_digest(train),
-        "eval": data_digest(eval_data),
-        "labels": labels.to_json(),
-    }
+    fingerprint = run_fingerprint(cfg, models={"model": model_dir}, data={"train": train, "eval": eval_data},
+                                  labels=labels.to_json())
     run = RunDirectory(out, fingerprint, resume, "finetune")
     torch.manual_seed(cfg.seed)  # the new classification head's initialisation
-    model = load_classifier(model_dir, labels)
-    device = torch.device(cfg.device)
-    model.to(device)
+    model = load_classifier(model_dir, labels).to(torch.device(cfg.device))
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
-    opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-    n = len(train_enc)
-    spe = steps_per_epoch(n, cfg.batch_size)
+    spe = steps_per_epoch(len(train_enc), cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * spe))
-    warmup = int(cfg.warmup_fraction * total)
-    eval_every = cfg.eval_every or spe
-    step, best, best_state = 0, None, None
-    run.start()
-    if run.resumed is not None:
-        st = run.resumed
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        step, best = st["step"], st["best"]
-        best_state = st["best_state"]
-    t_start = time.perf_counter() - (run.resumed or {}).get("seconds", 0.0)
-
-    def checkpoint():
-        run.save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "best": best, "best_state": best_state, "seconds": time.perf_counter() - t_start})
-
-    if run.resumed is None:
-        checkpoint()  # a run killed before its first interval still resumes
-    bar = progress_bar(total, step, "finetune", progress)
-    model.train()
-    while step < total:
-        seed_step(cfg.seed, step)
-        b = train_enc.batch(batch_at(step, n, cfg.batch_size, cfg.seed), device)
-        set_lr(opt, cfg.lr * linear_schedule(step, total, warmup))
-        with autocast(device, cfg.bf16):
-            loss = task_loss(model_outputs(model, b), b["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        run.log({"event": "step", "phase": "finetune", "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-        if step % eval_every == 0 or step == total:
-            m = evaluate(model, eval_enc, labels, device=device, bf16=cfg.bf16)
-            model.train()
-            run.log({"event": "eval", "phase": "finetune", "step": step, **m})
-            if bar is not None:
-                bar.write(f"step {step}: eval {m['metric']} {m[m['metric']]:.4f}")
-            if better(m, best):
-                best, best_state = {**m, "step": step}, clone_state(model)
-        if step % cfg.checkpoint_every == 0 or step == total:
-            checkpoint()
-    if bar is not None:
-        bar.close()
-    model.load_state_dict(best_state)
+    hooks = _Finetune(model, cfg, eval_enc, labels, total)
+    trainer = Trainer(run, hooks, [Phase("finetune", total, cfg.eval_every or spe)], train_enc, seed=cfg.seed,
+                      batch_size=cfg.batch_size, device=cfg.device, checkpoint_every=cfg.checkpoint_every,
+                      description="finetune")
+    trainer.fit(progress)
+    best = trainer.best["finetune"]
     model.save_pretrained(run.out)
     tokenizer.save_pretrained(run.out)
     write_task(run.out, labels, cfg.max_length, "finetuned")
-    seconds = time.perf_counter() - t_start
-    summary = {"kind": "finetune", "best": best, "steps": total, "seconds": seconds, "config": dataclasses.asdict(cfg)}
+    summary = {"kind": "finetune", "best": best, "steps": total, "seconds": trainer.seconds,
+               "config": fingerprint["config"]}
     run.finish(summary)
-    return RunResult(run.out, best, total, seconds)
+    return RunResult(run.out, best, total, trainer.seconds)
+
+
+class _Finetune(TrainerHooks):
+    """Task loss, AdamW with linear warm-up and decay; the best evaluation's weights are kept."""
+
+    def __init__(self, model, cfg: FinetuneConfig, eval_enc: Encoded, labels: LabelSpace, total: int):
+        self.model, self.cfg, self.eval_enc, self.labels, self.total = model, cfg, eval_enc, labels, total
+        self.warmup = int(cfg.warmup_fraction * total)
+        self.opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+        model.train()
+
+    def train_step(self, phase, step, batch, index):
+        cfg = self.cfg
+        set_lr(self.opt, cfg.lr * linear_schedule(step, self.total, self.warmup))
+        with autocast(cfg.device, cfg.bf16):
+            loss = task_loss(model_outputs(self.model, batch), batch["labels"])
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
+
+    def evaluate(self, phase, step):
+        m = evaluate(self.model, self.eval_enc, self.labels, device=self.cfg.device, bf16=self.cfg.bf16)
+        self.model.train()
+        return Evaluation(m, m)
+
+    def snapshot(self, phase):
+        return clone_state(self.model)
+
+    def end_phase(self, phase, best, best_state):
+        self.model.load_state_dict(best_state)
+        return True
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])

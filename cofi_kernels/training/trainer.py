@@ -1,4 +1,12 @@
-"""The machinery every training run shares: its directory, checkpoints, seeding and batches.
+"""The one training loop (:class:`Trainer`) and the run machinery it stands on.
+
+A method (fine-tuning, CoFi, ...) describes its run as phases (:class:`Phase`) and
+fills in the hooks of :class:`TrainerHooks`: a training step, an evaluation,
+the state to keep when an evaluation is the best so far, what happens when a
+phase ends, and its own ``state_dict`` / ``load_state_dict``. Everything else
+happens here, in one place: seeding, batches, evaluation every N steps,
+best-state choice, checkpoints, fingerprints, resume, the progress bar and the
+JSON log.
 
 Every run writes into one output directory: a JSON log (``log.jsonl``),
 a checkpoint (``checkpoint/state.pt``, replaced atomically every
@@ -13,50 +21,30 @@ run with a different fingerprint refuses to resume it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .data import TextDataset, epoch_order, steps_per_epoch
+from .data import Encoded, TextDataset, epoch_order, steps_per_epoch
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 RUN_FILE = "run.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the trainer's state and the method's state in separate entries
 
 
 class RunError(ValueError):
     """A run cannot start or resume (bad setting, output directory in use, foreign checkpoint,
     unusable model directory); the message says what to do."""
-
-
-def check_common(cfg, where: str) -> None:
-    def positive(name, integer=True):
-        v = getattr(cfg, name)
-        if integer and (not isinstance(v, int) or isinstance(v, bool)):
-            raise RunError(f"{where}: {name} must be an integer, got {v!r}")
-        if not v > 0:
-            raise RunError(f"{where}: {name} must be > 0, got {v!r}")
-
-    for name in ("batch_size", "max_length", "checkpoint_every"):
-        positive(name)
-    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0:
-        raise RunError(f"{where}: eval_every must be an integer >= 0, got {cfg.eval_every!r}")
-    if cfg.max_length < 8:
-        raise RunError(f"{where}: max_length must be >= 8, got {cfg.max_length}")
-    device = torch.device(cfg.device)
-    if device.type not in ("cpu", "cuda"):
-        raise RunError(f"{where}: device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"{where}: device {cfg.device!r} was asked for, but no CUDA GPU is available; use --device cpu")
-    if cfg.bf16 and device.type != "cuda":
-        raise RunError(f"{where}: bf16 autocast is for GPUs; drop --bf16 or use --device cuda")
 
 
 def first_line(e: BaseException) -> str:
@@ -176,20 +164,24 @@ class RunDirectory:
 
 
 def seed_step(seed: int, step: int) -> None:
+    """Reseed torch for training step ``step`` of a run seeded with ``seed``."""
     # One fresh stream per step (dropout, gate noise, new weights) so a resumed run repeats it exactly.
     torch.manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1))
 
 
 def batch_at(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The example indices of step ``step``: its slice of the (seed, epoch) permutation."""
     spe = steps_per_epoch(n, batch_size)
     return epoch_order(n, batch_size, seed, step // spe)[step % spe]
 
 
 def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module``'s state dict (for best-state snapshots)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` steps starting at ``initial``, or None when not ``enabled``."""
     if not enabled:
         return None
     from tqdm.auto import tqdm  # a declared dependency
@@ -198,6 +190,7 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
 
 
 def better(new: dict, old: dict | None) -> bool:
+    """True when the metric dict ``new`` beats ``old`` (higher is better; any beats None)."""
     return old is None or new[new["metric"]] > old[old["metric"]]
 
 
@@ -210,3 +203,214 @@ class RunResult:
     steps: int
     seconds: float
     extra: dict = field(default_factory=dict)
+
+
+def run_fingerprint(config, *, models: Mapping[str, str | None] = {}, data: Mapping[str, TextDataset] = {},
+                    **extra) -> dict:
+    """What identifies a run for ``--resume``: its settings (a dataclass), the SHA-256 of the
+    model directories and of the data, and any ``extra`` JSON values."""
+    out = {"config": json.loads(json.dumps(dataclasses.asdict(config)))}
+    out.update({k: None if v is None else model_digest(v) for k, v in models.items()})
+    out.update({k: data_digest(v) for k, v in data.items()})
+    out.update(extra)
+    return out
+
+
+# ---------------------------------------------------------------------- the trainer
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a run: ``steps`` optimizer steps, evaluated every ``eval_every`` steps
+    and at its end (``eval_every = 0``: never evaluated)."""
+
+    name: str
+    steps: int
+    eval_every: int = 0
+
+
+@dataclass
+class Evaluation:
+    """What :meth:`TrainerHooks.evaluate` returns.
+
+    Attributes:
+        record: logged to ``log.jsonl`` as the evaluation (besides event, phase and step).
+        metrics: the metric dict (``{"metric": name, name: value, ...}``) that competes for the
+            phase's best state, or None when nothing was evaluated.
+        eligible: False keeps an evaluated state out of the best-state choice.
+    """
+
+    record: dict
+    metrics: dict | None = None
+    eligible: bool = True
+
+
+class TrainerHooks:
+    """The parts of a run that a method fills in; :class:`Trainer` calls them.
+
+    Only :meth:`train_step` is required. Steps are counted over the whole run
+    (all phases); ``step`` is the number of steps done before the call.
+    """
+
+    def on_start(self, step: int) -> None:
+        """Before the first step this process runs (after a resume, at the restored step)."""
+
+    def train_step(self, phase: str, step: int, batch: dict, index: list[int]) -> dict:
+        """One optimizer step on ``batch`` (examples ``index``); returns the step's record
+        (``"loss"`` at least), logged and shown on the progress bar."""
+        raise NotImplementedError
+
+    def evaluate(self, phase: str, step: int) -> Evaluation:
+        """Evaluate after ``step`` steps; only called in phases with ``eval_every > 0``."""
+        raise NotImplementedError(f"{type(self).__name__} evaluates in phase {phase!r} but has no evaluate hook")
+
+    def snapshot(self, phase: str) -> dict:
+        """The state to keep when an evaluation of ``phase`` is its best so far."""
+        return {}
+
+    def end_phase(self, phase: str, best: dict | None, best_state: dict | None) -> bool:
+        """``phase`` has done its last step (``best``: its best evaluation with ``step``, and
+        that state, or None). Return True when this changed the state a checkpoint holds."""
+        return False
+
+    def state_dict(self) -> dict:
+        """The method's state for a checkpoint (models, optimizers, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def postfix(self, phase: str, record: dict) -> dict:
+        """What the progress bar shows after a step."""
+        return {"loss": f"{record['loss']:.4f}"}
+
+
+class Trainer:
+    """Runs a method's phases: one seeded step after another, evaluations, best states, checkpoints.
+
+    Every step reseeds torch from ``(seed, step)`` and draws its batch from the
+    permutation of ``(seed, epoch)`` (:func:`batch_at`), so a run resumed from
+    any checkpoint repeats the uninterrupted run exactly (same thread count).
+    A checkpoint is written at step 0, every ``checkpoint_every`` steps, at
+    the last step and after a phase end that changed the state; each write is
+    atomic. The best evaluation of each phase (by its metric, among eligible
+    ones) and a snapshot of its state are kept and handed to
+    :meth:`TrainerHooks.end_phase`.
+
+    Args:
+        run: the run directory (fingerprint checked; holds the checkpoint to resume).
+        hooks: the method.
+        phases: the run's phases, in order.
+        data: the encoded training data.
+        seed, batch_size, device: of the batches.
+        checkpoint_every: steps between checkpoints.
+        description: the progress bar's label.
+    """
+
+    def __init__(self, run: RunDirectory, hooks: TrainerHooks, phases: Sequence[Phase], data: Encoded, *, seed: int,
+                 batch_size: int, device, checkpoint_every: int, description: str):
+        self.run, self.hooks, self.phases, self.data = run, hooks, list(phases), data
+        self.seed, self.batch_size, self.device = seed, batch_size, torch.device(device)
+        self.checkpoint_every, self.description = checkpoint_every, description
+        self.total = sum(p.steps for p in self.phases)
+        self.step = 0
+        self.seconds = 0.0
+        self.best: dict[str, dict] = {}
+        self.best_state: dict[str, dict] = {}
+        self.ended: list[str] = []
+
+    # -- phases -------------------------------------------------------------
+
+    def phase_bounds(self, name: str) -> tuple[int, int]:
+        """(first step, end step) of the phase ``name``."""
+        start = 0
+        for p in self.phases:
+            if p.name == name:
+                return start, start + p.steps
+            start += p.steps
+        raise KeyError(name)
+
+    def _phase_at(self, step: int) -> tuple[Phase, int]:
+        start = 0
+        for p in self.phases:
+            if step < start + p.steps:
+                return p, start
+            start += p.steps
+        raise IndexError(step)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"trainer": {"step": self.step, "seconds": self.seconds, "best": self.best,
+                            "best_state": self.best_state, "ended": self.ended},
+                "method": self.hooks.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = state["trainer"]
+        self.step, self.seconds = t["step"], t["seconds"]
+        self.best, self.best_state, self.ended = t["best"], t["best_state"], list(t["ended"])
+        self.hooks.load_state_dict(state["method"])
+
+    def checkpoint(self) -> None:
+        self.run.save_checkpoint(self.state_dict())
+
+    # -- the loop -----------------------------------------------------------
+
+    def fit(self, progress: bool = True) -> None:
+        """Run (or, from the run directory's checkpoint, continue) every phase to its end."""
+        self.run.start()
+        if self.run.resumed is not None:
+            self.load_state_dict(self.run.resumed)
+            self.run.log({"event": "resume", "step": self.step})
+        else:
+            self.checkpoint()  # a run killed before its first interval still resumes
+        if self.step < self.total:
+            self.hooks.on_start(self.step)
+        bar = progress_bar(self.total, self.step, self.description, progress)
+        try:
+            self._steps(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _steps(self, bar) -> None:
+        t0 = time.perf_counter() - self.seconds
+        n = len(self.data)
+        while self.step < self.total:
+            phase, start = self._phase_at(self.step)
+            seed_step(self.seed, self.step)
+            index = batch_at(self.step, n, self.batch_size, self.seed)
+            record = self.hooks.train_step(phase.name, self.step, self.data.batch(index, self.device), index)
+            self.step += 1
+            self.seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"phase": phase.name, **self.hooks.postfix(phase.name, record)}, refresh=False)
+            self.run.log({"event": "step", "phase": phase.name, "step": self.step, **record,
+                          "seconds": round(self.seconds, 3)})
+            at_end = self.step == start + phase.steps
+            if phase.eval_every and (at_end or (self.step - start) % phase.eval_every == 0):
+                self._evaluate(phase.name, bar)
+            changed = False
+            if at_end and phase.name not in self.ended:
+                changed = self.hooks.end_phase(phase.name, self.best.get(phase.name),
+                                               self.best_state.get(phase.name))
+                self.ended.append(phase.name)
+                self.best_state.pop(phase.name, None)  # handed over; keeps checkpoints small
+                self.seconds = time.perf_counter() - t0
+            if changed or self.step % self.checkpoint_every == 0 or self.step == self.total:
+                self.checkpoint()
+
+    def _evaluate(self, phase: str, bar) -> None:
+        ev = self.hooks.evaluate(phase, self.step)
+        self.run.log({"event": "eval", "phase": phase, "step": self.step, **ev.record})
+        m = ev.metrics
+        if m is None:
+            return
+        if bar is not None:
+            extra = "".join(f", {k.replace('_', ' ')} {ev.record[k]:.4f}"
+                            for k in ("realised_sparsity", "expected_sparsity") if k in ev.record)
+            bar.write(f"step {self.step} ({phase}): eval {m['metric']} {m[m['metric']]:.4f}{extra}")
+        if ev.eligible and better(m, self.best.get(phase)):
+            self.best[phase] = {**m, "step": self.step}
+            self.best_state[phase] = self.hooks.snapshot(phase)

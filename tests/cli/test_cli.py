@@ -162,14 +162,14 @@ def test_output_directory_in_use_and_foreign_checkpoints(tmp_path, capsys, teach
     # An unfinished run, then attempts to resume it with other settings or data.
     run = tmp_path / "run"
 
-    original = pl._PruneLoop._train_step
+    original = pl._CoFiRun.train_step
 
-    def die_at_5(self, *a, **kw):
-        if self.step == 5:
+    def die_at_5(self, phase, step, *a, **kw):
+        if step == 5:
             raise KeyboardInterrupt
-        return original(self, *a, **kw)
+        return original(self, phase, step, *a, **kw)
 
-    monkeypatch.setattr(pl._PruneLoop, "_train_step", die_at_5)
+    monkeypatch.setattr(pl._CoFiRun, "train_step", die_at_5)
     status = cli.main(_prune_args(teacher_dir, files["train"], files["eval"], run))
     assert status == 130 and "continue with --resume" in capsys.readouterr().err
     monkeypatch.undo()

@@ -166,12 +166,13 @@ class _Killed(BaseException):
 
 
 def _kill_at(monkeypatch, cls, method, at_step):
+    """Kill the run when the trainer hook ``cls.method(phase, step, ...)`` is called for step ``at_step``."""
     original = getattr(cls, method)
 
-    def wrapper(self, *a, **kw):
-        if self.step == at_step:
+    def wrapper(self, phase, step, *a, **kw):
+        if step == at_step:
             raise _Killed()
-        return original(self, *a, **kw)
+        return original(self, phase, step, *a, **kw)
 
     monkeypatch.setattr(cls, method, wrapper)
 
@@ -188,7 +189,7 @@ def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pr
     out = str(tmp_path / "run")
     cfg = pl.PruneConfig(**FAST_PRUNE)
     with monkeypatch.context() as m:
-        _kill_at(m, pl._PruneLoop, "_train_step", at)
+        _kill_at(m, pl._CoFiRun, "train_step", at)
         with pytest.raises(_Killed):
             pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     assert os.path.isfile(os.path.join(out, tr.CHECKPOINT_DIR, tr.CHECKPOINT_FILE))
@@ -253,7 +254,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teach
     out = str(tmp_path / "run")
     cfg = pl.PruneConfig(**FAST_PRUNE)
     with monkeypatch.context() as m:
-        _kill_at(m, pl._PruneLoop, "_train_step", 6)
+        _kill_at(m, pl._CoFiRun, "train_step", 6)
         with pytest.raises(_Killed):
             pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     before = tree_snapshot(out)

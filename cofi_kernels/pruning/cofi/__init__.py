@@ -1,1 +1,26 @@
-"""CoFi (Xia et al., ACL 2022): L0 gates, the Hugging Face patch, the fold into a compact model, the loop."""
+"""CoFi (Xia et al., ACL 2022): L0 gates (:mod:`.gates`), the Hugging Face patch (:mod:`.patch`),
+the fold into a compact model (:mod:`.fold`) and the training loop on the trainer (:mod:`.loop`).
+
+Registered as the pruning method ``cofi``.
+"""
+
+from ..registry import MethodArgument, PruningMethod, register_method
+from .loop import PruneConfig, cofi_prune
+
+
+def _run(train, eval_data, out, config, *, resume=False, progress=True, teacher, student=None, no_distill=False):
+    return cofi_prune(teacher, train, eval_data, out, config, student_dir=student, distill=not no_distill,
+                      resume=resume, progress=progress)
+
+
+register_method(PruningMethod(
+    name="cofi",
+    summary="CoFi: L0 gates on heads, sublayers, FFN units and hidden dims, with layer distillation",
+    config=PruneConfig,
+    run=_run,
+    arguments=(
+        MethodArgument("--teacher", "directory written by `cofi finetune` (the model to prune)", required=True),
+        MethodArgument("--student", "start the student from this pretrained model instead of a copy of the teacher"),
+        MethodArgument("--no-distill", "train with cross-entropy only (no teacher)", switch=True),
+    ),
+))

@@ -17,104 +17,77 @@ Runs are resumable and deterministic as described in :mod:`cofi_kernels.training
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
+from ...models.pruned_model import PrunedModel
+from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import LayerDistiller, prediction_loss, task_loss
 from ...training.evaluation import autocast, evaluate, model_outputs
 from ...training.model_io import TASK_FILE, load_classifier, load_tokenizer, read_task, write_task
 from ...training.optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
 from ...training.trainer import (
+    Evaluation,
+    Phase,
     RunDirectory,
     RunError,
     RunResult,
-    batch_at,
-    better,
-    check_common,
+    Trainer,
+    TrainerHooks,
     clone_state,
-    data_digest,
-    model_digest,
-    progress_bar,
-    seed_step,
+    run_fingerprint,
 )
+from .fold import prune
+from .gates import TYPES
+from .patch import apply_cofi
 
 GATES_FILE = "gates.safetensors"
 
 
+@documented
 @dataclass
-class PruneConfig:
-    """Settings of :func:`cofi_prune`.
+class PruneConfig(RunSettings):
+    """Settings of :func:`cofi_prune` (``cofi prune --method cofi``)."""
 
-    Attributes:
-        target_sparsity: final target t in (0, 1) of the expected sparsity ŝ.
-        distill_epochs: distillation before any gate is sampled.
-        prune_epochs: the gate-learning phase.
-        sparsity_warmup_epochs: the target grows linearly from 0 to t over
-            this part of the prune phase.
-        finetune_epochs: fine-tuning of the compact model after pruning.
-        batch_size: examples per step.
-        lr: AdamW learning rate of the model (distill and prune phases).
-        reg_lr: AdamW learning rate of log α (no weight decay).
-        lambda_lr: learning rate of the gradient ascent on λ1, λ2 (AdamW on the negated gradients).
-        finetune_lr: peak learning rate of the compact model's fine-tuning
-            (linear warm-up over 10%, then linear decay).
-        weight_decay: AdamW weight decay of the model (not biases, LayerNorms).
-        temperature: T of the prediction distillation.
-        alpha_pred, alpha_layer: weights of the prediction and layer distillation.
-        teacher_layers: teacher layers matched by the layer distillation
-            (default: every third layer of a 12-layer model, scaled).
-        epsilon: a state is eligible as "best" when ``|ŝ − t| ≤ epsilon``.
-        eval_every: evaluate every this many steps (0: twice per epoch) in the
-            prune and finetune phases, and at the end of each; in the prune
-            phase only states within ``epsilon`` of the target are evaluated
-            (the others cannot be chosen).
-        checkpoint_every: write a checkpoint every this many steps.
-        freeze_embeddings: do not train the embedding tables (default, as CoFi).
-        learn: gate types to learn (subset of ``head, mha, int, ffn, hidden``).
-        droprate_init: initial drop probability of the FFN-unit gates.
-        teacher_cache_mb: the teacher is frozen and deterministic, so its logits
-            and matched hidden states for the training set are computed once and
-            kept in memory when they fit in this many MiB (0: run the teacher
-            every step).
-        max_length, seed, device, bf16: as in :class:`~cofi_kernels.training.finetune.FinetuneConfig`.
-    """
-
-    target_sparsity: float = 0.9
-    distill_epochs: float = 0.5
-    prune_epochs: float = 5.0
-    sparsity_warmup_epochs: float = 2.0
-    finetune_epochs: float = 2.0
-    batch_size: int = 32
-    lr: float = 5e-5
-    reg_lr: float = 0.1
-    lambda_lr: float = 0.5
-    finetune_lr: float = 1e-4
-    weight_decay: float = 0.0
-    temperature: float = 2.0
-    alpha_pred: float = 1.0
-    alpha_layer: float = 1.0
-    teacher_layers: list[int] | None = None
-    epsilon: float = 0.02
-    eval_every: int = 0
-    checkpoint_every: int = 50
-    freeze_embeddings: bool = True
-    learn: tuple[str, ...] = ("head", "mha", "int", "ffn", "hidden")
-    droprate_init: float = 0.5
-    max_length: int = 128
-    teacher_cache_mb: int = 4096
-    seed: int = 0
-    device: str = "cpu"
-    bf16: bool = False
+    target_sparsity: float = setting(0.9, "final target t in (0, 1) of the expected sparsity, e.g. 0.9",
+                                     cli_type=fraction, required=True)
+    distill_epochs: float = setting(0.5, "distillation with every gate 1 before any gate is sampled")
+    prune_epochs: float = setting(5.0, "the gate-learning phase")
+    sparsity_warmup_epochs: float = setting(2.0, "the target grows linearly from 0 to t over this part of the "
+                                                 "prune phase")
+    finetune_epochs: float = setting(2.0, "fine-tuning of the compact model after pruning")
+    lr: float = setting(5e-5, "AdamW learning rate of the model while pruning (distill and prune phases)")
+    reg_lr: float = setting(0.1, "AdamW learning rate of log alpha (no weight decay)")
+    lambda_lr: float = setting(0.5, "learning rate of the ascent on lambda_1, lambda_2 (AdamW on the negated "
+                                    "gradients)")
+    finetune_lr: float = setting(1e-4, "peak learning rate of the compact model's fine-tuning (linear warm-up "
+                                       "over 10%, then linear decay)")
+    weight_decay: float = setting(0.0, "AdamW weight decay of the model (not biases, LayerNorms)")
+    temperature: float = setting(2.0, "temperature T of the prediction distillation")
+    alpha_pred: float = setting(1.0, "weight of the prediction distillation")
+    alpha_layer: float = setting(1.0, "weight of the layer distillation (0: none)")
+    teacher_layers: list[int] | None = setting(None, "teacher layers matched by the layer distillation "
+                                                     "(default: every third of a 12-layer model, scaled)")
+    epsilon: float = setting(0.02, "the best state is chosen among evaluations with |expected sparsity - t| "
+                                   "<= epsilon")
+    eval_every: int = setting(0, "evaluate every N steps (0: twice per epoch) in the prune and finetune phases, "
+                                 "and at the end of each; in the prune phase only states within epsilon of the "
+                                 "target are evaluated")
+    freeze_embeddings: bool = setting(True, "do not train the embedding tables (as CoFi)", flag="--train-embeddings",
+                                      flag_help="also train the embedding tables (frozen by default, as CoFi)")
+    learn: tuple[str, ...] = setting(TYPES, "gate types to learn", choices=TYPES)
+    droprate_init: float = setting(0.5, "initial drop probability of the FFN-unit gates")
+    teacher_cache_mb: int = setting(4096, "keep the frozen teacher's logits and matched hidden states for the "
+                                          "training set in memory when they fit in this many MiB (0: run the "
+                                          "teacher every step)")
 
 
 def _check_prune_config(cfg: PruneConfig) -> None:
-    check_common(cfg, "prune")
+    check_run_settings(cfg, "prune")
     t = cfg.target_sparsity
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t < 1.0:
         raise RunError(f"prune: target sparsity must be in (0, 1) (e.g. 0.9 for 90%), got {t!r}")
@@ -138,7 +111,7 @@ def _check_prune_config(cfg: PruneConfig) -> None:
 
 
 class _PrunePlan:
-    """Step boundaries of the phases (global step counter)."""
+    """Step boundaries of the phases (one global step counter) and the target schedule."""
 
     def __init__(self, cfg: PruneConfig, n: int):
         spe = steps_per_epoch(n, cfg.batch_size)
@@ -150,23 +123,21 @@ class _PrunePlan:
         self.total = self.prune_end + math.ceil(cfg.finetune_epochs * spe)
         self.eval_every = cfg.eval_every or max(1, spe // 2)
 
-    def phase(self, step: int) -> str:
-        if step < self.distill_end:
-            return "distill"
-        return "prune" if step < self.prune_end else "finetune"
+    def phases(self) -> list[Phase]:
+        return [Phase("distill", self.distill_end), Phase("prune", self.prune_steps, self.eval_every),
+                Phase("finetune", self.total - self.prune_end, self.eval_every)]
 
     def target(self, step: int, final: float) -> float:
+        """The target sparsity of the step that starts after ``step`` steps.
+
+        At prune step j (0-based) the target is ``t·(j+1)/W``: the first
+        prune step already asks for ``t/W`` and the last warm-up step reaches
+        ``t``. "Grows linearly from 0" (DESIGN §4) would be ``t·j/W``, one step
+        later; this schedule is kept because the demo's recorded figures were
+        measured with it (the difference is one step of W).
+        """
         k = step - self.distill_end + 1
         return final if self.warmup == 0 else final * min(1.0, k / self.warmup)
-
-    def eval_due(self, step: int) -> bool:
-        # step = number of steps done so far.
-        if step <= self.distill_end:
-            return False
-        if step == self.prune_end or step == self.total:
-            return True
-        start = self.distill_end if step <= self.prune_end else self.prune_end
-        return (step - start) % self.eval_every == 0
 
 
 def cofi_prune(
@@ -202,8 +173,6 @@ def cofi_prune(
     Raises:
         DataError, RunError: as :func:`finetune`; also a target sparsity outside (0, 1).
     """
-    from ...models.pruned_model import PrunedModel
-
     cfg = config or PruneConfig()
     _check_prune_config(cfg)
     task = read_task(teacher_dir)
@@ -211,57 +180,42 @@ def cofi_prune(
     tokenizer = load_tokenizer(teacher_dir)
     train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
     eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
-    fingerprint = {
-        "config": dataclasses.asdict(cfg),
-        "teacher": model_digest(teacher_dir),
-        "student": None if student_dir is None else model_digest(student_dir),
-        "distill": bool(distill),
-        "train": data_digest(train),
-        "eval": data_digest(eval_data),
-    }
-    fingerprint["config"]["learn"] = list(cfg.learn)
+    fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir, "student": student_dir},
+                                  data={"train": train, "eval": eval_data}, distill=bool(distill))
     run = RunDirectory(out, fingerprint, resume, "prune")
     device = torch.device(cfg.device)
     teacher, student, gates, distiller = _build_models(cfg, teacher_dir, student_dir, distill, labels, device)
 
-    n = len(train_enc)
-    plan = _PrunePlan(cfg, n)
-    loop = _PruneLoop(cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device)
-    run.start()
-    if run.resumed is not None:
-        loop.restore(run.resumed, PrunedModel)
-        run.log({"event": "resume", "step": loop.step})
-    else:
-        loop.save_checkpoint()  # a run killed before its first interval still resumes
-    if loop.step < plan.total:
-        loop.build_teacher_cache()
-    loop.train(progress)
+    plan = _PrunePlan(cfg, len(train_enc))
+    method = _CoFiRun(cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device)
+    trainer = Trainer(run, method, plan.phases(), train_enc, seed=cfg.seed, batch_size=cfg.batch_size,
+                      device=device, checkpoint_every=cfg.checkpoint_every, description="cofi prune")
+    trainer.fit(progress)
 
-    pruned = loop.pruned
+    pruned = method.pruned
     pruned.requires_grad_(False)
     pruned.save_pretrained(run.out)
     tokenizer.save_pretrained(run.out)
     write_task(run.out, labels, cfg.max_length, "pruned")
-    _save_gates(os.path.join(run.out, GATES_FILE), loop.selected_gates)
+    _save_gates(os.path.join(run.out, GATES_FILE), method.selected_gates)
+    best = trainer.best.get("finetune")
     summary = {
         "kind": "prune",
-        "selected": loop.selected,
-        "best": loop.best_ft,
+        "selected": method.selected,
+        "best": best,
         "sparsity": pruned.sparsity,
         "parameters": pruned.num_parameters(),
         "layer_shapes": pruned.layer_shapes(),
         "steps": plan.total,
-        "seconds": loop.seconds,
+        "seconds": trainer.seconds,
         "config": fingerprint["config"],
     }
     run.finish(summary)
-    return RunResult(run.out, loop.best_ft, plan.total, loop.seconds, {"sparsity": pruned.sparsity})
+    return RunResult(run.out, best, plan.total, trainer.seconds, {"sparsity": pruned.sparsity})
 
 
 def _build_models(cfg: PruneConfig, teacher_dir, student_dir, distill: bool, labels: LabelSpace, device):
     """``(teacher or None, gated student, its gates, LayerDistiller or None)`` on ``device``."""
-    from .patch import apply_cofi
-
     teacher = load_classifier(teacher_dir).to(device).eval() if distill else None
     if teacher is not None:
         teacher.requires_grad_(False)
@@ -346,26 +300,21 @@ class _TeacherCache:
         return logits, hidden
 
 
-class _PruneLoop:
-    """State and steps of one :func:`cofi_prune` run."""
+class _CoFiRun(TrainerHooks):
+    """CoFi's hooks of the trainer: the steps of the three phases, the gated and the compact
+    evaluations, and the switch to the compact model at the end of the prune phase."""
 
     def __init__(self, cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device):
         self.cfg, self.plan, self.run = cfg, plan, run
         self.student, self.teacher, self.gates, self.distiller = student, teacher, gates, distiller
         self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
         self.pruned = None
-        self.step = 0
-        self.best = None  # best eligible evaluation in the prune phase
-        self.best_state = None  # {"student": ..., "gates": ..., "distiller": ...}
-        self.best_ft = None  # best evaluation of the compact model
-        self.best_ft_state = None
         self.selected = None
         self.selected_gates = None
-        self.seconds = 0.0
         self.cache = None
         self._make_optimizers()
 
-    def build_teacher_cache(self) -> None:
+    def on_start(self, step: int) -> None:
         """Run the teacher over the training set once when its outputs fit in ``teacher_cache_mb``."""
         if self.teacher is None or self.cfg.teacher_cache_mb <= 0:
             return
@@ -397,14 +346,8 @@ class _PruneLoop:
 
     # -- checkpoint --------------------------------------------------------
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         st = {
-            "step": self.step,
-            "seconds": self.seconds,
-            "best": self.best,
-            "best_state": self.best_state,
-            "best_ft": self.best_ft,
-            "best_ft_state": self.best_ft_state,
             "selected": self.selected,
             "selected_gates": self.selected_gates,
             "distiller": None if self.distiller is None else self.distiller.state_dict(),
@@ -417,15 +360,12 @@ class _PruneLoop:
             st.update(pruned_config=self.pruned.config, pruned=self.pruned.state_dict())
         return st
 
-    def restore(self, st: dict, pruned_cls) -> None:
-        self.step, self.seconds = st["step"], st["seconds"]
-        self.best, self.best_state = st["best"], st["best_state"]
-        self.best_ft, self.best_ft_state = st["best_ft"], st["best_ft_state"]
+    def load_state_dict(self, st: dict) -> None:
         self.selected, self.selected_gates = st["selected"], st["selected_gates"]
         if self.distiller is not None:
             self.distiller.load_state_dict(st["distiller"])
         if "pruned" in st:
-            self._become_pruned(pruned_cls(st["pruned_config"]))
+            self._become_pruned(PrunedModel(st["pruned_config"]))
             self.pruned.load_state_dict(st["pruned"])
         else:
             self.student.load_state_dict(st["student"])
@@ -434,54 +374,14 @@ class _PruneLoop:
             self.opt_lambda.load_state_dict(st["opt_lambda"])
         self.opt_model.load_state_dict(st["opt_model"])
 
-    def save_checkpoint(self) -> None:
-        self.run.save_checkpoint(self.state())
+    # -- steps -------------------------------------------------------------
 
-    # -- phases ------------------------------------------------------------
-
-    def run_steps(self, bar) -> None:
-        plan = self.plan
-        t0 = time.perf_counter() - self.seconds
-        while self.step < plan.total:
-            if self.step == plan.prune_end and self.pruned is None:
-                self._to_compact()
-                self.seconds = time.perf_counter() - t0
-                self.save_checkpoint()
-            phase = plan.phase(self.step)
-            rec = self._train_step(phase)
-            self.step += 1
-            self.seconds = time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(_postfix(phase, rec), refresh=False)
-            self.run.log({"event": "step", "phase": phase, "step": self.step, **rec, "seconds": round(self.seconds, 3)})
-            if plan.eval_due(self.step):
-                self._evaluate(phase, bar)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == plan.total:
-                if not (self.step == plan.prune_end and self.pruned is None):
-                    self.save_checkpoint()
-        if self.pruned is None:  # no finetune phase
-            self._to_compact()
-        if self.best_ft_state is not None:
-            self.pruned.load_state_dict(self.best_ft_state)
-
-    def train(self, progress: bool) -> None:
-        bar = progress_bar(self.plan.total, self.step, "cofi prune", progress)
-        try:
-            self.run_steps(bar)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _train_step(self, phase: str) -> dict:
+    def train_step(self, phase: str, step: int, b: dict, index: list[int]) -> dict:
         cfg, plan = self.cfg, self.plan
-        seed_step(cfg.seed, self.step)
-        index = batch_at(self.step, len(self.train_enc), cfg.batch_size, cfg.seed)
-        b = self.train_enc.batch(index, self.device)
         model = self.pruned if phase == "finetune" else self.student
         if phase == "finetune":
             total_ft = plan.total - plan.prune_end
-            k = self.step - plan.prune_end
+            k = step - plan.prune_end
             set_lr(self.opt_model, cfg.finetune_lr * linear_schedule(k, total_ft, int(0.1 * total_ft)))
         rec: dict = {}
         z = None
@@ -495,7 +395,7 @@ class _PruneLoop:
             with autocast(self.device, cfg.bf16):
                 loss = self._loss(model, b, index, z, rec)
                 if phase == "prune":
-                    target = plan.target(self.step, cfg.target_sparsity)
+                    target = plan.target(step, cfg.target_sparsity)
                     lag = self.gates.lagrangian(target)
                     loss = loss + lag
                     rec.update(lagrangian=lag.item(), target=target)
@@ -550,58 +450,62 @@ class _PruneLoop:
             rec["match"] = match
         return loss
 
-    def _evaluate(self, phase: str, bar) -> None:
-        rec = self._evaluate_gated() if self.pruned is None else self._evaluate_compact()
-        self.run.log({"event": "eval", "phase": phase, "step": self.step, **rec})
-        if bar is not None and "metric" in rec:
-            extra = f", expected sparsity {rec['expected_sparsity']:.4f}" if "expected_sparsity" in rec else ""
-            bar.write(f"step {self.step} ({phase}): eval {rec['metric']} {rec[rec['metric']]:.4f}, "
-                      f"realised sparsity {rec['realised_sparsity']:.4f}{extra}")
+    def postfix(self, phase: str, rec: dict) -> dict:
+        return _postfix(phase, rec)
 
-    def _evaluate_gated(self) -> dict:
-        """Evaluate the gated student under its deterministic gates. Only a state whose
-        expected sparsity is within ε of the target can be chosen, so the others are
-        not evaluated (except at the end of the phase, for the record)."""
+    # -- evaluation and best states -------------------------------------------
+
+    def evaluate(self, phase: str, step: int) -> Evaluation:
+        return self._evaluate_gated(step) if self.pruned is None else self._evaluate_compact()
+
+    def _evaluate_gated(self, step: int) -> Evaluation:
+        """The gated student under its deterministic gates. Only a state whose expected
+        sparsity is within ε of the target can be chosen, so the others are not
+        evaluated (except at the end of the phase, for the record)."""
         cfg = self.cfg
         with torch.no_grad():
             s_hat = float(self.gates.expected_sparsity())
         eligible = abs(s_hat - cfg.target_sparsity) <= cfg.epsilon
-        if not eligible and self.step != self.plan.prune_end:
-            return {"expected_sparsity": s_hat, "eligible": False, "skipped": True}
+        if not eligible and step != self.plan.prune_end:
+            return Evaluation({"expected_sparsity": s_hat, "eligible": False, "skipped": True})
         m = evaluate(self.student, self.eval_enc, self.labels, device=self.device, bf16=cfg.bf16)
         with torch.no_grad():
             realised = self.gates.realised_sparsity(self.gates.deterministic())
-        if eligible and better(m, self.best):
-            self.best = {**m, "step": self.step, "expected_sparsity": s_hat, "realised_sparsity": realised}
-            self.best_state = {
-                "student": clone_state(self.student),
-                "gates": clone_state(self.gates),
-                "distiller": None if self.distiller is None else clone_state(self.distiller),
-            }
-        return {**m, "expected_sparsity": s_hat, "realised_sparsity": realised, "eligible": eligible}
+        sizes = {"expected_sparsity": s_hat, "realised_sparsity": realised}
+        return Evaluation({**m, **sizes, "eligible": eligible}, {**m, **sizes}, eligible)
 
-    def _evaluate_compact(self) -> dict:
+    def _evaluate_compact(self) -> Evaluation:
         m = evaluate(self.pruned, self.eval_enc, self.labels, device=self.device, bf16=self.cfg.bf16)
-        if better(m, self.best_ft):
-            self.best_ft = {**m, "step": self.step}
-            self.best_ft_state = clone_state(self.pruned)
-        return {**m, "realised_sparsity": self.pruned.sparsity}
+        return Evaluation({**m, "realised_sparsity": self.pruned.sparsity}, m)
 
-    def _to_compact(self) -> None:
-        """Pick the best eligible prune-phase state (else the last one) and prune it."""
-        from .fold import prune
+    def snapshot(self, phase: str) -> dict:
+        if phase == "finetune":
+            return clone_state(self.pruned)
+        return {"student": clone_state(self.student), "gates": clone_state(self.gates),
+                "distiller": None if self.distiller is None else clone_state(self.distiller)}
 
-        if self.best_state is not None:
-            self.student.load_state_dict(self.best_state["student"])
-            self.gates.load_state_dict(self.best_state["gates"])
-            if self.distiller is not None and self.best_state["distiller"] is not None:
-                self.distiller.load_state_dict(self.best_state["distiller"])
-            self.selected = {**self.best, "fallback": False}
+    def end_phase(self, phase: str, best: dict | None, best_state: dict | None) -> bool:
+        if phase == "prune":
+            self._to_compact(best, best_state)
+            return True
+        if phase == "finetune" and best_state is not None:
+            self.pruned.load_state_dict(best_state)
+            return True
+        return False
+
+    def _to_compact(self, best: dict | None, best_state: dict | None) -> None:
+        """Prune the best eligible prune-phase state (else the last one)."""
+        if best_state is not None:
+            self.student.load_state_dict(best_state["student"])
+            self.gates.load_state_dict(best_state["gates"])
+            if self.distiller is not None and best_state["distiller"] is not None:
+                self.distiller.load_state_dict(best_state["distiller"])
+            self.selected = {**best, "fallback": False}
         else:
             with torch.no_grad():
                 s_hat = float(self.gates.expected_sparsity())
-            self.selected = {"step": self.step, "expected_sparsity": s_hat, "fallback": True}
-            self.run.log({"event": "warning", "step": self.step,
+            self.selected = {"step": self.plan.prune_end, "expected_sparsity": s_hat, "fallback": True}
+            self.run.log({"event": "warning", "step": self.plan.prune_end,
                           "message": f"no evaluation had expected sparsity within {self.cfg.epsilon} of the target "
                                      f"{self.cfg.target_sparsity}; pruning the last state (expected sparsity {s_hat:.4f})"})
         with torch.no_grad():
@@ -613,9 +517,9 @@ class _PruneLoop:
         }
         self.student.eval()
         pruned = prune(self.student, self.gates, z)
-        self.run.log({"event": "pruned", "step": self.step, **self.selected, "layer_shapes": pruned.layer_shapes()})
+        self.run.log({"event": "pruned", "step": self.plan.prune_end, **self.selected,
+                      "layer_shapes": pruned.layer_shapes()})
         self._become_pruned(pruned)
-        self.best_state = None  # no longer needed; keeps checkpoints small
 
     def _become_pruned(self, pruned) -> None:
         self.pruned = pruned.to(self.device)

@@ -1,0 +1,91 @@
+"""The registry of pruning methods: each subpackage of :mod:`cofi_kernels.pruning` registers one.
+
+A method is a name, a config dataclass (every field a setting of
+:mod:`cofi_kernels.training.config`, so the ``cofi prune`` command builds its
+flags from it), the model directories and switches it takes besides its
+config, and an entry function that runs it on the one trainer and returns
+its :class:`~cofi_kernels.training.trainer.RunResult` (the output directory
+holds a :class:`~cofi_kernels.models.pruned_model.PrunedModel`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["MethodArgument", "PruningMethod", "get_method", "method_names", "register_method"]
+
+
+@dataclass(frozen=True)
+class MethodArgument:
+    """An input of a method that is not a setting: a model directory, or a switch.
+
+    ``flag`` is the command-line flag (``--teacher``); the entry function
+    receives it as the keyword ``flag`` without dashes, with ``-`` as ``_``.
+    """
+
+    flag: str
+    help: str
+    required: bool = False
+    switch: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """A registered method.
+
+    ``run(train, eval_data, out, config, *, resume, progress, **arguments)``
+    runs it, where ``arguments`` are the :class:`MethodArgument` values by name.
+    """
+
+    name: str
+    summary: str
+    config: type
+    run: Callable
+    arguments: tuple[MethodArgument, ...] = ()
+
+
+_METHODS: dict[str, PruningMethod] = {}
+_DISCOVERED = False
+
+
+def register_method(method: PruningMethod) -> PruningMethod:
+    """Add ``method`` under its name (an error when the name is taken by another method)."""
+    old = _METHODS.get(method.name)
+    if old is not None and old != method:
+        raise ValueError(f"a pruning method named {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def _discover() -> None:
+    # Every subpackage registers its method when imported; adding a method is adding a folder.
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    from .. import pruning
+
+    for info in pkgutil.iter_modules(pruning.__path__):
+        if info.ispkg:
+            importlib.import_module(f"{pruning.__name__}.{info.name}")
+    _DISCOVERED = True
+
+
+def method_names() -> list[str]:
+    """The registered methods' names, sorted."""
+    _discover()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> PruningMethod:
+    """The method registered as ``name``; ``ValueError`` naming the known ones otherwise."""
+    _discover()
+    if name not in _METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
