@@ -28,3 +28,31 @@ def pytest_report_header(config):
     import cofi_kernels.info
 
     return cofi_kernels.info.report().splitlines()
+
+
+# Tiny BERT, toy data and a teacher fine-tuned on it, shared by the training, pruning and CLI tests.
+
+
+@pytest.fixture(scope="session")
+def toy():
+    from tests.training_support import dataset, toy_rows
+
+    return dataset(toy_rows(48, seed=1)), dataset(toy_rows(24, seed=2))
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    from tests.training_support import tiny_bert_dir
+
+    return tiny_bert_dir(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, base_dir, toy):
+    from cofi_kernels.training import finetune as ft
+    from tests.training_support import FAST_FINETUNE
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = str(tmp_path_factory.mktemp("runs") / "teacher")
+    ft.finetune(base_dir, *toy, out, ft.FinetuneConfig(**FAST_FINETUNE), progress=False)
+    return out

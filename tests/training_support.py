@@ -13,6 +13,9 @@ import random
 
 import torch
 
+from cofi_kernels.training import trainer as tr
+from cofi_kernels.training.data import TextDataset
+
 CLASSES = ("sport", "money", "music")
 _WORDS = {
     "sport": "goal match team player coach league score win cup race",
@@ -110,3 +113,35 @@ def tree_snapshot(path) -> dict[str, bytes] | None:
             with open(p, "rb") as f:
                 out[os.path.relpath(p, path)] = f.read()
     return out
+
+
+def dataset(rows, source="toy") -> TextDataset:
+    pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+    return TextDataset([r["text"] for r in rows], pairs, [r["label"] for r in rows], source)
+
+
+def read_log(out):
+    with open(os.path.join(out, tr.LOG_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def strip_times(records):
+    """The training record of a log: steps, evaluations, pruning (not timings or resume notes)."""
+    keep = ("step", "eval", "pruned", "warning")
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] in keep]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: escapes every `except Exception`."""
+
+
+def kill_at(monkeypatch, cls, method, at_step):
+    """Kill the run when the trainer hook ``cls.method(phase, step, ...)`` is called for step ``at_step``."""
+    original = getattr(cls, method)
+
+    def wrapper(self, phase, step, *a, **kw):
+        if step == at_step:
+            raise Killed()
+        return original(self, phase, step, *a, **kw)
+
+    monkeypatch.setattr(cls, method, wrapper)

@@ -243,3 +243,21 @@ def test_realised_size_and_sparsity():
     assert g.realised_size(z) == want
     assert abs(g.realised_sparsity(z) - (1 - want / g.full_size())) < 1e-12
     assert g.realised_size({}) == g.full_size()
+
+
+def test_keep_prob_gradient_is_accurate_in_float32_near_one():
+    # At initialisation log α ≈ 10, P(z > 0) ≈ 1 − 3e-5: σ's backward (σ·(1 − σ) from a rounded σ)
+    # lost ~1e-3 of the gradient there; the log-sigmoid form keeps float32 accuracy.
+    g = _small()
+    g64 = _small().double()
+    with torch.no_grad():
+        for t in TYPES:
+            values = torch.linspace(8.0, 11.0, g.log_alpha[t].numel()).reshape(g.log_alpha[t].shape)
+            g.log_alpha[t].copy_(values)
+            g64.log_alpha[t].copy_(values.double())
+    g.expected_sparsity().backward()
+    g64.expected_sparsity().backward()
+    for t in TYPES:
+        got, want = g.log_alpha[t].grad.double(), g64.log_alpha[t].grad
+        assert torch.isfinite(got).all() and want.abs().min() > 0
+        assert ((got - want).abs() / want.abs()).max() <= 2e-6, t

@@ -1,4 +1,4 @@
-"""The CoFi training loop on tiny random models: gates and λ respond, runs resume exactly."""
+"""The CoFi loop on tiny random models: gates and λ respond, the compact model, runs resume exactly."""
 
 from __future__ import annotations
 
@@ -9,83 +9,23 @@ import pytest
 import torch
 
 from cofi_kernels.pruning.cofi import loop as pl
-from cofi_kernels.training import distill, evaluation, model_io
+from cofi_kernels.training import evaluation, model_io
 from cofi_kernels.training import finetune as ft
 from cofi_kernels.training import trainer as tr
-from cofi_kernels.training.data import TextDataset
 from tests.training_support import (
     FAST_FINETUNE,
     FAST_PRUNE,
+    Killed,
+    dataset,
     files_equal_tensors,
-    tiny_bert_dir,
+    kill_at,
+    read_log,
+    strip_times,
     toy_rows,
     tree_snapshot,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _dataset(rows, source="toy") -> TextDataset:
-    pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
-    return TextDataset([r["text"] for r in rows], pairs, [r["label"] for r in rows], source)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return _dataset(toy_rows(48, seed=1)), _dataset(toy_rows(24, seed=2))
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, base_dir, toy):
-    out = str(tmp_path_factory.mktemp("runs") / "teacher")
-    ft.finetune(base_dir, *toy, out, ft.FinetuneConfig(**FAST_FINETUNE), progress=False)
-    return out
-
-
-def _log(out):
-    with open(os.path.join(out, tr.LOG_FILE)) as f:
-        return [json.loads(line) for line in f]
-
-
-def _strip_times(records):
-    """The training record of a log: steps, evaluations, pruning (not timings or resume notes)."""
-    keep = ("step", "eval", "pruned", "warning")
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] in keep]
-
-
-# ---------------------------------------------------------------------- finetune
-
-
-def test_finetune_writes_a_loadable_teacher(teacher_dir, toy):
-    files = set(os.listdir(teacher_dir))
-    assert {"config.json", "model.safetensors", model_io.TASK_FILE, tr.RUN_FILE, tr.LOG_FILE} <= files
-    assert tr.CHECKPOINT_DIR not in files  # removed once the run finished
-    task = model_io.read_task(teacher_dir)
-    assert task["label_space"].names == ["money", "music", "sport"]
-    model = model_io.load_classifier(teacher_dir)
-    assert model.config.num_labels == 3
-    run = json.load(open(os.path.join(teacher_dir, tr.RUN_FILE)))
-    evals = [r for r in _log(teacher_dir) if r["event"] == "eval"]
-    # The kept weights are those of the best evaluation, and they reproduce its accuracy.
-    assert run["best"]["accuracy"] == max(r["accuracy"] for r in evals)
-    from cofi_kernels.training.data import Encoded
-
-    enc = Encoded(toy[1], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_FINETUNE["max_length"])
-    assert evaluation.evaluate(model, enc, task["label_space"])["accuracy"] == pytest.approx(run["best"]["accuracy"])
-
-
-def test_finetune_learns_the_toy_task(teacher_dir):
-    run = json.load(open(os.path.join(teacher_dir, tr.RUN_FILE)))
-    # 3 balanced classes: chance is 1/3; the class words make it learnable in a few steps.
-    assert run["best"]["accuracy"] > 0.5
-
-
-# ---------------------------------------------------------------------- prune
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +34,9 @@ def pruned_run(tmp_path_factory, teacher_dir, toy):
     result = pl.cofi_prune(teacher_dir, *toy, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
     return out, result
 
-
 def test_prune_moves_expected_sparsity_to_the_target_and_lambda_responds(pruned_run):
     out, _ = pruned_run
-    steps = [r for r in _log(out) if r["event"] == "step" and r["phase"] == "prune"]
+    steps = [r for r in read_log(out) if r["event"] == "step" and r["phase"] == "prune"]
     target = FAST_PRUNE["target_sparsity"]
     first, last = steps[0], steps[-1]
     # The gates move most of the way from where they start to the target within this short run ...
@@ -114,7 +53,6 @@ def test_prune_moves_expected_sparsity_to_the_target_and_lambda_responds(pruned_
     assert min(r["lambda_1"] for r in steps) < -0.1
     assert max(r["lambda_2"] for r in steps) > 0.0
 
-
 def test_prune_writes_a_compact_model_at_the_selected_gates(pruned_run, toy):
     from cofi_kernels.models.pruned_model import PrunedModel
 
@@ -126,7 +64,7 @@ def test_prune_writes_a_compact_model_at_the_selected_gates(pruned_run, toy):
     assert model.sparsity > 0.2
     assert run["selected"]["realised_sparsity"] == pytest.approx(model.sparsity)
     # The best state is chosen only among evaluations within ε of the target.
-    evals = [r for r in _log(out) if r["event"] == "eval" and r["phase"] == "prune"]
+    evals = [r for r in read_log(out) if r["event"] == "eval" and r["phase"] == "prune"]
     end = max(r["step"] for r in evals)
     for r in evals:  # states outside the ε band cannot be chosen, so they are not evaluated
         assert r["eligible"] == (abs(r["expected_sparsity"] - FAST_PRUNE["target_sparsity"]) <= FAST_PRUNE["epsilon"])
@@ -142,44 +80,21 @@ def test_prune_writes_a_compact_model_at_the_selected_gates(pruned_run, toy):
     assert {"log_alpha.head", "log_alpha.int", "log_alpha.hidden", "z.head", "z.hidden"} <= set(gates)
     assert int((gates["z.hidden"] > 0).sum()) == model.config["hidden_size"]
 
-
 def test_compact_finetune_phase_distils_through_the_pruned_model(pruned_run):
     out, _ = pruned_run
-    ft = [r for r in _log(out) if r["event"] == "step" and r["phase"] == "finetune"]
+    ft = [r for r in read_log(out) if r["event"] == "step" and r["phase"] == "finetune"]
     assert ft and all(r["distill_layer"] >= 0 and r["distill_pred"] >= 0 for r in ft)
     assert all(all(m is None or isinstance(m, int) for m in r["match"]) for r in ft)
-
 
 def test_prune_without_teacher_uses_cross_entropy(tmp_path, teacher_dir, toy):
     out = str(tmp_path / "ce")
     cfg = pl.PruneConfig(**{**FAST_PRUNE, "prune_epochs": 1.0, "sparsity_warmup_epochs": 0.5, "finetune_epochs": 0.5})
     pl.cofi_prune(teacher_dir, *toy, out, cfg, distill=False, progress=False)
-    steps = [r for r in _log(out) if r["event"] == "step"]
+    steps = [r for r in read_log(out) if r["event"] == "step"]
     assert all("task" in r and "distill_pred" not in r for r in steps)
-
-
-# ---------------------------------------------------------------------- resume
-
-
-class _Killed(BaseException):
-    """Stands in for SIGKILL: escapes every `except Exception`."""
-
-
-def _kill_at(monkeypatch, cls, method, at_step):
-    """Kill the run when the trainer hook ``cls.method(phase, step, ...)`` is called for step ``at_step``."""
-    original = getattr(cls, method)
-
-    def wrapper(self, phase, step, *a, **kw):
-        if step == at_step:
-            raise _Killed()
-        return original(self, phase, step, *a, **kw)
-
-    monkeypatch.setattr(cls, method, wrapper)
-
 
 def _plan_of(toy):
     return pl._PrunePlan(pl.PruneConfig(**FAST_PRUNE), len(toy[0]))
-
 
 @pytest.mark.parametrize("where", ["distill", "prune", "at_pruning", "finetune"])
 def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pruned_run, teacher_dir, toy, where):
@@ -189,8 +104,8 @@ def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pr
     out = str(tmp_path / "run")
     cfg = pl.PruneConfig(**FAST_PRUNE)
     with monkeypatch.context() as m:
-        _kill_at(m, pl._CoFiRun, "train_step", at)
-        with pytest.raises(_Killed):
+        kill_at(m, pl._CoFiRun, "train_step", at)
+        with pytest.raises(Killed):
             pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     assert os.path.isfile(os.path.join(out, tr.CHECKPOINT_DIR, tr.CHECKPOINT_FILE))
     assert not os.path.exists(os.path.join(out, tr.RUN_FILE))
@@ -200,8 +115,7 @@ def test_prune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, pr
         assert files_equal_tensors(os.path.join(ref, name), os.path.join(out, name)), name
     a, b = (json.load(open(os.path.join(d, tr.RUN_FILE))) for d in (ref, out))
     assert a["selected"] == b["selected"] and a["best"] == b["best"]
-    assert _strip_times(_log(ref)) == _strip_times(_log(out))
-
+    assert strip_times(read_log(ref)) == strip_times(read_log(out))
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, pruned_run, teacher_dir, toy):
     out = str(tmp_path / "run")
@@ -214,48 +128,24 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
         if calls["n"] == 3:  # half a file at the temporary name, then death
             with open(self.ckpt_path + ".tmp", "wb") as f:
                 f.write(b"PK\x03\x04 torn")
-            raise _Killed()
+            raise Killed()
         return original(self, state)
 
     with monkeypatch.context() as m:
         m.setattr(tr.RunDirectory, "save_checkpoint", torn)
-        with pytest.raises(_Killed):
+        with pytest.raises(Killed):
             pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     pl.cofi_prune(teacher_dir, *toy, out, cfg, resume=True, progress=False)
     ref, _ = pruned_run
     assert files_equal_tensors(os.path.join(ref, "model.safetensors"), os.path.join(out, "model.safetensors"))
     assert files_equal_tensors(os.path.join(ref, pl.GATES_FILE), os.path.join(out, pl.GATES_FILE))
 
-
-def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, base_dir, teacher_dir, toy):
-    out = str(tmp_path / "ft")
-    cfg = ft.FinetuneConfig(**FAST_FINETUNE)
-    original = distill.task_loss
-    seen = {"n": 0}
-
-    def dying_loss(*a, **kw):
-        seen["n"] += 1
-        if seen["n"] == 8:  # mid-epoch 2, after the checkpoint at step 6
-            raise _Killed()
-        return original(*a, **kw)
-
-    with monkeypatch.context() as m:
-        m.setattr(ft, "task_loss", dying_loss)
-        with pytest.raises(_Killed):
-            ft.finetune(base_dir, *toy, out, cfg, progress=False)
-    ft.finetune(base_dir, *toy, out, cfg, resume=True, progress=False)
-    assert files_equal_tensors(os.path.join(teacher_dir, "model.safetensors"), os.path.join(out, "model.safetensors"))
-
-
-# ---------------------------------------------------------------------- bad runs
-
-
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teacher_dir, toy):
     out = str(tmp_path / "run")
     cfg = pl.PruneConfig(**FAST_PRUNE)
     with monkeypatch.context() as m:
-        _kill_at(m, pl._CoFiRun, "train_step", 6)
-        with pytest.raises(_Killed):
+        kill_at(m, pl._CoFiRun, "train_step", 6)
+        with pytest.raises(Killed):
             pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     before = tree_snapshot(out)
     other = pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": 0.5})
@@ -268,7 +158,6 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, monkeypatch, teach
     with pytest.raises(tr.RunError, match="unfinished run.*--resume"):
         pl.cofi_prune(teacher_dir, *toy, out, cfg, progress=False)
     assert tree_snapshot(out) == before
-
 
 def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teacher_dir, toy):
     cfg = pl.PruneConfig(**FAST_PRUNE)
@@ -283,7 +172,6 @@ def test_resume_without_checkpoint_and_finished_runs(tmp_path, pruned_run, teach
         pl.cofi_prune(teacher_dir, *toy, done, cfg, progress=False)
     assert tree_snapshot(done) == before
 
-
 @pytest.mark.parametrize("target", [0.0, 1.0, -0.2, 1.5, float("nan")])
 def test_target_sparsity_outside_0_1_is_refused_before_anything_is_written(tmp_path, teacher_dir, toy, target):
     out = tmp_path / "out"
@@ -291,7 +179,6 @@ def test_target_sparsity_outside_0_1_is_refused_before_anything_is_written(tmp_p
         pl.cofi_prune(teacher_dir, *toy, str(out), pl.PruneConfig(**{**FAST_PRUNE, "target_sparsity": target}),
                       progress=False)
     assert not out.exists()
-
 
 def test_bf16_on_cpu_and_missing_gpu_are_clear_errors(tmp_path, teacher_dir, toy):
     with pytest.raises(tr.RunError, match="bf16 autocast is for GPUs"):
@@ -301,7 +188,6 @@ def test_bf16_on_cpu_and_missing_gpu_are_clear_errors(tmp_path, teacher_dir, toy
         with pytest.raises(tr.RunError, match="no CUDA GPU"):
             ft.finetune(teacher_dir, *toy, str(tmp_path / "o"), ft.FinetuneConfig(device="cuda"), progress=False)
     assert not (tmp_path / "o").exists()
-
 
 def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
     """The cached logits and layer outputs equal a direct teacher forward on the training batch."""
@@ -324,7 +210,6 @@ def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
         torch.testing.assert_close(hidden[t][real], want[real], rtol=1e-5, atol=1e-5)
         assert torch.all(hidden[t][~real] == 0)
 
-
 def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
     """Float labels: one output, MSE losses, Pearson as the metric, through finetune, prune and eval."""
     import random
@@ -340,7 +225,7 @@ def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
             out.append({**r, "label": round(score, 3)})
         return out
 
-    train, ev = _dataset(rows(48)), _dataset(rows(24))
+    train, ev = dataset(rows(48)), dataset(rows(24))
     assert train.text_pairs is not None
     teacher = str(tmp_path / "teacher")
     ft.finetune(base_dir, train, ev, teacher, ft.FinetuneConfig(**FAST_FINETUNE), progress=False)
@@ -349,7 +234,7 @@ def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
     out = str(tmp_path / "pruned")
     result = pl.cofi_prune(teacher, train, ev, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
     assert result.metrics["metric"] == "pearson" and -1.0 <= result.metrics["pearson"] <= 1.0
-    steps = [r for r in _log(out) if r["event"] == "step"]
+    steps = [r for r in read_log(out) if r["event"] == "step"]
     assert all(r["distill_pred"] >= 0 for r in steps)
     model = PrunedModel.from_pretrained(out)
     assert model.config["num_labels"] == 1
