@@ -31,6 +31,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...models.arch import encoder_dims
@@ -193,7 +194,10 @@ class CoFiGates(nn.Module):
         shift = self.temperature * math.log(-self.limit_l / self.limit_r)
         out: dict[str, torch.Tensor | None] = dict.fromkeys(TYPES)
         for t in self.learn:
-            out[t] = torch.sigmoid(self.log_alpha[t] - shift)
+            # exp(log σ(x)) rather than σ(x): σ's backward forms σ·(1 − σ) from the rounded σ, and
+            # near p = 1 (log α ≈ 10, where most gates start) 1 − σ keeps few bits in float32
+            # (relative gradient error up to ~1e-3); log σ's backward computes σ(−x) directly.
+            out[t] = torch.exp(F.logsigmoid(self.log_alpha[t] - shift))
         return out
 
     @torch.no_grad()
