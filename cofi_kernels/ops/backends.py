@@ -34,7 +34,7 @@ class OpSpec:
     """An op's name, the backends it implements and the order ``auto`` tries them in."""
 
     name: str
-    compiled: tuple[str, ...] = ()  # compiled ops it needs, e.g. ("gelu_gate", "gelu_gate_backward")
+    compiled: tuple[str, ...] = ()  # compiled ops it needs, e.g. ("gelu_gate_fwd", "gelu_gate_bwd")
     backends: tuple[str, ...] = ("reference", "cpu", "cuda")
     auto_order: tuple[str, ...] = ("cpu", "cuda")  # tried first to last; "reference" is the fallback
 

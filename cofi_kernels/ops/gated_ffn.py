@@ -2,7 +2,7 @@
 
 Backends:
 
-- ``triton``: ``cofi::gated_ffn`` / ``cofi::gated_ffn_backward``, Python
+- ``triton``: ``cofi::gated_ffn_fwd`` / ``cofi::gated_ffn_bwd``, Python
   ``torch.library.custom_op``s with fake kernels and registered autograd.
   The up-projection is a Triton GEMM with the bias + GELU + gate epilogue
   (:mod:`cofi_kernels.ops.triton.gated_ffn`); the down-projection is
@@ -16,7 +16,7 @@ Backends:
   rounded ``pre`` the int_gate and b_in gradients, sums of few rows when the
   batch is small, came out less accurate than plain PyTorch's); ``h`` and
   GELU are recomputed from ``pre``.
-- ``cpu``: ``F.linear`` → the compiled ``cofi::gelu_gate`` → ``F.linear``
+- ``cpu``: ``F.linear`` → the compiled ``cofi::gelu_gate_fwd`` → ``F.linear``
   (in float32 for half-precision inputs); autograd composes the ops' own
   backward formulas.
 """
@@ -34,7 +34,7 @@ from . import gelu_gate as _gelu_gate_op
 
 SPEC = OpSpec(
     "gated_ffn",
-    compiled=("gelu_gate", "gelu_gate_backward"),
+    compiled=("gelu_gate_fwd", "gelu_gate_bwd"),
     backends=("reference", "cpu", "triton"),
     auto_order=("cpu", "triton"),
 )
@@ -92,7 +92,7 @@ def _pre_buffer(x, w_in, save_pre):
     return x.new_empty((math.prod(x.shape[:-1]), w_in.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("cofi::gated_ffn", mutates_args=())
+@torch.library.custom_op("cofi::gated_ffn_fwd", mutates_args=())
 def gated_ffn_fwd(
     x: torch.Tensor,
     w_in: torch.Tensor,
@@ -141,7 +141,7 @@ def _bwd_outputs(x, w_in, w_out, mask):
             for (shape, dtype), want in zip(wanted, mask)]
 
 
-@torch.library.custom_op("cofi::gated_ffn_backward", mutates_args=())
+@torch.library.custom_op("cofi::gated_ffn_bwd", mutates_args=())
 def gated_ffn_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,

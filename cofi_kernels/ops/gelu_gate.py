@@ -1,4 +1,4 @@
-"""``cofi::gelu_gate``: GELU_erf(x + bias) * gate over the last dim.
+"""``cofi::gelu_gate_fwd`` / ``_bwd``: GELU_erf(x + bias) * gate over the last dim.
 
 Kernels: csrc/cpu/gelu_gate.cpp, csrc/cuda/gelu_gate.cu. This file registers
 the fake kernels and the autograd formula (the backward op recomputes GELU
@@ -12,12 +12,12 @@ import torch
 from . import _extension
 from .backends import OpSpec
 
-SPEC = OpSpec("gelu_gate", compiled=("gelu_gate", "gelu_gate_backward"))
+SPEC = OpSpec("gelu_gate", compiled=("gelu_gate_fwd", "gelu_gate_bwd"))
 
 
 def gelu_gate_op(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The registered op (dispatches on the tensors' device); inputs are assumed checked."""
-    return torch.ops.cofi.gelu_gate(x, bias, gate)
+    return torch.ops.cofi.gelu_gate_fwd(x, bias, gate)
 
 
 def _fake(x, bias, gate):
@@ -43,11 +43,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, bias, gate = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], gate is not None and ctx.needs_input_grad[2]]
-    dx, dbias, dgate = torch.ops.cofi.gelu_gate_backward(grad_out, x, bias, gate, mask)
+    dx, dbias, dgate = torch.ops.cofi.gelu_gate_bwd(grad_out, x, bias, gate, mask)
     return (dx if mask[0] else None, dbias if mask[1] else None, dgate if mask[2] else None)
 
 
 if _extension.available():
-    torch.library.register_fake("cofi::gelu_gate")(_fake)
-    torch.library.register_fake("cofi::gelu_gate_backward")(_fake_backward)
-    torch.library.register_autograd("cofi::gelu_gate", _backward, setup_context=_setup_context)
+    torch.library.register_fake("cofi::gelu_gate_fwd")(_fake)
+    torch.library.register_fake("cofi::gelu_gate_bwd")(_fake_backward)
+    torch.library.register_autograd("cofi::gelu_gate_fwd", _backward, setup_context=_setup_context)

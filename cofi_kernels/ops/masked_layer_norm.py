@@ -1,4 +1,4 @@
-"""``cofi::masked_layer_norm``: gated residual LayerNorm over the kept hidden dims.
+"""``cofi::masked_layer_norm_fwd`` / ``_bwd``: gated residual LayerNorm over the kept hidden dims.
 
 Kernels: csrc/cpu/masked_layer_norm.cpp, csrc/cuda/masked_layer_norm.cu. The
 forward op returns (out, mean, rstd); mean and rstd (float32, one per row) are
@@ -13,12 +13,12 @@ import torch
 from . import _extension
 from .backends import OpSpec
 
-SPEC = OpSpec("masked_layer_norm", compiled=("masked_layer_norm", "masked_layer_norm_backward"))
+SPEC = OpSpec("masked_layer_norm", compiled=("masked_layer_norm_fwd", "masked_layer_norm_bwd"))
 
 
 def masked_layer_norm_op(x, residual, weight, bias, layer_gate, hidden_gate, eps: float) -> torch.Tensor:
     """The registered op (dispatches on the tensors' device); inputs are assumed checked."""
-    out, _, _ = torch.ops.cofi.masked_layer_norm(x, residual, weight, bias, layer_gate, hidden_gate, eps)
+    out, _, _ = torch.ops.cofi.masked_layer_norm_fwd(x, residual, weight, bias, layer_gate, hidden_gate, eps)
     return out
 
 
@@ -54,13 +54,13 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2], need[3], layer_gate is not None and need[4],
             hidden_gate is not None and need[5]]
-    grads = torch.ops.cofi.masked_layer_norm_backward(
+    grads = torch.ops.cofi.masked_layer_norm_bwd(
         grad_out, x, residual, weight, bias, layer_gate, hidden_gate, mean, rstd, mask
     )
     return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,)
 
 
 if _extension.available():
-    torch.library.register_fake("cofi::masked_layer_norm")(_fake)
-    torch.library.register_fake("cofi::masked_layer_norm_backward")(_fake_backward)
-    torch.library.register_autograd("cofi::masked_layer_norm", _backward, setup_context=_setup_context)
+    torch.library.register_fake("cofi::masked_layer_norm_fwd")(_fake)
+    torch.library.register_fake("cofi::masked_layer_norm_bwd")(_fake_backward)
+    torch.library.register_autograd("cofi::masked_layer_norm_fwd", _backward, setup_context=_setup_context)

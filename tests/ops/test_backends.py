@@ -107,7 +107,7 @@ def test_info_reports_build_and_choices():
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "extension cofi_kernels._C: loaded" in text
-    assert "C++ CPU ops: gelu_gate, gelu_gate_backward, masked_layer_norm, masked_layer_norm_backward" in text
+    assert "C++ CPU ops: gelu_gate_fwd, gelu_gate_bwd, masked_layer_norm_fwd, masked_layer_norm_bwd" in text
     assert "masked_layer_norm    cpu -> cpu" in text
     info = cofi_kernels.ops._extension.build_info()
     assert info is not None and info["torch"].split("+")[0] == torch.__version__.split("+")[0]
