@@ -28,16 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton import support as _triton_support
-from .backends import OpSpec
 from . import gelu_gate as _gelu_gate_op
-
-SPEC = OpSpec(
-    "gated_ffn",
-    compiled=("gelu_gate_fwd", "gelu_gate_bwd"),
-    backends=("reference", "cpu", "triton"),
-    auto_order=("cpu", "triton"),
-)
+from . import reference
+from .backends import OpSpec, compiled_backend, reference_backend, triton_backend
+from .triton import support as _triton_support
 
 if _triton_support.INSTALLED:
     # Imported with the package so that the kernels are compiled or interpreted
@@ -62,7 +56,7 @@ def gated_ffn_cpu(x, w_in, b_in, w_out, b_out, int_gate):
     if dtype != torch.float32:
         x, w_in, b_in, w_out, b_out = (t.float() for t in (x, w_in, b_in, w_out, b_out))
         int_gate = None if int_gate is None else int_gate.float()
-    hidden = _gelu_gate_op.gelu_gate_op(F.linear(x, w_in), b_in, int_gate)
+    hidden = _gelu_gate_op.gelu_gate_fwd(F.linear(x, w_in), b_in, int_gate)
     return F.linear(hidden, w_out, b_out).to(dtype)
 
 
@@ -250,3 +244,15 @@ def gated_ffn_triton(x, w_in, b_in, w_out, b_out, int_gate):
     )
     out, _ = gated_ffn_fwd(x, w_in, b_in, w_out, b_out, int_gate, save_pre)
     return out
+
+
+SPEC = OpSpec(
+    "gated_ffn",
+    backends=(
+        reference_backend(reference.gated_ffn),
+        # The cpu backend's only compiled piece is the gelu_gate epilogue.
+        compiled_backend("cpu", gated_ffn_cpu, op="gated_ffn", kernels=_gelu_gate_op.KERNELS),
+        triton_backend(gated_ffn_triton),
+    ),
+    auto_order=("cpu", "triton"),
+)

@@ -1,23 +1,34 @@
 """``cofi::gelu_gate_fwd`` / ``_bwd``: GELU_erf(x + bias) * gate over the last dim.
 
-Kernels: csrc/cpu/gelu_gate.cpp, csrc/cuda/gelu_gate.cu. This file registers
-the fake kernels and the autograd formula (the backward op recomputes GELU
-from the saved x instead of saving activations).
+Kernels: csrc/cpu/gelu_gate.cpp, csrc/cuda/gelu_gate.cu. This file holds the
+launchers of the backends, registers the fake kernels and the autograd
+formula (the backward op recomputes GELU from the saved x instead of saving
+activations), and states the op's :class:`~cofi_kernels.ops.backends.OpSpec`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _extension
-from .backends import OpSpec
+from . import _extension, reference
+from .backends import OpSpec, compiled_backend, reference_backend
 
-SPEC = OpSpec("gelu_gate", compiled=("gelu_gate_fwd", "gelu_gate_bwd"))
+KERNELS = ("gelu_gate_fwd", "gelu_gate_bwd")
 
 
-def gelu_gate_op(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+def gelu_gate_fwd(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The registered op (dispatches on the tensors' device); inputs are assumed checked."""
     return torch.ops.cofi.gelu_gate_fwd(x, bias, gate)
+
+
+def gelu_gate_cpu(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The ``cpu`` backend: the C++ kernel of ``cofi::gelu_gate_fwd`` (inputs checked)."""
+    return gelu_gate_fwd(x, bias, gate)
+
+
+def gelu_gate_cuda(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The ``cuda`` backend: the CUDA kernel of ``cofi::gelu_gate_fwd`` (inputs checked)."""
+    return gelu_gate_fwd(x, bias, gate)
 
 
 def _fake(x, bias, gate):
@@ -51,3 +62,14 @@ if _extension.available():
     torch.library.register_fake("cofi::gelu_gate_fwd")(_fake)
     torch.library.register_fake("cofi::gelu_gate_bwd")(_fake_backward)
     torch.library.register_autograd("cofi::gelu_gate_fwd", _backward, setup_context=_setup_context)
+
+
+SPEC = OpSpec(
+    "gelu_gate",
+    backends=(
+        reference_backend(reference.gelu_gate),
+        compiled_backend("cpu", gelu_gate_cpu, op="gelu_gate", kernels=KERNELS),
+        compiled_backend("cuda", gelu_gate_cuda, op="gelu_gate", kernels=KERNELS),
+    ),
+    auto_order=("cpu", "cuda"),
+)

@@ -30,7 +30,7 @@ def _mln(device="cpu", shape=(4, 16)):
         (lambda a: a.__setitem__(2, torch.rand(3)), "gate must have shape \\[16\\]"),
         (lambda a: a.__setitem__(2, torch.rand(16, dtype=torch.float16)), "gate must have dtype"),
         (lambda a: a.__setitem__(1, torch.randn(1, 16)), "bias must have shape"),
-        (lambda a: a.__setitem__(0, torch.randn(4, 16, dtype=torch.float64)), "the cpu kernel supports float32.*x is float64"),
+        (lambda a: a.__setitem__(0, torch.randn(4, 16, dtype=torch.float64)), "backend 'cpu' cannot run these inputs: x is float64 but the cpu kernel supports float32"),
         (lambda a: a.__setitem__(0, torch.randint(0, 3, (4, 16))), "x must have dtype"),
         (lambda a: a.__setitem__(0, torch.tensor(1.0)), "x must have at least one dimension"),
     ],

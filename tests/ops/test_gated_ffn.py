@@ -289,7 +289,8 @@ def test_rejects_bad_arguments(backend, index, value, match):
 @pytest.mark.parametrize("backend", [b for b in ERROR_BACKENDS if b != "reference"])
 def test_rejects_float64_outside_reference(backend):
     args = [t.detach().double() for t in ffn_inputs((4, 16), 20)]
-    with pytest.raises(ValueError, match=f"gated_ffn: the {backend} kernel supports float32.*x is float64"):
+    with pytest.raises(ValueError, match=f"gated_ffn: backend '{backend}' cannot run these inputs: x is float64 but the {backend} kernel "
+                                         "supports float32, float16 and bfloat16"):
         cofi_kernels.gated_ffn(*args, backend=backend)
 
 
