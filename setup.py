@@ -110,7 +110,7 @@ if BUILD_CUDA == "1" and not with_cuda:
     raise SystemExit(f"COFI_BUILD_CUDA=1 but the CUDA part cannot be built: {why}")
 with_avx2 = CPU_AVX2 == "1" or (CPU_AVX2 == "auto" and _cpu_has_avx2())
 
-OPS = ["gelu_gate", "gelu_gate_backward", "masked_layer_norm", "masked_layer_norm_backward"]
+OPS = ["gelu_gate_fwd", "gelu_gate_bwd", "masked_layer_norm_fwd", "masked_layer_norm_bwd"]
 cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 

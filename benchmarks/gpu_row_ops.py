@@ -113,11 +113,11 @@ def bench_gelu(rows, cols, dtype, bw):
 
     def fwd(i):
         x, b, g, _ = data[i]
-        return lambda: ops.gelu_gate(x, b, g)
+        return lambda: ops.gelu_gate_fwd(x, b, g)
 
     def bwd(i):
         x, b, g, go = data[i]
-        return lambda: ops.gelu_gate_backward(go, x, b, g, mask)
+        return lambda: ops.gelu_gate_bwd(go, x, b, g, mask)
 
     def fused_fb(i):
         x, b, g, go = data[i]
@@ -140,16 +140,16 @@ def bench_mln(rows, dims, dtype, bw):
     n = sets_for(5 * size)
     data = [mln_inputs(rows, dims, dtype, "cuda") for _ in range(n)]
     ops = torch.ops.cofi
-    saved = [ops.masked_layer_norm(*d[:6], 1e-12) for d in data]
+    saved = [ops.masked_layer_norm_fwd(*d[:6], 1e-12) for d in data]
     mask = [True] * 6
 
     def fwd(i):
-        return lambda: ops.masked_layer_norm(*data[i][:6], 1e-12)
+        return lambda: ops.masked_layer_norm_fwd(*data[i][:6], 1e-12)
 
     def bwd(i):
         x, r, w, b, lg, hg, go = data[i]
         _, mean, rstd = saved[i]
-        return lambda: ops.masked_layer_norm_backward(go, x, r, w, b, lg, hg, mean, rstd, mask)
+        return lambda: ops.masked_layer_norm_bwd(go, x, r, w, b, lg, hg, mean, rstd, mask)
 
     def fused_fb(i):
         x, r, w, b, lg, hg, go = data[i]

@@ -1,9 +1,12 @@
 """Public functions of the fused CoFi ops, with argument checks and backend choice.
 
 Each function runs a registered ``cofi::`` op (C++ on the CPU, CUDA C++ or
-Triton on GPUs) or the PyTorch reference (``backend="reference"``); see
-:mod:`cofi_kernels.ops.backends` for how the backend is chosen. Gradients flow to
-every tensor argument through the op's registered autograd formula.
+Triton on GPUs) or the PyTorch reference (``backend="reference"``): it checks
+its arguments, describes them to :func:`cofi_kernels.ops.backends.resolve`
+(device, dtype, head size), which picks the backend (see
+:mod:`cofi_kernels.ops.backends`), and calls that backend's launcher from the
+op's spec. Gradients flow to every tensor argument through the op's
+registered autograd formula.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import torch
 
 from .ops import _checks, backends, reference
+from .ops.backends import Inputs
 from .ops import gated_attention as _gated_attention_op
 from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
@@ -31,11 +35,12 @@ def gelu_gate(
     """Fused ``GELU_erf(x + bias) * gate`` (the FFN epilogue of CoFi, gate = z_int).
 
     Args:
-        x: ``[..., N]`` activations, float32, float16 or bfloat16 (float64 with
-            ``backend="reference"`` only).
+        x: ``[..., N]`` activations, float32, float16 or bfloat16 (float64 on the
+            reference backend only).
         bias: ``[N]``, dtype of ``x`` or float32.
         gate: ``[N]`` per-unit gate (z_int), dtype of ``x`` or float32; ``None`` = all ones.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (see :mod:`cofi_kernels.ops.backends`).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (see :mod:`cofi_kernels.ops.backends`;
+            ``auto`` runs float64 on the reference).
 
     Returns:
         ``[..., N]`` in the dtype of ``x``; arithmetic in float32. Differentiable
@@ -47,11 +52,9 @@ def gelu_gate(
     _checks.check_vector(op, "bias", bias, n, x)
     if gate is not None:
         _checks.check_vector(op, "gate", gate, n, x)
-    choice = backends.resolve(_gelu_gate_op.SPEC, backend, x.device)
-    if choice == "reference":
-        return reference.gelu_gate(x, bias, gate)
-    _check_compiled_dtype(op, choice, x)
-    return _gelu_gate_op.gelu_gate_op(x, bias, gate)
+    spec = _gelu_gate_op.SPEC
+    choice = backends.resolve(spec, backend, Inputs(x.device, x.dtype))
+    return spec.launcher(choice)(x, bias, gate)
 
 
 def masked_layer_norm(
@@ -76,13 +79,14 @@ def masked_layer_norm(
 
     Args:
         x: ``[..., D]`` sublayer output (after its output projection), float32,
-            float16 or bfloat16 (float64 with ``backend="reference"`` only).
+            float16 or bfloat16 (float64 on the reference backend only).
         residual: same shape, dtype and device as ``x``.
         weight, bias: ``[D]`` LayerNorm affine parameters, dtype of ``x`` or float32.
         layer_gate: scalar (``[]`` or ``[1]``) sublayer gate (z_mha or z_ffn); ``None`` = 1.
         hidden_gate: ``[D]`` hidden-dim gate (z_hid); ``None`` = all ones (plain LayerNorm).
         eps: added to the variance.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"`` (``auto`` runs
+            float64 on the reference).
         check_gates: raise ``ValueError`` if ``hidden_gate`` holds NaN (which dims
             are kept would be undefined). It reads the gate, a device sync on
             CUDA; pass False in hot loops once the gates are known to be finite.
@@ -107,11 +111,9 @@ def masked_layer_norm(
             _checks.check_no_nan(op, "hidden_gate", hidden_gate, "the kept dims (hidden_gate != 0) are undefined")
     if not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps}")
-    choice = backends.resolve(_mln_op.SPEC, backend, x.device)
-    if choice == "reference":
-        return reference.masked_layer_norm(x, residual, weight, bias, layer_gate, hidden_gate, eps)
-    _check_compiled_dtype(op, choice, x)
-    return _mln_op.masked_layer_norm_op(x, residual, weight, bias, layer_gate, hidden_gate, float(eps))
+    spec = _mln_op.SPEC
+    choice = backends.resolve(spec, backend, Inputs(x.device, x.dtype))
+    return spec.launcher(choice)(x, residual, weight, bias, layer_gate, hidden_gate, eps)
 
 
 def gated_attention(
@@ -135,13 +137,14 @@ def gated_attention(
     of exactly 0 as well.
 
     Args:
-        q, k, v: ``[B, H, T, D]``, float32, float16 or bfloat16 (float64 with
-            ``backend="reference"`` only); any strides. ``H`` may be 0 (empty
+        q, k, v: ``[B, H, T, D]``, float32, float16 or bfloat16 (float64 on the
+            reference backend only); any strides. ``H`` may be 0 (empty
             output). The Triton backend needs ``D`` in 16, 32, 64, 128.
         head_gate: ``[H]`` per-head gate, dtype of ``q`` or float32; ``None`` = all ones.
         key_padding_mask: ``[B, T]`` bool, True = attend; ``None`` = attend to all.
         scale: multiplies ``q kᵀ``; defaults to ``D ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA tensors, the reference on CPU),
+        backend: ``"auto"`` (Triton on CUDA tensors when it takes the dtype and
+            head size, else the reference; the reference on CPU),
             ``"reference"`` or ``"triton"`` (CPU tensors only under ``TRITON_INTERPRET=1``).
 
     Returns:
@@ -159,23 +162,10 @@ def gated_attention(
         scale = 1.0 / math.sqrt(head_dim)
     elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"{op}: scale must be a positive finite number, got {scale!r}")
-    choice = backends.resolve(_gated_attention_op.SPEC, backend, q.device)
-    if choice == "reference":
-        return reference.gated_attention(q, k, v, head_gate, key_padding_mask, scale).contiguous()
-    _check_compiled_dtype(op, choice, q)
-    if head_dim not in _gated_attention_op.HEAD_DIMS:
-        dims = ", ".join(map(str, _gated_attention_op.HEAD_DIMS))
-        raise ValueError(f"{op}: the {choice} kernel needs a head size D (q.shape[-1]) in {dims}; got {head_dim} "
-                         f"(backend='reference' takes any D)")
-    return _gated_attention_op.gated_attention_op(q, k, v, head_gate, key_padding_mask, float(scale))
-
-
-def _check_compiled_dtype(op: str, choice: str, x: torch.Tensor) -> None:
-    if x.dtype == torch.float64:
-        raise ValueError(
-            f"{op}: the {choice} kernel supports float32, float16 and bfloat16; x is float64 "
-            f"(use backend='reference' for float64)"
-        )
+    spec = _gated_attention_op.SPEC
+    choice = backends.resolve(spec, backend, Inputs(q.device, q.dtype, head_dim=head_dim))
+    # Contiguous whatever the backend, as the docstring promises (a no-op on the Triton output).
+    return spec.launcher(choice)(q, k, v, head_gate, key_padding_mask, float(scale)).contiguous()
 
 
 def gated_ffn(
@@ -195,13 +185,14 @@ def gated_ffn(
 
     Args:
         x: ``[..., D]`` activations, any number of leading dims, float32,
-            float16 or bfloat16 (float64 with ``backend="reference"`` only).
+            float16 or bfloat16 (float64 on the reference backend only).
         w_in: ``[I, D]`` up-projection weight, dtype of ``x``; ``I`` may be 0.
         b_in: ``[I]``, dtype of ``x`` or float32.
         w_out: ``[D, I]`` down-projection weight, dtype of ``x``.
         b_out: ``[D]``, dtype of ``x`` or float32.
         int_gate: ``[I]`` per-unit gate (z_int), dtype of ``x`` or float32; ``None`` = all ones.
-        backend: ``"auto"`` (``"cpu"`` on CPU tensors, ``"triton"`` on CUDA),
+        backend: ``"auto"`` (``"cpu"`` on CPU tensors, ``"triton"`` on CUDA; the
+            reference for float64),
             ``"reference"``, ``"cpu"`` (torch GEMMs around the compiled
             gelu_gate op, in float32 for half types) or ``"triton"`` (the up-projection GEMM with the
             bias + GELU + gate epilogue fused, forward and backward; CPU
@@ -221,13 +212,9 @@ def gated_ffn(
     _checks.check_vector(op, "b_out", b_out, d, x)
     if int_gate is not None:
         _checks.check_vector(op, "int_gate", int_gate, i, x, what="I = w_in.shape[0]")
-    choice = backends.resolve(_gated_ffn_op.SPEC, backend, x.device)
-    if choice == "reference":
-        return reference.gated_ffn(x, w_in, b_in, w_out, b_out, int_gate)
-    _check_compiled_dtype(op, choice, x)
-    if choice == "cpu":
-        return _gated_ffn_op.gated_ffn_cpu(x, w_in, b_in, w_out, b_out, int_gate)
-    return _gated_ffn_op.gated_ffn_triton(x, w_in, b_in, w_out, b_out, int_gate)
+    spec = _gated_ffn_op.SPEC
+    choice = backends.resolve(spec, backend, Inputs(x.device, x.dtype))
+    return spec.launcher(choice)(x, w_in, b_in, w_out, b_out, int_gate)
 
 
 # ------------------------------------------------------------------ pruned model (serving)

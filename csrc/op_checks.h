@@ -54,7 +54,7 @@ inline void check_scalar_gate(const char* op, const at::Tensor& t, const char* n
               " must have dtype ", like.scalar_type(), " (as x) or float32, got ", t.scalar_type());
 }
 
-// The arguments of cofi::gelu_gate, for the kernel of `device` (CPU or CUDA).
+// The arguments of cofi::gelu_gate_fwd / _bwd, for the kernel of `device` (CPU or CUDA).
 inline void check_gelu_gate_args(const char* op, const at::Tensor& x, const at::Tensor& bias,
                                  const std::optional<at::Tensor>& gate, c10::DeviceType device) {
   check_activation(op, x, "x");
@@ -65,7 +65,7 @@ inline void check_gelu_gate_args(const char* op, const at::Tensor& x, const at::
   if (gate) check_feature_vector(op, *gate, "gate", n, x);
 }
 
-// The arguments of cofi::masked_layer_norm, for the kernel of `device` (CPU or CUDA).
+// The arguments of cofi::masked_layer_norm_fwd / _bwd, for the kernel of `device` (CPU or CUDA).
 inline void check_masked_layer_norm_args(const char* op, const at::Tensor& x, const at::Tensor& residual,
                                          const at::Tensor& weight, const at::Tensor& bias,
                                          const std::optional<at::Tensor>& layer_gate,

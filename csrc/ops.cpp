@@ -20,15 +20,15 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(cofi, m) {
-  m.def("gelu_gate(Tensor x, Tensor bias, Tensor? gate) -> Tensor");
+  m.def("gelu_gate_fwd(Tensor x, Tensor bias, Tensor? gate) -> Tensor");
   m.def(
-      "gelu_gate_backward(Tensor grad_out, Tensor x, Tensor bias, Tensor? gate, bool[3] output_mask)"
+      "gelu_gate_bwd(Tensor grad_out, Tensor x, Tensor bias, Tensor? gate, bool[3] output_mask)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
-      "masked_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor? layer_gate,"
+      "masked_layer_norm_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, Tensor? layer_gate,"
       " Tensor? hidden_gate, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "masked_layer_norm_backward(Tensor grad_out, Tensor x, Tensor residual, Tensor weight,"
+      "masked_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor residual, Tensor weight,"
       " Tensor bias, Tensor? layer_gate, Tensor? hidden_gate, Tensor mean, Tensor rstd, bool[6] output_mask)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

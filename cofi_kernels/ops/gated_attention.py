@@ -18,10 +18,9 @@ import math
 
 import torch
 
+from . import reference
+from .backends import Inputs, OpSpec, reference_backend, triton_backend
 from .triton import support as _triton_support
-from .backends import OpSpec
-
-SPEC = OpSpec("gated_attention", backends=("reference", "triton"), auto_order=("triton",))
 
 if _triton_support.INSTALLED:
     # Imported with the package, so the kernels are compiled or interpreted as
@@ -221,9 +220,30 @@ def _backward(ctx, grad_out, _grad_ungated, _grad_lse):
 gated_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gated_attention_op(q, k, v, head_gate, key_padding_mask, scale: float) -> torch.Tensor:
-    """Runs the registered op; inputs are assumed checked. Saves the float32 ungated output only for a backward."""
+def gated_attention_triton(q, k, v, head_gate, key_padding_mask, scale: float) -> torch.Tensor:
+    """The ``triton`` backend (inputs checked); saves the float32 ungated output only when a backward can follow."""
     inputs = (q, k, v) if head_gate is None else (q, k, v, head_gate)
     save_ungated = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     out, _, _ = gated_attention_fwd(q, k, v, head_gate, key_padding_mask, float(scale), save_ungated)
     return out
+
+
+def head_dim_reasons(inputs: Inputs) -> list[str]:
+    """A whole head row is one ``tl.arange`` tile (a power of two, at least 16 for ``tl.dot``);
+    the tiles of ``_blocks`` fit shared memory up to 128."""
+    if inputs.head_dim is None:
+        return ["the head size is not given (Inputs.head_dim is None)"]
+    if inputs.head_dim not in HEAD_DIMS:
+        return [f"head size {inputs.head_dim} not in {', '.join(map(str, HEAD_DIMS))}"]
+    return []
+
+
+SPEC = OpSpec(
+    "gated_attention",
+    backends=(
+        reference_backend(reference.gated_attention),
+        triton_backend(gated_attention_triton, arg="q", limits=head_dim_reasons),
+    ),
+    auto_order=("triton",),
+    usual_inputs=lambda device: Inputs(device, torch.float32, head_dim=64),  # BERT-base heads
+)

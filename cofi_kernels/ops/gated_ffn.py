@@ -2,7 +2,7 @@
 
 Backends:
 
-- ``triton``: ``cofi::gated_ffn`` / ``cofi::gated_ffn_backward``, Python
+- ``triton``: ``cofi::gated_ffn_fwd`` / ``cofi::gated_ffn_bwd``, Python
   ``torch.library.custom_op``s with fake kernels and registered autograd.
   The up-projection is a Triton GEMM with the bias + GELU + gate epilogue
   (:mod:`cofi_kernels.ops.triton.gated_ffn`); the down-projection is
@@ -16,7 +16,7 @@ Backends:
   rounded ``pre`` the int_gate and b_in gradients, sums of few rows when the
   batch is small, came out less accurate than plain PyTorch's); ``h`` and
   GELU are recomputed from ``pre``.
-- ``cpu``: ``F.linear`` → the compiled ``cofi::gelu_gate`` → ``F.linear``
+- ``cpu``: ``F.linear`` → the compiled ``cofi::gelu_gate_fwd`` → ``F.linear``
   (in float32 for half-precision inputs); autograd composes the ops' own
   backward formulas.
 """
@@ -28,16 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton import support as _triton_support
-from .backends import OpSpec
 from . import gelu_gate as _gelu_gate_op
-
-SPEC = OpSpec(
-    "gated_ffn",
-    compiled=("gelu_gate", "gelu_gate_backward"),
-    backends=("reference", "cpu", "triton"),
-    auto_order=("cpu", "triton"),
-)
+from . import reference
+from .backends import OpSpec, compiled_backend, reference_backend, triton_backend
+from .triton import support as _triton_support
 
 if _triton_support.INSTALLED:
     # Imported with the package so that the kernels are compiled or interpreted
@@ -62,7 +56,7 @@ def gated_ffn_cpu(x, w_in, b_in, w_out, b_out, int_gate):
     if dtype != torch.float32:
         x, w_in, b_in, w_out, b_out = (t.float() for t in (x, w_in, b_in, w_out, b_out))
         int_gate = None if int_gate is None else int_gate.float()
-    hidden = _gelu_gate_op.gelu_gate_op(F.linear(x, w_in), b_in, int_gate)
+    hidden = _gelu_gate_op.gelu_gate_fwd(F.linear(x, w_in), b_in, int_gate)
     return F.linear(hidden, w_out, b_out).to(dtype)
 
 
@@ -92,7 +86,7 @@ def _pre_buffer(x, w_in, save_pre):
     return x.new_empty((math.prod(x.shape[:-1]), w_in.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("cofi::gated_ffn", mutates_args=())
+@torch.library.custom_op("cofi::gated_ffn_fwd", mutates_args=())
 def gated_ffn_fwd(
     x: torch.Tensor,
     w_in: torch.Tensor,
@@ -141,7 +135,7 @@ def _bwd_outputs(x, w_in, w_out, mask):
             for (shape, dtype), want in zip(wanted, mask)]
 
 
-@torch.library.custom_op("cofi::gated_ffn_backward", mutates_args=())
+@torch.library.custom_op("cofi::gated_ffn_bwd", mutates_args=())
 def gated_ffn_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -250,3 +244,15 @@ def gated_ffn_triton(x, w_in, b_in, w_out, b_out, int_gate):
     )
     out, _ = gated_ffn_fwd(x, w_in, b_in, w_out, b_out, int_gate, save_pre)
     return out
+
+
+SPEC = OpSpec(
+    "gated_ffn",
+    backends=(
+        reference_backend(reference.gated_ffn),
+        # The cpu backend's only compiled piece is the gelu_gate epilogue.
+        compiled_backend("cpu", gated_ffn_cpu, op="gated_ffn", kernels=_gelu_gate_op.KERNELS),
+        triton_backend(gated_ffn_triton),
+    ),
+    auto_order=("cpu", "triton"),
+)

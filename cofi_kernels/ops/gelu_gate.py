@@ -1,23 +1,34 @@
-"""``cofi::gelu_gate``: GELU_erf(x + bias) * gate over the last dim.
+"""``cofi::gelu_gate_fwd`` / ``_bwd``: GELU_erf(x + bias) * gate over the last dim.
 
-Kernels: csrc/cpu/gelu_gate.cpp, csrc/cuda/gelu_gate.cu. This file registers
-the fake kernels and the autograd formula (the backward op recomputes GELU
-from the saved x instead of saving activations).
+Kernels: csrc/cpu/gelu_gate.cpp, csrc/cuda/gelu_gate.cu. This file holds the
+launchers of the backends, registers the fake kernels and the autograd
+formula (the backward op recomputes GELU from the saved x instead of saving
+activations), and states the op's :class:`~cofi_kernels.ops.backends.OpSpec`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _extension
-from .backends import OpSpec
+from . import _extension, reference
+from .backends import OpSpec, compiled_backend, reference_backend
 
-SPEC = OpSpec("gelu_gate", compiled=("gelu_gate", "gelu_gate_backward"))
+KERNELS = ("gelu_gate_fwd", "gelu_gate_bwd")
 
 
-def gelu_gate_op(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+def gelu_gate_fwd(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The registered op (dispatches on the tensors' device); inputs are assumed checked."""
-    return torch.ops.cofi.gelu_gate(x, bias, gate)
+    return torch.ops.cofi.gelu_gate_fwd(x, bias, gate)
+
+
+def gelu_gate_cpu(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The ``cpu`` backend: the C++ kernel of ``cofi::gelu_gate_fwd`` (inputs checked)."""
+    return gelu_gate_fwd(x, bias, gate)
+
+
+def gelu_gate_cuda(x: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The ``cuda`` backend: the CUDA kernel of ``cofi::gelu_gate_fwd`` (inputs checked)."""
+    return gelu_gate_fwd(x, bias, gate)
 
 
 def _fake(x, bias, gate):
@@ -43,11 +54,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, bias, gate = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], gate is not None and ctx.needs_input_grad[2]]
-    dx, dbias, dgate = torch.ops.cofi.gelu_gate_backward(grad_out, x, bias, gate, mask)
+    dx, dbias, dgate = torch.ops.cofi.gelu_gate_bwd(grad_out, x, bias, gate, mask)
     return (dx if mask[0] else None, dbias if mask[1] else None, dgate if mask[2] else None)
 
 
 if _extension.available():
-    torch.library.register_fake("cofi::gelu_gate")(_fake)
-    torch.library.register_fake("cofi::gelu_gate_backward")(_fake_backward)
-    torch.library.register_autograd("cofi::gelu_gate", _backward, setup_context=_setup_context)
+    torch.library.register_fake("cofi::gelu_gate_fwd")(_fake)
+    torch.library.register_fake("cofi::gelu_gate_bwd")(_fake_backward)
+    torch.library.register_autograd("cofi::gelu_gate_fwd", _backward, setup_context=_setup_context)
+
+
+SPEC = OpSpec(
+    "gelu_gate",
+    backends=(
+        reference_backend(reference.gelu_gate),
+        compiled_backend("cpu", gelu_gate_cpu, op="gelu_gate", kernels=KERNELS),
+        compiled_backend("cuda", gelu_gate_cuda, op="gelu_gate", kernels=KERNELS),
+    ),
+    auto_order=("cpu", "cuda"),
+)

@@ -1,25 +1,35 @@
-"""``cofi::masked_layer_norm``: gated residual LayerNorm over the kept hidden dims.
+"""``cofi::masked_layer_norm_fwd`` / ``_bwd``: gated residual LayerNorm over the kept hidden dims.
 
 Kernels: csrc/cpu/masked_layer_norm.cpp, csrc/cuda/masked_layer_norm.cu. The
 forward op returns (out, mean, rstd); mean and rstd (float32, one per row) are
 saved for the backward op, which recomputes the pre-norm sum from x and
-residual instead of saving it.
+residual instead of saving it. This file holds the launchers, the fake
+kernels, the autograd formula and the op's :class:`~cofi_kernels.ops.backends.OpSpec`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _extension
-from .backends import OpSpec
+from . import _extension, reference
+from .backends import OpSpec, compiled_backend, reference_backend
 
-SPEC = OpSpec("masked_layer_norm", compiled=("masked_layer_norm", "masked_layer_norm_backward"))
+KERNELS = ("masked_layer_norm_fwd", "masked_layer_norm_bwd")
 
 
-def masked_layer_norm_op(x, residual, weight, bias, layer_gate, hidden_gate, eps: float) -> torch.Tensor:
-    """The registered op (dispatches on the tensors' device); inputs are assumed checked."""
-    out, _, _ = torch.ops.cofi.masked_layer_norm(x, residual, weight, bias, layer_gate, hidden_gate, eps)
+def _forward_out(x, residual, weight, bias, layer_gate, hidden_gate, eps) -> torch.Tensor:
+    out, _, _ = torch.ops.cofi.masked_layer_norm_fwd(x, residual, weight, bias, layer_gate, hidden_gate, float(eps))
     return out
+
+
+def masked_layer_norm_cpu(x, residual, weight, bias, layer_gate, hidden_gate, eps) -> torch.Tensor:
+    """The ``cpu`` backend: the C++ kernel of ``cofi::masked_layer_norm_fwd`` (inputs checked); the output only."""
+    return _forward_out(x, residual, weight, bias, layer_gate, hidden_gate, eps)
+
+
+def masked_layer_norm_cuda(x, residual, weight, bias, layer_gate, hidden_gate, eps) -> torch.Tensor:
+    """The ``cuda`` backend: the CUDA kernel of ``cofi::masked_layer_norm_fwd`` (inputs checked); the output only."""
+    return _forward_out(x, residual, weight, bias, layer_gate, hidden_gate, eps)
 
 
 def _fake(x, residual, weight, bias, layer_gate, hidden_gate, eps):
@@ -54,13 +64,24 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2], need[3], layer_gate is not None and need[4],
             hidden_gate is not None and need[5]]
-    grads = torch.ops.cofi.masked_layer_norm_backward(
+    grads = torch.ops.cofi.masked_layer_norm_bwd(
         grad_out, x, residual, weight, bias, layer_gate, hidden_gate, mean, rstd, mask
     )
     return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,)
 
 
 if _extension.available():
-    torch.library.register_fake("cofi::masked_layer_norm")(_fake)
-    torch.library.register_fake("cofi::masked_layer_norm_backward")(_fake_backward)
-    torch.library.register_autograd("cofi::masked_layer_norm", _backward, setup_context=_setup_context)
+    torch.library.register_fake("cofi::masked_layer_norm_fwd")(_fake)
+    torch.library.register_fake("cofi::masked_layer_norm_bwd")(_fake_backward)
+    torch.library.register_autograd("cofi::masked_layer_norm_fwd", _backward, setup_context=_setup_context)
+
+
+SPEC = OpSpec(
+    "masked_layer_norm",
+    backends=(
+        reference_backend(reference.masked_layer_norm),
+        compiled_backend("cpu", masked_layer_norm_cpu, op="masked_layer_norm", kernels=KERNELS),
+        compiled_backend("cuda", masked_layer_norm_cuda, op="masked_layer_norm", kernels=KERNELS),
+    ),
+    auto_order=("cpu", "cuda"),
+)

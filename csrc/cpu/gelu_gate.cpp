@@ -16,7 +16,9 @@
 namespace cofi::cpu {
 namespace {
 
-constexpr const char* kOp = "cofi::gelu_gate";
+// Error messages name the registered op that was called.
+constexpr const char* kFwd = "cofi::gelu_gate_fwd";
+constexpr const char* kBwd = "cofi::gelu_gate_bwd";
 
 // Phi(v) and phi(v) of the standard normal, sharing one exp: erf by
 // Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), whose exp(-x^2) at
@@ -41,9 +43,9 @@ inline NormalParts normal_parts(const Vec& v) {
 
 inline Vec gelu(const Vec& v) { return v * normal_parts(v).cdf; }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
   check_cpu_capability();
-  check_gelu_gate_args(kOp, x, bias, gate, c10::DeviceType::CPU);
+  check_gelu_gate_args(op, x, bias, gate, c10::DeviceType::CPU);
 }
 
 template <typename T>
@@ -96,15 +98,15 @@ void backward_rows(const T* grad, const T* x, const float* bias, const float* ga
   });
 }
 
-at::Tensor gelu_gate_cpu(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
-  check_inputs(x_in, bias, gate);
+at::Tensor gelu_gate_fwd_cpu(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_inputs(kFwd, x_in, bias, gate);
   const at::Tensor x = x_in.contiguous();
   const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const at::Tensor bias_f = as_float_vector(bias);
   const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_fwd_cpu", [&] {
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), bias_f.const_data_ptr<float>(),
                            gate ? gate_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>(),
                            rows, cols);
@@ -112,13 +114,13 @@ at::Tensor gelu_gate_cpu(const at::Tensor& x_in, const at::Tensor& bias, const s
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cpu(const at::Tensor& grad_in,
-                                                                     const at::Tensor& x_in,
-                                                                     const at::Tensor& bias,
-                                                                     const std::optional<at::Tensor>& gate,
-                                                                     std::array<bool, 3> mask) {
-  check_inputs(x_in, bias, gate);
-  check_same_as(kOp, grad_in, "grad_out", x_in, "x");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_bwd_cpu(const at::Tensor& grad_in,
+                                                                 const at::Tensor& x_in,
+                                                                 const at::Tensor& bias,
+                                                                 const std::optional<at::Tensor>& gate,
+                                                                 std::array<bool, 3> mask) {
+  check_inputs(kBwd, x_in, bias, gate);
+  check_same_as(kBwd, grad_in, "grad_out", x_in, "x");
   const bool want_dx = mask[0], want_dbias = mask[1], want_dgate = mask[2] && gate.has_value();
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
@@ -127,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cpu(const at::
   if (x.numel() > 0 && (want_dx || want_dbias || want_dgate)) {
     const at::Tensor bias_f = as_float_vector(bias);
     const at::Tensor gate_f = gate ? as_float_vector(*gate) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_bwd_cpu", [&] {
       backward_rows<scalar_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                               bias_f.const_data_ptr<float>(), gate ? gate_f.const_data_ptr<float>() : nullptr,
                               want_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
@@ -146,6 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cpu(const at::
 }  // namespace cofi::cpu
 
 TORCH_LIBRARY_IMPL(cofi, CPU, m) {
-  m.impl("gelu_gate", &cofi::cpu::gelu_gate_cpu);
-  m.impl("gelu_gate_backward", &cofi::cpu::gelu_gate_backward_cpu);
+  m.impl("gelu_gate_fwd", &cofi::cpu::gelu_gate_fwd_cpu);
+  m.impl("gelu_gate_bwd", &cofi::cpu::gelu_gate_bwd_cpu);
 }

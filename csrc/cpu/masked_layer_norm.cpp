@@ -18,7 +18,9 @@
 namespace cofi::cpu {
 namespace {
 
-constexpr const char* kOp = "cofi::masked_layer_norm";
+// Error messages name the registered op that was called.
+constexpr const char* kFwd = "cofi::masked_layer_norm_fwd";
+constexpr const char* kBwd = "cofi::masked_layer_norm_bwd";
 
 // Per-dim factors derived once from the (small) parameters and gates.
 struct DimFactors {
@@ -32,7 +34,7 @@ struct DimFactors {
   float inv_kept = 1.0f;  // 1 / max(#kept, 1)
 };
 
-DimFactors make_factors(int64_t dims, const at::Tensor& weight, const at::Tensor& bias,
+DimFactors make_factors(const char* op, int64_t dims, const at::Tensor& weight, const at::Tensor& bias,
                         const std::optional<at::Tensor>& layer_gate, const std::optional<at::Tensor>& hidden_gate) {
   DimFactors f;
   const at::Tensor w = as_float_vector(weight), b = as_float_vector(bias);
@@ -53,7 +55,7 @@ DimFactors make_factors(int64_t dims, const at::Tensor& weight, const at::Tensor
   int64_t kept = 0;
   for (int64_t k = 0; k < dims; ++k) {
     const float h = f.hgate[k];
-    TORCH_CHECK(!std::isnan(h), kOp, ": hidden_gate contains NaN at index ", k,
+    TORCH_CHECK(!std::isnan(h), op, ": hidden_gate contains NaN at index ", k,
                 "; kept dims are those with hidden_gate != 0, so NaN is ambiguous");
     f.keep[k] = h != 0.0f ? 1.0f : 0.0f;
     kept += h != 0.0f;
@@ -65,11 +67,11 @@ DimFactors make_factors(int64_t dims, const at::Tensor& weight, const at::Tensor
   return f;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                   const at::Tensor& bias, const std::optional<at::Tensor>& layer_gate,
                   const std::optional<at::Tensor>& hidden_gate) {
   check_cpu_capability();
-  check_masked_layer_norm_args(kOp, x, residual, weight, bias, layer_gate, hidden_gate, c10::DeviceType::CPU);
+  check_masked_layer_norm_args(op, x, residual, weight, bias, layer_gate, hidden_gate, c10::DeviceType::CPU);
 }
 
 // y = residual + x * xscale into y; returns its (kept) mean and rstd.
@@ -182,20 +184,20 @@ void backward_rows(const T* grad, const T* x, const T* res, const float* mean, c
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& res_in, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& layer_gate, const std::optional<at::Tensor>& hidden_gate, double eps) {
-  check_inputs(x_in, res_in, weight, bias, layer_gate, hidden_gate);
+  check_inputs(kFwd, x_in, res_in, weight, bias, layer_gate, hidden_gate);
   const at::Tensor x = x_in.contiguous(), res = res_in.contiguous();
   const int64_t dims = x.size(-1), rows = dims == 0 ? 0 : x.numel() / dims;
-  const DimFactors f = make_factors(dims, weight, bias, layer_gate, hidden_gate);
+  const DimFactors f = make_factors(kFwd, dims, weight, bias, layer_gate, hidden_gate);
   at::Tensor out = at::empty_like(x);
   auto stat_shape = x.sizes().vec();
   stat_shape.pop_back();
   at::Tensor mean = at::empty(stat_shape, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty(stat_shape, x.options().dtype(at::kFloat));
   if (rows == 0) return {out, mean, rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_fwd_cpu", [&] {
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), res.const_data_ptr<scalar_t>(),
                            out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
                            rstd.mutable_data_ptr<float>(), f, rows, dims, static_cast<float>(eps));
@@ -205,27 +207,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cpu(
 
 using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads6 masked_layer_norm_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& res_in,
-                                      const at::Tensor& weight, const at::Tensor& bias,
-                                      const std::optional<at::Tensor>& layer_gate,
-                                      const std::optional<at::Tensor>& hidden_gate, const at::Tensor& mean_in,
-                                      const at::Tensor& rstd_in, std::array<bool, 6> mask) {
-  check_inputs(x_in, res_in, weight, bias, layer_gate, hidden_gate);
-  check_same_as(kOp, grad_in, "grad_out", x_in, "x");
+Grads6 masked_layer_norm_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& res_in,
+                                 const at::Tensor& weight, const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& layer_gate,
+                                 const std::optional<at::Tensor>& hidden_gate, const at::Tensor& mean_in,
+                                 const at::Tensor& rstd_in, std::array<bool, 6> mask) {
+  check_inputs(kBwd, x_in, res_in, weight, bias, layer_gate, hidden_gate);
+  check_same_as(kBwd, grad_in, "grad_out", x_in, "x");
   const at::Tensor x = x_in.contiguous(), res = res_in.contiguous(), grad = grad_in.contiguous();
   const int64_t dims = x.size(-1), rows = dims == 0 ? 0 : x.numel() / dims;
   TORCH_CHECK(mean_in.numel() == rows && rstd_in.numel() == rows && mean_in.scalar_type() == at::kFloat &&
                   rstd_in.scalar_type() == at::kFloat,
-              kOp, ": mean and rstd must be the float32 statistics returned by the forward, one per row");
+              kBwd, ": mean and rstd must be the float32 statistics returned by the forward, one per row");
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  const DimFactors f = make_factors(dims, weight, bias, layer_gate, hidden_gate);
+  const DimFactors f = make_factors(kBwd, dims, weight, bias, layer_gate, hidden_gate);
   const bool want_dlg = mask[4] && layer_gate.has_value(), want_dhg = mask[5] && hidden_gate.has_value();
   at::Tensor dx = mask[0] ? at::empty_like(x) : not_requested(x);
   at::Tensor dres = mask[1] ? at::empty_like(x) : not_requested(x);
   const int64_t chunks = reduction_chunks(rows);
   const at::Tensor partials = at::zeros({chunks * 3 * dims + chunks}, x.options().dtype(at::kFloat));
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_bwd_cpu", [&] {
       const BackwardOut o{mask[0] ? dx.mutable_data_ptr() : nullptr, mask[1] ? dres.mutable_data_ptr() : nullptr,
                           partials.mutable_data_ptr<float>(), want_dhg, want_dlg};
       backward_rows<scalar_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
@@ -250,6 +252,6 @@ Grads6 masked_layer_norm_backward_cpu(const at::Tensor& grad_in, const at::Tenso
 }  // namespace cofi::cpu
 
 TORCH_LIBRARY_IMPL(cofi, CPU, m) {
-  m.impl("masked_layer_norm", &cofi::cpu::masked_layer_norm_cpu);
-  m.impl("masked_layer_norm_backward", &cofi::cpu::masked_layer_norm_backward_cpu);
+  m.impl("masked_layer_norm_fwd", &cofi::cpu::masked_layer_norm_fwd_cpu);
+  m.impl("masked_layer_norm_bwd", &cofi::cpu::masked_layer_norm_bwd_cpu);
 }

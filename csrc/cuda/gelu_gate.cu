@@ -14,7 +14,9 @@
 namespace cofi::cuda {
 namespace {
 
-constexpr const char* kOp = "cofi::gelu_gate";
+// Error messages name the registered op that was called.
+constexpr const char* kFwd = "cofi::gelu_gate_fwd";
+constexpr const char* kBwd = "cofi::gelu_gate_bwd";
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
@@ -119,12 +121,12 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
-  check_gelu_gate_args(kOp, x, bias, gate, c10::DeviceType::CUDA);
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_gelu_gate_args(op, x, bias, gate, c10::DeviceType::CUDA);
 }
 
-at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
-  check_inputs(x_in, bias, gate);
+at::Tensor gelu_gate_fwd_cuda(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& gate) {
+  check_inputs(kFwd, x_in, bias, gate);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x);
@@ -132,7 +134,7 @@ at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const 
   if (x.numel() == 0) return out;
   const ParamRef bias_p = param_ref(bias), gate_p = param_ref(gate);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_fwd_cuda", [&] {
     constexpr int kVec = vec_of<scalar_t>();
     const bool vec = can_vectorize(cols, kVec, {x.const_data_ptr(), out.const_data_ptr(), bias_p.ptr.ptr,
                                                 gate_p.ptr.ptr});
@@ -151,13 +153,13 @@ at::Tensor gelu_gate_cuda(const at::Tensor& x_in, const at::Tensor& bias, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at::Tensor& grad_in,
-                                                                      const at::Tensor& x_in,
-                                                                      const at::Tensor& bias,
-                                                                      const std::optional<at::Tensor>& gate,
-                                                                      std::array<bool, 3> mask) {
-  check_inputs(x_in, bias, gate);
-  check_same_as(kOp, grad_in, "grad_out", x_in, "x");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_bwd_cuda(const at::Tensor& grad_in,
+                                                                  const at::Tensor& x_in,
+                                                                  const at::Tensor& bias,
+                                                                  const std::optional<at::Tensor>& gate,
+                                                                  std::array<bool, 3> mask) {
+  check_inputs(kBwd, x_in, bias, gate);
+  check_same_as(kBwd, grad_in, "grad_out", x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool want_dx = mask[0], want_dbias = mask[1], want_dgate = mask[2] && gate.has_value();
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
@@ -173,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at:
   }
   const ParamRef bias_p = param_ref(bias), gate_p = param_ref(gate);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_gate_bwd_cuda", [&] {
     constexpr int kVec = vec_of<scalar_t>();
     const bool vec = can_vectorize(cols, kVec, {x.const_data_ptr(), grad.const_data_ptr(),
                                                 want_dx ? dx.const_data_ptr() : nullptr});
@@ -209,6 +211,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_gate_backward_cuda(const at:
 }  // namespace cofi::cuda
 
 TORCH_LIBRARY_IMPL(cofi, CUDA, m) {
-  m.impl("gelu_gate", &cofi::cuda::gelu_gate_cuda);
-  m.impl("gelu_gate_backward", &cofi::cuda::gelu_gate_backward_cuda);
+  m.impl("gelu_gate_fwd", &cofi::cuda::gelu_gate_fwd_cuda);
+  m.impl("gelu_gate_bwd", &cofi::cuda::gelu_gate_bwd_cuda);
 }

@@ -24,7 +24,9 @@
 namespace cofi::cuda {
 namespace {
 
-constexpr const char* kOp = "cofi::masked_layer_norm";
+// Error messages name the registered op that was called.
+constexpr const char* kFwd = "cofi::masked_layer_norm_fwd";
+constexpr const char* kBwd = "cofi::masked_layer_norm_bwd";
 constexpr int kWarpsFwd = 4;
 constexpr int kWarpsBwd = 8;
 constexpr int kMaxRegisterDims = 1024;
@@ -427,7 +429,7 @@ int generic_backward_warps(int64_t dims, size_t* smem_bytes) {
       return warps;
     }
   }
-  TORCH_CHECK(false, kOp, ": hidden size ", dims, " needs more shared memory than this GPU has (", limit,
+  TORCH_CHECK(false, kBwd, ": hidden size ", dims, " needs more shared memory than this GPU has (", limit,
               " bytes per block) in the backward");
 }
 
@@ -460,11 +462,11 @@ void dispatch_iters(int iters, const F& f) {
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                   const at::Tensor& bias, const std::optional<at::Tensor>& layer_gate,
                   const std::optional<at::Tensor>& hidden_gate) {
-  check_masked_layer_norm_args(kOp, x, residual, weight, bias, layer_gate, hidden_gate, c10::DeviceType::CUDA);
-  TORCH_CHECK(x.size(-1) <= (1 << 24), kOp, ": hidden size ", x.size(-1), " is too large");
+  check_masked_layer_norm_args(op, x, residual, weight, bias, layer_gate, hidden_gate, c10::DeviceType::CUDA);
+  TORCH_CHECK(x.size(-1) <= (1 << 24), op, ": hidden size ", x.size(-1), " is too large");
 }
 
 // Contiguous parameters kept alive for the launch, and their device view.
@@ -480,10 +482,10 @@ ParamRefs param_refs(const at::Tensor& weight, const at::Tensor& bias, const std
 
 // ---------------------------------------------------------------- ops
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cuda(
     const at::Tensor& x_in, const at::Tensor& res_in, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& layer_gate, const std::optional<at::Tensor>& hidden_gate, double eps) {
-  check_inputs(x_in, res_in, weight, bias, layer_gate, hidden_gate);
+  check_inputs(kFwd, x_in, res_in, weight, bias, layer_gate, hidden_gate);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), res = res_in.contiguous();
   const int64_t dims = x.size(-1), rows = dims == 0 ? 0 : x.numel() / dims;
@@ -496,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cuda(
   const ParamRefs refs = param_refs(weight, bias, layer_gate, hidden_gate);
   const Params p = refs.view(static_cast<int>(dims));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_fwd_cuda", [&] {
     using T = scalar_t;
     constexpr int kVec = vec_of<T>();
     const bool aligned = can_vectorize(dims, kVec, {x.const_data_ptr(), res.const_data_ptr(), out.const_data_ptr(),
@@ -529,19 +531,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_cuda(
 
 using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads6 masked_layer_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                       const at::Tensor& res_in, const at::Tensor& weight, const at::Tensor& bias,
-                                       const std::optional<at::Tensor>& layer_gate,
-                                       const std::optional<at::Tensor>& hidden_gate, const at::Tensor& mean_in,
-                                       const at::Tensor& rstd_in, std::array<bool, 6> mask) {
-  check_inputs(x_in, res_in, weight, bias, layer_gate, hidden_gate);
-  check_same_as(kOp, grad_in, "grad_out", x_in, "x");
+Grads6 masked_layer_norm_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                  const at::Tensor& res_in, const at::Tensor& weight, const at::Tensor& bias,
+                                  const std::optional<at::Tensor>& layer_gate,
+                                  const std::optional<at::Tensor>& hidden_gate, const at::Tensor& mean_in,
+                                  const at::Tensor& rstd_in, std::array<bool, 6> mask) {
+  check_inputs(kBwd, x_in, res_in, weight, bias, layer_gate, hidden_gate);
+  check_same_as(kBwd, grad_in, "grad_out", x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), res = res_in.contiguous(), grad = grad_in.contiguous();
   const int64_t dims = x.size(-1), rows = dims == 0 ? 0 : x.numel() / dims;
   TORCH_CHECK(mean_in.numel() == rows && rstd_in.numel() == rows && mean_in.scalar_type() == at::kFloat &&
                   rstd_in.scalar_type() == at::kFloat && mean_in.is_cuda() && rstd_in.is_cuda(),
-              kOp, ": mean and rstd must be the float32 statistics returned by the forward, one per row");
+              kBwd, ": mean and rstd must be the float32 statistics returned by the forward, one per row");
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const bool want_dlg = mask[4] && layer_gate.has_value(), want_dhg = mask[5] && hidden_gate.has_value();
   at::Tensor dx = mask[0] ? at::empty_like(x) : not_requested(x);
@@ -560,7 +562,7 @@ Grads6 masked_layer_norm_backward_cuda(const at::Tensor& grad_in, const at::Tens
   const ParamRefs refs = param_refs(weight, bias, layer_gate, hidden_gate);
   const Params p = refs.view(static_cast<int>(dims));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_layer_norm_bwd_cuda", [&] {
     using T = scalar_t;
     constexpr int kVec = vec_of<T>();
     const bool aligned = can_vectorize(dims, kVec, {x.const_data_ptr(), res.const_data_ptr(), grad.const_data_ptr(),
@@ -613,6 +615,6 @@ Grads6 masked_layer_norm_backward_cuda(const at::Tensor& grad_in, const at::Tens
 }  // namespace cofi::cuda
 
 TORCH_LIBRARY_IMPL(cofi, CUDA, m) {
-  m.impl("masked_layer_norm", &cofi::cuda::masked_layer_norm_cuda);
-  m.impl("masked_layer_norm_backward", &cofi::cuda::masked_layer_norm_backward_cuda);
+  m.impl("masked_layer_norm_fwd", &cofi::cuda::masked_layer_norm_fwd_cuda);
+  m.impl("masked_layer_norm_bwd", &cofi::cuda::masked_layer_norm_bwd_cuda);
 }

@@ -30,7 +30,7 @@ def _mln(device="cpu", shape=(4, 16)):
         (lambda a: a.__setitem__(2, torch.rand(3)), "gate must have shape \\[16\\]"),
         (lambda a: a.__setitem__(2, torch.rand(16, dtype=torch.float16)), "gate must have dtype"),
         (lambda a: a.__setitem__(1, torch.randn(1, 16)), "bias must have shape"),
-        (lambda a: a.__setitem__(0, torch.randn(4, 16, dtype=torch.float64)), "the cpu kernel supports float32.*x is float64"),
+        (lambda a: a.__setitem__(0, torch.randn(4, 16, dtype=torch.float64)), "backend 'cpu' cannot run these inputs: x is float64 but the cpu kernel supports float32"),
         (lambda a: a.__setitem__(0, torch.randint(0, 3, (4, 16))), "x must have dtype"),
         (lambda a: a.__setitem__(0, torch.tensor(1.0)), "x must have at least one dimension"),
     ],
@@ -75,15 +75,15 @@ def test_masked_layer_norm_rejects_negative_eps():
 # included, and that must show as a failed test, not a crashed session.
 DIRECT_CALL_ERRORS = {
     "nan_hidden_gate": (
-        "a = _mln(); a[5][3] = float('nan'); torch.ops.cofi.masked_layer_norm(*a, 1e-12)",
+        "a = _mln(); a[5][3] = float('nan'); torch.ops.cofi.masked_layer_norm_fwd(*a, 1e-12)",
         "hidden_gate contains NaN",
     ),
     "gelu_gate_gate_shape": (
-        "x, b, g = [t.detach() for t in gelu_gate_inputs((4, 16), 'random')]; torch.ops.cofi.gelu_gate(x, b, g[:5])",
+        "x, b, g = [t.detach() for t in gelu_gate_inputs((4, 16), 'random')]; torch.ops.cofi.gelu_gate_fwd(x, b, g[:5])",
         "gate must have shape \\[16\\]",
     ),
     "residual_shape": (
-        "a = _mln(); torch.ops.cofi.masked_layer_norm(a[0], a[1][:, :8], *a[2:], 1e-12)",
+        "a = _mln(); torch.ops.cofi.masked_layer_norm_fwd(a[0], a[1][:, :8], *a[2:], 1e-12)",
         "residual has shape",
     ),
 }

@@ -155,14 +155,14 @@ def test_empty_width_gives_bias_and_gradients():
 def test_opcheck(gate_kind, width):
     device = "cpu" if TRITON_ON_CPU else "cuda"
     args = ffn_inputs((2, 5, 24), width, gate_kind, device)
-    torch.library.opcheck(torch.ops.cofi.gated_ffn.default, (*args, True))
+    torch.library.opcheck(torch.ops.cofi.gated_ffn_fwd.default, (*args, True))
     detached = [None if t is None else t.detach() for t in args]
-    torch.library.opcheck(torch.ops.cofi.gated_ffn.default, (*detached, False))
+    torch.library.opcheck(torch.ops.cofi.gated_ffn_fwd.default, (*detached, False))
     x, w_in, b_in, w_out, b_out, gate = detached
-    _, pre = torch.ops.cofi.gated_ffn(*detached, True)
+    _, pre = torch.ops.cofi.gated_ffn_fwd(*detached, True)
     grad = torch.randn_like(x)
     for mask in ([True] * 6, [False, True, False, True, False, True], [True, False, False, False, True, False]):
-        torch.library.opcheck(torch.ops.cofi.gated_ffn_backward.default, (grad, x, w_in, w_out, gate, pre, mask))
+        torch.library.opcheck(torch.ops.cofi.gated_ffn_bwd.default, (grad, x, w_in, w_out, gate, pre, mask))
 
 
 @requires_triton_cpu
@@ -289,7 +289,8 @@ def test_rejects_bad_arguments(backend, index, value, match):
 @pytest.mark.parametrize("backend", [b for b in ERROR_BACKENDS if b != "reference"])
 def test_rejects_float64_outside_reference(backend):
     args = [t.detach().double() for t in ffn_inputs((4, 16), 20)]
-    with pytest.raises(ValueError, match=f"gated_ffn: the {backend} kernel supports float32.*x is float64"):
+    with pytest.raises(ValueError, match=f"gated_ffn: backend '{backend}' cannot run these inputs: x is float64 but the {backend} kernel "
+                                         "supports float32, float16 and bfloat16"):
         cofi_kernels.gated_ffn(*args, backend=backend)
 
 

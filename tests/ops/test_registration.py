@@ -20,23 +20,23 @@ pytestmark = pytest.mark.skipif(not cofi_kernels.extension_available(), reason="
 @pytest.mark.parametrize("gate_kind", ["random", "none"])
 def test_opcheck_gelu_gate(device, gate_kind):
     x, b, g = gelu_gate_inputs((3, 5, 24), gate_kind, device)
-    torch.library.opcheck(torch.ops.cofi.gelu_gate.default, (x, b, g))
+    torch.library.opcheck(torch.ops.cofi.gelu_gate_fwd.default, (x, b, g))
     grad = torch.randn_like(x)
     for mask in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(torch.ops.cofi.gelu_gate_backward.default, (grad, x.detach(), b.detach(),
-                                                                          None if g is None else g.detach(), mask))
+        torch.library.opcheck(torch.ops.cofi.gelu_gate_bwd.default, (grad, x.detach(), b.detach(),
+                                                                     None if g is None else g.detach(), mask))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hidden_kind,layer_kind", [("random_with_zeros", "random"), ("none", "none")])
 def test_opcheck_masked_layer_norm(device, hidden_kind, layer_kind):
     args = masked_layer_norm_inputs((2, 7, 40), hidden_kind, layer_kind, device)
-    torch.library.opcheck(torch.ops.cofi.masked_layer_norm.default, (*args, 1e-5))
+    torch.library.opcheck(torch.ops.cofi.masked_layer_norm_fwd.default, (*args, 1e-5))
     detached = [None if a is None else a.detach() for a in args]
-    _, mean, rstd = torch.ops.cofi.masked_layer_norm(*detached, 1e-5)
+    _, mean, rstd = torch.ops.cofi.masked_layer_norm_fwd(*detached, 1e-5)
     grad = torch.randn_like(detached[0])
     for mask in ([True] * 6, [False, True, False, True, False, False]):
-        torch.library.opcheck(torch.ops.cofi.masked_layer_norm_backward.default,
+        torch.library.opcheck(torch.ops.cofi.masked_layer_norm_bwd.default,
                               (grad, *detached, mean, rstd, mask))
 
 

@@ -32,7 +32,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return "triton is not installed (it comes with the CUDA builds of torch)"
     if device.type == "cuda":
         if INTERPRET:
-            return "TRITON_INTERPRET=1 was set when cofi_kernels was imported; the kernels run on CPU tensors only"
+            return "TRITON_INTERPRET=1 was set when cofi_kernels was imported, so the kernels run on CPU tensors only"
         return None
     if device.type == "cpu":
         if INTERPRET:
