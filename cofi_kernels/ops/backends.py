@@ -210,7 +210,7 @@ def triton_backend(launcher: Callable, *, arg: str = "x",
 
 # ------------------------------------------------------------------------- choice
 
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, str, str]] = set()
 
 
 def requested(backend: str) -> str:
@@ -245,13 +245,16 @@ def auto_choice(spec: OpSpec, inputs: Inputs | torch.device) -> str:
 
 def _warn_reference(spec: OpSpec, inputs: Inputs) -> None:
     kernels = spec.auto_backends(inputs.device.type)
-    key = (spec.name, inputs.device.type)
-    if not kernels or key in _warned:
+    if not kernels:
+        return
+    why = "; ".join(f"backend {b.name!r}: {'; '.join(b.not_supported_reasons(inputs))}" for b in kernels)
+    # Once per op, device type and set of reasons: a float64 call must not silence a missing build.
+    key = (spec.name, inputs.device.type, why)
+    if key in _warned:
         return
     _warned.add(key)
     if torch.compiler.is_compiling():
         return
-    why = "; ".join(f"backend {b.name!r}: {'; '.join(b.not_supported_reasons(inputs))}" for b in kernels)
     warnings.warn(
         f"{spec.name}: using the slow reference implementation on {inputs.device.type} because no kernel "
         f"for it can run these inputs here ({why}); see `python -m cofi_kernels.info`",
