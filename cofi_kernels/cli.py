@@ -105,10 +105,11 @@ def _config_from(args, config_class):
     """The config dataclass filled from its generated flags."""
     from .training.config import settings_of
 
-    values = {f.name: getattr(args, f.name) for f in settings_of(config_class)}
+    values = {}
     for f in settings_of(config_class):
-        if isinstance(f.default, tuple):  # argparse gives lists; the config keeps tuples
-            values[f.name] = tuple(values[f.name])
+        value = getattr(args, f.name)
+        # argparse gives lists; a config keeps tuples where its default is one.
+        values[f.name] = tuple(value) if isinstance(f.default, tuple) else value
     return config_class(**values)
 
 

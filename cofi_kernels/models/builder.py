@@ -158,10 +158,10 @@ def build_pruned_model(
     if K.numel() == 0:
         raise ValueError(f"{where}: hidden keeps no dim; the pruned model would have hidden size 0")
     zh = _scale(where, "hidden_scale", hidden_scale, K.numel())
-    dtype = arch.embedding_parts(enc).word.weight.dtype
+    emb = arch.embedding_parts(enc)
+    dtype = emb.word.weight.dtype
 
     tensors: dict[str, torch.Tensor] = {}
-    emb = arch.embedding_parts(enc)
     for name, table in (("word_embeddings", emb.word), ("position_embeddings", emb.position),
                         ("token_type_embeddings", emb.token_type)):
         # Select before widening: the word table is the largest tensor of the model.

@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 
+from ..models.pruned_model import PrunedModel
 from .data import Encoded, LabelSpace
 from .distill import task_loss
 
@@ -46,8 +47,6 @@ def metrics_of(logits: torch.Tensor, targets: torch.Tensor, labels: LabelSpace) 
 
 
 def model_outputs(model, b, output_hidden_states: bool = False):
-    from ..models.pruned_model import PrunedModel
-
     if isinstance(model, PrunedModel):
         return model(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=output_hidden_states)
     out = model(

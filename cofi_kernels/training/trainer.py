@@ -321,15 +321,6 @@ class Trainer:
 
     # -- phases -------------------------------------------------------------
 
-    def phase_bounds(self, name: str) -> tuple[int, int]:
-        """(first step, end step) of the phase ``name``."""
-        start = 0
-        for p in self.phases:
-            if p.name == name:
-                return start, start + p.steps
-            start += p.steps
-        raise KeyError(name)
-
     def _phase_at(self, step: int) -> tuple[Phase, int]:
         start = 0
         for p in self.phases:

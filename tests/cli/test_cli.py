@@ -14,8 +14,6 @@ import pytest
 
 from cofi_kernels import cli
 from cofi_kernels.pruning.cofi import loop as pl
-from cofi_kernels.training import distill, evaluation, model_io
-from cofi_kernels.training import finetune as ft
 from cofi_kernels.training import trainer as tr
 from tests import REPO_ROOT
 from tests.training_support import (

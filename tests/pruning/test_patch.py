@@ -87,7 +87,6 @@ def test_minilm_all_gates_one_matches_hf(impl, how):
         hf_paths[path] = copy.deepcopy(model)
         hf_paths[path].set_attn_implementation(path)
     model.set_attn_implementation(impl)
-    hf = hf_paths[impl]
     gates = apply_cofi(model)
     if how == "fix_ones":
         gates.fix(gates.ones())

@@ -20,25 +20,20 @@ from collections.abc import Mapping
 
 import torch
 
-from ...models.arch import encoder_dims, gate_shapes, supported_model
+from ...models.arch import gate_shapes, supported_model
 from ...models.builder import KeptLayer, build_pruned_model
 from ...models.pruned_model import PrunedModel
+from .gates import mismatch_with
 
 __all__ = ["prune"]
 
 
 def _resolve_gates(gates, z, cfg):
     shapes = gate_shapes(cfg)
-    head_dim = encoder_dims(cfg).head_dim
     if gates is not None:
-        gshapes = gates.shapes
-        for t, s in shapes.items():
-            if tuple(gshapes[t]) != s:
-                raise ValueError(
-                    f"prune: gates of type '{t}' do not fit the model: expected shape {list(s)}, got {list(gshapes[t])}"
-                )
-        if gates.head_dim != head_dim:
-            raise ValueError(f"prune: gates head_dim does not fit the model: expected {head_dim}, got {gates.head_dim}")
+        why = mismatch_with(gates, cfg)
+        if why is not None:
+            raise ValueError(f"prune: the gates do not fit the model: {why}")
         if z is None:
             z = gates.fixed if gates.fixed is not None else gates.deterministic()
     elif z is None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models.arch import encoder_dims
+from ...models.arch import encoder_dims, gate_shapes
 from ...models.size import dense_encoder_size, encoder_size
 
 __all__ = ["CoFiGates", "TYPES"]
@@ -47,6 +47,20 @@ _SOFT_FACTOR = 0.8
 
 _LOG_ALPHA_MIN = math.log(1e-2)
 _LOG_ALPHA_MAX = math.log(1e2)
+
+
+def mismatch_with(gates: "CoFiGates", config) -> str | None:
+    """How ``gates`` do not fit an encoder config (the first gate type of the wrong shape, or
+    the head size), or None when they fit."""
+    for t, want in gate_shapes(config).items():
+        got = tuple(gates.shapes[t])
+        if got != want:
+            return f"gate type '{t}': expected shape {list(want)}, got {list(got)}"
+    head_dim = encoder_dims(config).head_dim
+    got_head_dim = getattr(gates, "head_dim", head_dim)
+    if got_head_dim != head_dim:
+        return f"head_dim: expected {head_dim}, got {got_head_dim}"
+    return None
 
 
 class CoFiGates(nn.Module):

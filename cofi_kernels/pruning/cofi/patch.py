@@ -50,9 +50,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ...models.arch import SUPPORTED_MODELS, encoder_dims, gate_shapes, supported_model
+from ...models.arch import SUPPORTED_MODELS, encoder_dims, supported_model
 from ...modules.gated import HiddenGates, LayerGates, LiveLayer, gated_embedding_norm, gated_layer, live_layer
-from .gates import TYPES, CoFiGates
+from .gates import TYPES, CoFiGates, mismatch_with
 
 __all__ = [
     "apply_cofi",
@@ -239,11 +239,9 @@ def _check_model(model) -> nn.Module:
 def _check_gates(gates, cfg) -> None:
     if not all(hasattr(gates, a) for a in ("current", "validate", "shapes")):
         raise TypeError(f"apply_cofi: gates must be a CoFiGates, got {type(gates).__name__}")
-    expected = gate_shapes(cfg)
-    head_dim = encoder_dims(cfg).head_dim
-    got = {t: tuple(s) for t, s in gates.shapes.items()}
-    if got != expected or getattr(gates, "head_dim", head_dim) != head_dim:
-        raise ValueError(f"apply_cofi: the gates' shapes {got} do not match the model config (expected {expected})")
+    why = mismatch_with(gates, cfg)
+    if why is not None:
+        raise ValueError(f"apply_cofi: the gates do not match the model config: {why}")
 
 
 def apply_cofi(
