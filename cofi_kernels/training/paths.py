@@ -1,0 +1,104 @@
+"""The one check of every path a run reads or writes: data files, model directories, output directories.
+
+Each check runs before anything is read, loaded or written, and raises the
+error class its caller names (:class:`~cofi_kernels.training.data.DataError`
+for data files, :class:`~cofi_kernels.training.trainer.RunError` for model and
+output directories) with a message that says what the path is and what to do.
+The ``cofi`` command runs them on every path argument first; the library runs
+the same checks where it opens the path, so Python callers get the same messages.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+__all__ = ["check_input_file", "check_model_dir", "check_output_dir", "describe_kind"]
+
+
+def describe_kind(path: str) -> str:
+    """What sits at ``path``: ``"a directory"``, ``"a FIFO"``, ``"a socket"``, ``"a device"``, ``"a file"``."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a file"
+
+
+def _nonempty(path, what: str, error: type[Exception]) -> str:
+    if path is None or os.fspath(path) == "":
+        raise error(f"the {what} path is empty; give a path")
+    path = os.fspath(path)
+    if "\0" in path:
+        raise error(f"the {what} path {path!r} contains a NUL character")
+    return path
+
+
+def check_input_file(path, what: str, error: type[Exception]) -> str:
+    """``path`` is an existing, readable regular file; returns it as ``str``.
+
+    Args:
+        what: how messages name it (``"data file"``).
+        error: the exception class raised.
+    """
+    path = _nonempty(path, what, error)
+    if not os.path.exists(path):
+        raise error(f"{what} {path!r} does not exist")
+    kind = describe_kind(path)
+    if kind != "a file":
+        raise error(f"{what} {path!r} is {kind}, not a regular file; give a file")
+    if not os.access(path, os.R_OK):
+        raise error(f"{what} {path!r} is not readable (permission denied)")
+    return path
+
+
+def check_model_dir(path, what: str, error: type[Exception]) -> str:
+    """``path`` is an existing directory whose files can be listed and read; returns it as ``str``.
+
+    Args:
+        what: how messages name it (``"model directory"``, ``"--teacher"``).
+        error: the exception class raised.
+    """
+    path = _nonempty(path, what, error)
+    if not os.path.exists(path):
+        raise error(f"{what} {path!r} does not exist")
+    kind = describe_kind(path)
+    if kind != "a directory":
+        raise error(f"{what} {path!r} is {kind}, not a directory; give the directory a model was saved to")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise error(f"{what} {path!r} is not readable (permission denied)")
+    return path
+
+
+def check_output_dir(path, what: str, error: type[Exception]) -> str:
+    """``path`` is a directory that exists or can be created, and can be written; returns it as ``str``.
+
+    Whether an existing directory may be used (empty, or an unfinished run to
+    resume) is the run's decision, not this check's.
+
+    Args:
+        what: how messages name it (``"--out"``).
+        error: the exception class raised.
+    """
+    path = _nonempty(path, what, error)
+    if os.path.exists(path):
+        kind = describe_kind(path)
+        if kind != "a directory":
+            raise error(f"{what} {path!r} is {kind}, not a directory; give a new or empty directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise error(f"{what} {path!r} is not writable (permission denied)")
+        return path
+    # The nearest existing ancestor decides whether the directory can be created.
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise error(f"{what} {path!r} cannot be created: {parent!r} is {describe_kind(parent)}, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{what} {path!r} cannot be created: {parent!r} is not writable (permission denied)")
+    return path
