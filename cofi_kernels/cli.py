@@ -98,7 +98,27 @@ def _training_data(args):
     return split_held_out(train, args.eval_fraction, args.seed)
 
 
-# ---------------------------------------------------------------------- commands
+# ---------------------------------------------------------------------- checks
+
+
+def _check_paths(args, model_flags=()) -> None:
+    """Every path argument of a command, before anything is read, loaded or written: data files
+    exist and are readable files, model directories are readable directories, ``--out`` is a
+    directory that exists or can be created."""
+    from .training.data import DataError
+    from .training.paths import check_input_file, check_model_dir, check_output_dir
+    from .training.trainer import RunError
+
+    for flag in ("--data", "--eval-data"):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            check_input_file(value, flag, DataError)
+    for flag in model_flags:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            check_model_dir(value, flag, RunError)
+    if getattr(args, "out", None) is not None:
+        check_output_dir(args.out, "--out", RunError)
 
 
 def _config_from(args, config_class):
@@ -113,10 +133,34 @@ def _config_from(args, config_class):
     return config_class(**values)
 
 
+def _checked_config(args, config_class):
+    """:func:`_config_from`, its settings checked before any data is read."""
+    from .training.config import check_run_settings
+
+    config = _config_from(args, config_class)
+    check_run_settings(config, args.command)
+    return config
+
+
+def positive_int(text: str) -> int:
+    """Command-line text → an integer >= 1 (``argparse.ArgumentTypeError`` otherwise)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------- commands
+
+
 def _cmd_finetune(args) -> int:
     from .training.finetune import FinetuneConfig, finetune
 
-    cfg = _config_from(args, FinetuneConfig)
+    _check_paths(args, ("--model",))
+    cfg = _checked_config(args, FinetuneConfig)
     model_dir = args.model or default_model_dir()
     train, eval_data = _training_data(args)
     result = finetune(model_dir, train, eval_data, args.out, cfg, resume=args.resume, progress=not args.quiet,
@@ -131,7 +175,8 @@ def _cmd_prune(args) -> int:
     from .pruning import get_method
 
     method = get_method(args.method)
-    cfg = _config_from(args, method.config)
+    _check_paths(args, tuple(a.flag for a in method.arguments if not a.switch))
+    cfg = _checked_config(args, method.config)
     train, eval_data = _training_data(args)
     inputs = {a.name: getattr(args, a.name) for a in method.arguments}
     result = method.run(train, eval_data, args.out, cfg, resume=args.resume, progress=not args.quiet, **inputs)
@@ -159,13 +204,22 @@ def _load_for_eval(model_dir: str, device: str):
 
 
 def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "cpu", repeats: int = 3) -> dict:
-    """Metric, realised sparsity, parameters and examples per second of a model directory on ``data``."""
+    """Metric, realised sparsity, parameters and examples per second of a model directory on ``data``.
+
+    The directory's ``cofi_task.json`` is checked against its config first (labels, max_length),
+    ``batch_size`` must be >= 1 and ``device`` one this machine has (:class:`RunError` otherwise).
+    """
     import torch
 
+    from .training.config import check_device
     from .training.data import Encoded
     from .training.evaluation import evaluate, throughput
     from .training.model_io import load_tokenizer
+    from .training.trainer import RunError
 
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise RunError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    check_device(device, "eval")
     model, task, kind = _load_for_eval(model_dir, device)
     labels = task["label_space"]
     enc = Encoded(data, labels, load_tokenizer(model_dir), task["max_length"])
@@ -202,6 +256,7 @@ def _eval_data(args):
 
 
 def _cmd_eval(args) -> int:
+    _check_paths(args, ("--model",))
     result = evaluate_dir(args.model, _eval_data(args), batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -223,15 +278,25 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .pruning.cofi.loop import PruneConfig, cofi_prune
+    from .pruning.cofi.loop import PruneConfig, check_prune_config, cofi_prune
+    from .training.config import check_run_settings
     from .training.finetune import FinetuneConfig, finetune
+    from .training.model_io import check_max_length, hf_token_limit, read_model_config
     from .training.trainer import RunError
 
+    _check_paths(args)
     out = args.out
     teacher_dir, pruned_dir, data_dir = (os.path.join(out, p) for p in ("teacher", "pruned", "data"))
     if not args.resume and os.path.exists(out) and os.listdir(out):
         raise RunError(f"output directory {out!r} exists and is not empty; continue it with --resume or choose another --out")
+    # Every setting is checked before the demo writes anything.
+    ft_cfg = FinetuneConfig(max_length=args.max_length, seed=args.seed, **DEMO_FINETUNE)
+    pr_cfg = PruneConfig(max_length=args.max_length, seed=args.seed,
+                         **{**DEMO_PRUNE, "target_sparsity": args.target_sparsity})
+    check_run_settings(ft_cfg, "demo")
+    check_prune_config(pr_cfg)
     model_dir = default_model_dir()
+    check_max_length(args.max_length, hf_token_limit(read_model_config(model_dir)), "demo")
     train, validation, test = default_splits()
     t0 = time.perf_counter()
     print(f"cofi demo: all-MiniLM-L6-v2 on BBC News ({len(train)} training, {len(validation)} validation, "
@@ -240,9 +305,6 @@ def _cmd_demo(args) -> int:
     for name, part in (("train", train), ("validation", validation), ("test", test)):
         part.to_jsonl(os.path.join(data_dir, f"{name}.jsonl"))
 
-    ft_cfg = FinetuneConfig(max_length=args.max_length, seed=args.seed, **DEMO_FINETUNE)
-    pr_cfg = PruneConfig(max_length=args.max_length, seed=args.seed,
-                         **{**DEMO_PRUNE, "target_sparsity": args.target_sparsity})
     progress = not args.quiet
     if not _finished(teacher_dir):
         print("[1/3] fine-tuning the teacher", flush=True)
@@ -311,14 +373,9 @@ def _demo_table(teacher: dict, pruned: dict, speedup: float) -> str:
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def config_flag(f) -> str:
-    """The command-line flag of a config field."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
     """One flag per field of ``config_class``, typed, with its help text and default."""
-    from .training.config import settings_of
+    from .training.config import config_flag, settings_of
 
     for f in settings_of(config_class):
         meta, flag, kind = f.metadata, config_flag(f), str(f.type).replace(" ", "")
@@ -349,7 +406,7 @@ def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--data", help="CSV or JSONL with 'text' [, 'text_pair'] and 'label' (default: BBC News)")
     if not train:
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-        p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
+        p.add_argument("--batch-size", type=positive_int, default=32, help="(default 32)")
         return
     p.add_argument("--eval-data", help="data to choose the best state on (default: a seeded held-out part of --data)")
     p.add_argument("--eval-fraction", type=fraction, default=0.1,
@@ -431,7 +488,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``cofi`` console script; returns the exit status."""
+    """Entry point of the ``cofi`` console script; returns the exit status.
+
+    A problem with the input (data, model directories, settings, the output
+    directory, a file the system cannot read or write, memory) is one line
+    ``cofi <command>: error: ...`` on stderr and status 2. Warnings from other
+    libraries are held back while the command runs: dropped when it fails that
+    way (the error line says what went wrong), shown when it ends otherwise.
+    """
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
@@ -439,16 +503,64 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # shard-writing bars would bury ours
     from .training.data import DataError
-    from .training.trainer import RunError
+    from .training.trainer import RunError, first_line
 
-    try:
-        return args.func(args)
-    except (DataError, RunError, _Usage) as e:
-        print(f"cofi {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cofi {args.command}: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    with _HeldWarnings() as held:
+        try:
+            status = args.func(args)
+        except (DataError, RunError, _Usage) as e:
+            return _error(args.command, str(e))
+        except OSError as e:  # a disk full, a file vanished or locked while the run used it
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            return _error(args.command, f"{e.strerror or first_line(e)}{where}")
+        except MemoryError:
+            return _error(args.command, "out of memory; use a smaller --batch-size or --max-length")
+        except KeyboardInterrupt:
+            print(f"cofi {args.command}: interrupted; continue with --resume", file=sys.stderr)
+            return 130
+        except BaseException:
+            held.release()  # a crash: what the libraries said may explain it
+            raise
+        held.release()
+    return status
+
+
+def _error(command: str, message: str) -> int:
+    line = " ".join(message.split())  # one line, whatever the message held
+    print(f"cofi {command}: error: {line}", file=sys.stderr)
+    return 2
+
+
+class _HeldWarnings:
+    """Hold back warnings raised outside cofi_kernels until :meth:`release` (or drop them)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catcher = warnings.catch_warnings()
+        self._catcher.__enter__()
+        self.held = []
+        shown = warnings.showwarning
+        package = os.path.dirname(os.path.abspath(__file__))
+
+        def hold(message, category, filename, lineno, file=None, line=None):
+            if os.path.abspath(filename).startswith(package + os.sep):
+                shown(message, category, filename, lineno, file, line)
+            else:
+                self.held.append((message, category, filename, lineno, file, line))
+
+        warnings.showwarning = hold
+        self._shown = shown
+        return self
+
+    def release(self) -> None:
+        for w in self.held:
+            self._shown(*w)
+        self.held = []
+
+    def __exit__(self, *exc):
+        self._catcher.__exit__(*exc)
+        return False
 
 
 if __name__ == "__main__":

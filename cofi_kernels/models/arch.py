@@ -29,6 +29,7 @@ __all__ = [
     "encoder_dims",
     "gate_shapes",
     "supported_model",
+    "token_limit",
 ]
 
 
@@ -111,6 +112,11 @@ class EncoderArch:
         return model.bert.pooler.dense, model.classifier
 
     @staticmethod
+    def token_limit(max_position_embeddings: int, pad_token_id: int) -> int:
+        """The most tokens one sequence may have: each needs its own position embedding."""
+        return max_position_embeddings
+
+    @staticmethod
     def position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """Position of every token: ``0..T-1``."""
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -124,6 +130,11 @@ class RobertaArch(EncoderArch):
     def classification_head(self, model: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         """(dense, out_proj) of RoBERTa's classification head."""
         return model.classifier.dense, model.classifier.out_proj
+
+    @staticmethod
+    def token_limit(max_position_embeddings: int, pad_token_id: int) -> int:
+        """Positions start at ``pad_token_id + 1`` (see :meth:`position_ids`), so fewer tokens fit."""
+        return max_position_embeddings - pad_token_id - 1
 
     @staticmethod
     def position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -148,6 +159,12 @@ def arch_for_model_type(model_type: object) -> EncoderArch:
             f"({', '.join(SUPPORTED_MODELS)})"
         )
     return ARCHS[model_type]
+
+
+def token_limit(model_type: str, max_position_embeddings: int, pad_token_id: int | None) -> int:
+    """The most tokens per sequence a ``model_type`` encoder with these position embeddings takes
+    (512 for BERT-base and all-MiniLM-L6-v2, 512 for RoBERTa-base's 514 positions)."""
+    return arch_for_model_type(model_type).token_limit(max_position_embeddings, pad_token_id or 0)
 
 
 def check_config(model: object, config) -> None:

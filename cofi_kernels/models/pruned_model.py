@@ -231,55 +231,81 @@ class PrunedModel(nn.Module):
             f.write("\n")
 
     @classmethod
+    def read_config(cls, directory: str | os.PathLike) -> dict:
+        """The validated ``cofi_config.json`` of a saved model, without touching its weights.
+
+        Raises ``FileNotFoundError`` when the directory or the file is missing and
+        ``ValueError`` naming the file for a config this version cannot build
+        (missing keys, wrong types, sizes larger than the original model's).
+        """
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"PrunedModel: directory {directory!r} does not exist")
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"PrunedModel: config file {cfg_path!r} is missing")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        _validate_config(cfg, cfg_path)
+        return cfg
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "PrunedModel":
         """Load a model written by :meth:`save_pretrained` (safetensors only, no pickle).
 
-        Raises ``FileNotFoundError`` for a missing directory or file and
-        ``ValueError`` (naming the file) for a bad config or a weights file whose
-        tensors do not match the config (missing, unexpected or wrong shape).
+        The config is checked first (:meth:`read_config`), then the names,
+        shapes and dtypes in the weights file's header, before any tensor is
+        read or allocated. Raises ``FileNotFoundError`` for a missing directory
+        or file and ``ValueError`` (naming the file) for a bad config or a
+        weights file whose tensors do not match the config (missing,
+        unexpected or wrong shape).
         """
         from safetensors.torch import load_file
 
-        directory = os.fspath(directory)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"PrunedModel.from_pretrained: directory {directory!r} does not exist")
-        cfg_path = os.path.join(directory, CONFIG_NAME)
-        w_path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"PrunedModel.from_pretrained: config file {cfg_path!r} is missing")
+        cfg = cls.read_config(directory)
+        w_path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
         if not os.path.isfile(w_path):
             raise FileNotFoundError(f"PrunedModel.from_pretrained: weights file {w_path!r} is missing")
-        try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-        _validate_config(cfg, cfg_path)
+        with torch.device("meta"):  # no allocation: only the expected shapes are needed
+            model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _check_header(w_path, expected)
         try:
             tensors = load_file(w_path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for a corrupt file
             raise ValueError(f"{w_path}: cannot be read as safetensors ({e})") from None
-        with torch.device("meta"):  # no initialisation: every tensor is loaded next
-            model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing:
-            raise ValueError(f"{w_path}: tensor(s) required by {CONFIG_NAME} are missing: {missing}")
-        if unexpected:
-            raise ValueError(f"{w_path}: unexpected tensor(s) not described by {CONFIG_NAME}: {unexpected}")
-        for k, shape in expected.items():
-            if tuple(tensors[k].shape) != shape:
-                raise ValueError(
-                    f"{w_path}: tensor {k!r} has the wrong shape for {CONFIG_NAME}: "
-                    f"expected {list(shape)}, got {list(tensors[k].shape)}"
-                )
-        if tensors["hidden_index"].dtype != torch.long:
-            raise ValueError(f"{w_path}: tensor 'hidden_index' must be int64, got {tensors['hidden_index'].dtype}")
         model.load_state_dict(tensors, strict=True, assign=True)
         for p in model.parameters():
             p.requires_grad_(False)
         return model.to(device).eval()
+
+
+def _check_header(w_path: str, expected: Mapping[str, tuple]) -> None:
+    """The weights file's header names exactly the ``expected`` tensors with their shapes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(w_path, framework="pt") as f:
+            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{w_path}: cannot be read as safetensors ({e})") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise ValueError(f"{w_path}: tensor(s) required by {CONFIG_NAME} are missing: {missing}")
+    if unexpected:
+        raise ValueError(f"{w_path}: unexpected tensor(s) not described by {CONFIG_NAME}: {unexpected}")
+    for k, shape in expected.items():
+        if found[k][0] != shape:
+            raise ValueError(
+                f"{w_path}: tensor {k!r} has the wrong shape for {CONFIG_NAME}: "
+                f"expected {list(shape)}, got {list(found[k][0])}"
+            )
+    if found["hidden_index"][1] != "I64":
+        raise ValueError(f"{w_path}: tensor 'hidden_index' must be int64, got {found['hidden_index'][1]}")
 
 
 def _validate_config(cfg, path):
@@ -310,16 +336,27 @@ def _validate_config(cfg, path):
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"{path}: 'num_labels' must be a positive integer, got {n!r}")
     layers = cfg["layers"]
+    if not isinstance(cfg["num_layers"], int) or isinstance(cfg["num_layers"], bool) or cfg["num_layers"] < 0:
+        raise ValueError(f"{path}: 'num_layers' must be an integer >= 0, got {cfg['num_layers']!r}")
     if not isinstance(layers, list) or len(layers) != cfg["num_layers"]:
         raise ValueError(f"{path}: 'layers' must be a list of num_layers={cfg['num_layers']!r} entries")
+    if cfg["hidden_size"] > cfg["original_hidden_size"]:
+        raise ValueError(f"{path}: 'hidden_size' {cfg['hidden_size']} exceeds the original model's "
+                         f"{cfg['original_hidden_size']}")
+    # A pruned layer is never wider than the original one; this bounds what the model allocates.
+    bounds = {"heads": ("original_num_heads", cfg["original_num_heads"]),
+              "ffn_width": ("original_intermediate_size", cfg["original_intermediate_size"])}
     for i, spec in enumerate(layers):
         if not isinstance(spec, dict) or "heads" not in spec or "ffn_width" not in spec:
             raise ValueError(f"{path}: layers[{i}] must be an object with 'heads' and 'ffn_width', got {spec!r}")
-        for k in ("heads", "ffn_width"):
+        for k, (name, bound) in bounds.items():
             v = spec[k]
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{path}: layers[{i}].{k} must be null or an integer >= 0, got {v!r}")
-    if not isinstance(cfg["layer_norm_eps"], (int, float)) or not cfg["layer_norm_eps"] > 0:
+            if v is not None and v > bound:
+                raise ValueError(f"{path}: layers[{i}].{k} is {v}, more than the original model's {name} {bound}")
+    eps = cfg["layer_norm_eps"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):
         raise ValueError(f"{path}: 'layer_norm_eps' must be a positive number, got {cfg['layer_norm_eps']!r}")
-    if not isinstance(cfg["pad_token_id"], int):
+    if not isinstance(cfg["pad_token_id"], int) or isinstance(cfg["pad_token_id"], bool):
         raise ValueError(f"{path}: 'pad_token_id' must be an integer, got {cfg['pad_token_id']!r}")

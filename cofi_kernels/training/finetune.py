@@ -11,7 +11,7 @@ from .config import RunSettings, check_run_settings, documented, setting
 from .data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from .distill import task_loss
 from .evaluation import autocast, evaluate, model_outputs
-from .model_io import load_classifier, load_tokenizer, write_task
+from .model_io import check_max_length, hf_token_limit, load_classifier, load_tokenizer, read_model_config, write_task
 from .optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
 from .trainer import (
     Evaluation,
@@ -70,12 +70,15 @@ def finetune(
     Raises:
         DataError: unusable data (missing columns, labels of the evaluation
             data that the training data does not have, ...).
-        RunError: bad settings, unusable model directory, ``out`` not empty
-            (without ``resume``), or a checkpoint of another run.
+        RunError: bad settings (``max_length`` beyond the model's position
+            embeddings among them), unusable model directory, ``out`` not
+            empty or not creatable (without ``resume``), or a checkpoint of
+            another run.
     """
     cfg = config or FinetuneConfig()
     _check_finetune_config(cfg)
-    labels = LabelSpace.from_labels(train.labels, task)
+    check_max_length(cfg.max_length, hf_token_limit(read_model_config(model_dir)), "finetune")
+    labels = LabelSpace.from_labels(train.labels, task, source=train.source)
     tokenizer = load_tokenizer(model_dir)
     train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
     eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)

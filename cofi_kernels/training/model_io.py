@@ -1,15 +1,35 @@
-"""Model directories of training runs: loading a tokenizer and a classifier, the task file."""
+"""Model directories of training runs: what they promise, checked before anything is loaded;
+loading a tokenizer and a classifier; the task file.
+
+A model directory is checked in the order of cost: the path, the config, the
+weights file's header against the config (so a hand-edited config never makes
+us allocate a model it does not describe), and only then the weights. Weights
+are read from safetensors only; a directory holding only a pickle
+(``pytorch_model.bin``) is refused before anything is unpickled.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
-from ..models.arch import UnsupportedModelError, arch_for_model_type, supported_model
+from ..models.arch import UnsupportedModelError, arch_for_model_type, encoder_dims, supported_model, token_limit
+from ..models.pruned_model import CONFIG_NAME as PRUNED_CONFIG_NAME
+from ..models.pruned_model import PrunedModel
+from ..models.size import dense_encoder_size
+from .config import MIN_MAX_LENGTH
 from .data import LabelSpace
+from .paths import check_model_dir
 from .trainer import RunError, first_line, write_json
 
 TASK_FILE = "cofi_task.json"
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def require_dir(model_dir, what: str = "model directory") -> str:
+    """``model_dir`` is an existing, readable directory (:class:`RunError` otherwise)."""
+    return check_model_dir(model_dir, what, RunError)
 
 
 def load_tokenizer(model_dir: str):
@@ -23,8 +43,90 @@ def load_tokenizer(model_dir: str):
         raise RunError(f"model directory {model_dir!r}: cannot load its tokenizer ({first_line(e)})") from None
 
 
+def read_model_config(model_dir: str):
+    """The Hugging Face config of ``model_dir``, checked against what the directory holds.
+
+    Refused with :class:`RunError` naming the directory: a missing or
+    unreadable ``config.json``, an unsupported ``model_type``, weights stored
+    only as a pickle, and a config describing more weights than the
+    safetensors files hold (checked from their headers, nothing is loaded).
+    """
+    import transformers as tf
+
+    require_dir(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise RunError(f"model directory {model_dir!r} has no config.json; give a directory a model was saved to "
+                       "(save_pretrained, `cofi finetune`)")
+    try:
+        config = tf.AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise RunError(f"model directory {model_dir!r}: cannot read config.json ({first_line(e)})") from None
+    try:
+        arch_for_model_type(config.model_type)
+        dims = encoder_dims(config)
+    except (UnsupportedModelError, ValueError) as e:
+        raise RunError(f"model directory {model_dir!r}: {e}") from None
+    stored = _stored_weight_count(model_dir)
+    described = dense_encoder_size(dims.num_layers, dims.num_heads, dims.head_dim, dims.intermediate_size,
+                                   dims.hidden_size) + config.vocab_size * dims.hidden_size
+    if described > stored:
+        raise RunError(f"model directory {model_dir!r}: config.json describes at least {described:,} weights but "
+                       f"its safetensors files hold {stored:,}; the config does not belong to these weights")
+    return config
+
+
+def _stored_weight_count(model_dir: str) -> int:
+    """How many values the directory's safetensors files hold, from their headers."""
+    from safetensors import safe_open
+
+    files = [n for n in SAFE_WEIGHTS if os.path.isfile(os.path.join(model_dir, n))]
+    if not files:
+        pickled = [n for n in PICKLED_WEIGHTS if os.path.isfile(os.path.join(model_dir, n))]
+        if pickled:
+            raise RunError(f"model directory {model_dir!r} holds its weights only as {pickled[0]}, a pickle, which "
+                           "cofi_kernels never loads; save the model with safetensors (save_pretrained's default)")
+        raise RunError(f"model directory {model_dir!r} has no {SAFE_WEIGHTS[0]}")
+    shards = [SAFE_WEIGHTS[0]]
+    if files[0] == SAFE_WEIGHTS[1]:
+        index = os.path.join(model_dir, SAFE_WEIGHTS[1])
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise RunError(f"{index}: not a safetensors index ({first_line(e)})") from None
+    total = 0
+    for shard in shards:
+        path = os.path.join(model_dir, shard)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    n = 1
+                    for s in f.get_slice(k).get_shape():
+                        n *= s
+                    total += n
+        except Exception as e:  # safetensors raises its own types for a missing, truncated or foreign file
+            raise RunError(f"model directory {model_dir!r}: {shard} cannot be read as safetensors "
+                           f"({first_line(e)})") from None
+    return total
+
+
+def hf_token_limit(config) -> int:
+    """The most tokens per sequence of a Hugging Face encoder config."""
+    return token_limit(config.model_type, config.max_position_embeddings, getattr(config, "pad_token_id", None))
+
+
+def check_max_length(max_length, limit: int, where: str) -> None:
+    """``max_length`` is an integer in ``[MIN_MAX_LENGTH, limit]`` (:class:`RunError` naming ``where``)."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool):
+        raise RunError(f"{where}: max_length must be an integer, got {max_length!r}")
+    if not MIN_MAX_LENGTH <= max_length <= limit:
+        raise RunError(f"{where}: max_length must be in [{MIN_MAX_LENGTH}, {limit}] (the model's position "
+                       f"embeddings hold {limit} tokens), got {max_length}")
+
+
 def load_classifier(model_dir: str, labels: LabelSpace | None = None):
-    """A BERT/RoBERTa ``*ForSequenceClassification`` from ``model_dir``.
+    """A BERT/RoBERTa ``*ForSequenceClassification`` from ``model_dir`` (checked by
+    :func:`read_model_config` first; safetensors only).
 
     With ``labels`` the classification head is sized for them (a new head when
     the directory holds a bare encoder or a head for other labels); without,
@@ -32,15 +134,7 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
     """
     import transformers as tf
 
-    require_dir(model_dir)
-    try:
-        config = tf.AutoConfig.from_pretrained(model_dir)
-    except Exception as e:
-        raise RunError(f"model directory {model_dir!r}: cannot read config.json ({first_line(e)})") from None
-    try:
-        arch_for_model_type(config.model_type)
-    except UnsupportedModelError as e:
-        raise RunError(f"model directory {model_dir!r}: {e}") from None
+    read_model_config(model_dir)
     kw = {}
     if labels is not None:
         kw = {"num_labels": labels.num_labels, "problem_type": problem_type(labels)}
@@ -54,7 +148,7 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
         hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
         try:
             model = tf.AutoModelForSequenceClassification.from_pretrained(
-                model_dir, ignore_mismatched_sizes=labels is not None, **kw
+                model_dir, ignore_mismatched_sizes=labels is not None, use_safetensors=True, **kw
             )
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -71,28 +165,54 @@ def problem_type(labels: LabelSpace) -> str:
     return "regression" if labels.task == "regression" else "single_label_classification"
 
 
-def require_dir(model_dir: str) -> None:
-    if not os.path.isdir(model_dir):
-        raise RunError(f"model directory {model_dir!r} does not exist")
-    if not os.access(model_dir, os.R_OK | os.X_OK):
-        raise RunError(f"model directory {model_dir!r} is not readable")
-
-
+def model_limits(model_dir: str) -> tuple[int, int]:
+    """``(outputs, token limit)`` of the model saved in ``model_dir`` (a :class:`PrunedModel`'s
+    ``cofi_config.json`` or a Hugging Face ``config.json``), read from its config alone."""
+    if os.path.isfile(os.path.join(model_dir, PRUNED_CONFIG_NAME)):
+        try:
+            cfg = PrunedModel.read_config(model_dir)
+        except (OSError, ValueError) as e:
+            raise RunError(f"model directory {model_dir!r}: {e}") from None
+        outputs = cfg["num_labels"] if cfg["task"] == "sequence_classification" else cfg["hidden_size"]
+        return outputs, token_limit(cfg["model_type"], cfg["max_position_embeddings"], cfg["pad_token_id"])
+    config = read_model_config(model_dir)
+    return config.num_labels, hf_token_limit(config)
 
 
 def read_task(model_dir: str) -> dict:
-    """``cofi_task.json`` of a model written by this package (label space, max_length, kind)."""
+    """``cofi_task.json`` of a model written by this package (label space, max_length, kind),
+    checked against the model's own config: the labels are distinct strings, one per output
+    (one output for regression), and ``max_length`` fits the model's position embeddings."""
+    require_dir(model_dir)
     path = os.path.join(model_dir, TASK_FILE)
     if not os.path.isfile(path):
-        raise RunError(f"model directory {model_dir!r} has no {TASK_FILE}; give a model written by `cofi finetune` or `cofi prune`")
+        raise RunError(f"model directory {model_dir!r} has no {TASK_FILE}; give a model written by "
+                       "`cofi finetune` or `cofi prune`")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             task = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise RunError(f"{path}: unreadable ({first_line(e)})") from None
-    if not isinstance(task, dict) or "labels" not in task or "max_length" not in task:
+    if not isinstance(task, dict) or not {"task", "labels", "max_length"} <= task.keys():
         raise RunError(f"{path}: malformed (needs 'task', 'labels', 'max_length')")
-    task["label_space"] = LabelSpace.from_json(task, path)
+    names = task["labels"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RunError(f"{path}: 'labels' must be a list of class names (strings), got {names!r}")
+    if len(set(names)) != len(names):
+        raise RunError(f"{path}: 'labels' lists a class twice: {names!r}")
+    if task["task"] == "classification" and len(names) < 2:
+        raise RunError(f"{path}: a classification task needs at least 2 class names in 'labels', got {names!r}")
+    if task["task"] == "regression" and names:
+        raise RunError(f"{path}: a regression task has no class names, but 'labels' is {names!r}")
+    try:
+        task["label_space"] = labels = LabelSpace.from_json(task, path)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    outputs, limit = model_limits(model_dir)
+    if labels.num_labels != outputs:
+        raise RunError(f"{path}: lists {len(names)} class(es) for a {labels.task} task, but the model has "
+                       f"{outputs} output(s)")
+    check_max_length(task["max_length"], limit, path)
     return task
 
 

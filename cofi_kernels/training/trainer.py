@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, TextDataset, epoch_order, steps_per_epoch
+from .paths import check_output_dir
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -88,7 +89,7 @@ class RunDirectory:
     """The output directory of one run: log, checkpoint, final files."""
 
     def __init__(self, out: str, fingerprint: dict, resume: bool, kind: str):
-        self.out = os.fspath(out)
+        self.out = check_output_dir(out, "output directory", RunError)
         self.fingerprint = fingerprint
         self.kind = kind
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_DIR, CHECKPOINT_FILE)
@@ -114,10 +115,7 @@ class RunDirectory:
             raise RunError(f"output directory {self.out!r} holds a finished run; there is nothing to resume")
         if not os.path.isfile(self.ckpt_path):
             raise RunError(f"--resume: no checkpoint in {self.out!r} ({CHECKPOINT_DIR}/{CHECKPOINT_FILE} is missing)")
-        try:
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise RunError(f"--resume: checkpoint {self.ckpt_path!r} cannot be read ({first_line(e)})") from None
+        state = load_checkpoint(self.ckpt_path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"--resume: {self.ckpt_path!r} is not a checkpoint of this version of cofi_kernels")
         theirs = state.get("fingerprint", {})
@@ -131,6 +129,12 @@ class RunDirectory:
 
     def start(self) -> None:
         """Create the directory (fresh run) or cut the log back to the checkpoint (resume)."""
+        try:
+            self._start()
+        except OSError as e:
+            raise RunError(f"output directory {self.out!r} cannot be written ({e.strerror or e})") from None
+
+    def _start(self) -> None:
         os.makedirs(os.path.join(self.out, CHECKPOINT_DIR), exist_ok=True)
         if self.resumed is None:
             open(self.log_path, "w").close()
@@ -161,6 +165,24 @@ class RunDirectory:
     def finish(self, summary: dict) -> None:
         write_json(os.path.join(self.out, RUN_FILE), summary)
         shutil.rmtree(os.path.join(self.out, CHECKPOINT_DIR), ignore_errors=True)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by :meth:`RunDirectory.save_checkpoint`, through torch's weights-only
+    unpickler (it builds tensors and plain containers, never runs code from the file)."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # torch warns about a foreign file's pickle protocol just before refusing it.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunError(f"--resume: {path!r} is not a checkpoint written by cofi_kernels (it holds objects other "
+                       "than tensors and plain values, which are never loaded)") from None
+    except Exception as e:
+        raise RunError(f"--resume: checkpoint {path!r} cannot be read ({first_line(e)})") from None
 
 
 def seed_step(seed: int, step: int) -> None:

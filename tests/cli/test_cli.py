@@ -1,5 +1,5 @@
-"""The `cofi` command: bad input gives one line and exit status 2 with --out untouched;
-a run killed with SIGKILL resumes to the same result; `cofi eval` reports."""
+"""The `cofi` command: an unfinished run refuses to be resumed by another; a run killed with
+SIGKILL resumes to the same result; `cofi eval` reports. (Bad input: tests/cli/test_bad_input.py.)"""
 
 from __future__ import annotations
 
@@ -94,70 +94,12 @@ def _fails(capsys, argv, pattern, out=None):
     return err
 
 
-# ---------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------- resuming another run
+# (every other bad input is a case of tests/cli/test_bad_input.py)
 
 
-def test_missing_columns(tmp_path, capsys, base_dir, files):
-    bad = write_csv(tmp_path / "bad.csv", toy_rows(10, seed=3), columns=("text",))
-    out = tmp_path / "out"
-    _fails(capsys, _finetune_args(base_dir, {**files, "train": bad}, out), r"missing column.*'label'", out)
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"sentence": "a b", "label": "x"}])
-    _fails(capsys, _finetune_args(base_dir, {**files, "train": bad}, out), r"missing column.*'text'", out)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("content", ["", "\n\n", "text,label\n"], ids=["empty", "blank-lines", "header-only"])
-def test_empty_files(tmp_path, capsys, base_dir, files, content):
-    ext = ".csv" if content.startswith("text") else ".jsonl"
-    empty = tmp_path / f"empty{ext}"
-    empty.write_text(content)
-    out = tmp_path / "out"
-    _fails(capsys, _finetune_args(base_dir, {**files, "train": str(empty)}, out), r"no examples", out)
-    assert not out.exists()
-
-
-def test_unknown_labels_in_the_eval_file(tmp_path, capsys, base_dir, teacher_dir, files):
-    rows = toy_rows(6, seed=4)
-    rows[3]["label"] = "weather"
-    odd = write_jsonl(tmp_path / "odd.jsonl", rows)
-    out = tmp_path / "out"
-    _fails(capsys, _finetune_args(base_dir, {**files, "eval": odd}, out), r"'weather'.*not one of", out)
-    _fails(capsys, _prune_args(teacher_dir, files["train"], odd, out), r"'weather'.*not one of", out)
-    _fails(capsys, ["eval", "--model", teacher_dir, "--data", odd], r"label 'weather' \(example 4\)")
-    assert not out.exists()
-
-
-def test_unreadable_model_directory(tmp_path, capsys, files, teacher_dir):
-    out = tmp_path / "out"
-    _fails(capsys, _finetune_args(str(tmp_path / "nope"), files, out), r"model directory .* does not exist", out)
-    empty = tmp_path / "empty_model"
-    empty.mkdir()
-    _fails(capsys, _finetune_args(str(empty), files, out), r"model directory .*cannot load", out)
-    broken = tmp_path / "broken_model"
-    broken.mkdir()
-    (broken / "config.json").write_text("{ not json")
-    _fails(capsys, _finetune_args(str(broken), files, out), r"model directory", out)
-    _fails(capsys, _prune_args(str(empty), files["train"], files["eval"], out), r"cofi_task.json", out)
-    _fails(capsys, ["eval", "--model", str(empty), "--data", files["eval"]], r"cofi_task.json")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("target", ["0", "1", "1.5", "-0.1", "nan", "ninety"])
-def test_target_sparsity_outside_0_1(tmp_path, capsys, teacher_dir, files, target):
-    out = tmp_path / "out"
-    _fails(capsys, _prune_args(teacher_dir, files["train"], files["eval"], out, target=target),
-           r"--target-sparsity.*(0, 1)|--target-sparsity.*number", out)
-    assert not out.exists()
-
-
-def test_output_directory_in_use_and_foreign_checkpoints(tmp_path, capsys, teacher_dir, files, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user file")
-    _fails(capsys, _prune_args(teacher_dir, files["train"], files["eval"], out), r"not empty", out)
-    _fails(capsys, _prune_args(teacher_dir, files["train"], files["eval"], out, "--resume"), r"no checkpoint", out)
-
-    # An unfinished run, then attempts to resume it with other settings or data.
+def test_an_unfinished_run_refuses_other_settings_data_and_commands(tmp_path, capsys, teacher_dir, files,
+                                                                     monkeypatch):
     run = tmp_path / "run"
 
     original = pl._CoFiRun.train_step
@@ -178,21 +120,6 @@ def test_output_directory_in_use_and_foreign_checkpoints(tmp_path, capsys, teach
            r"another run.*config", run)
     _fails(capsys, _finetune_args(teacher_dir, files, run, "--resume"), r"another run", run)
     _fails(capsys, _prune_args(teacher_dir, files["train"], files["eval"], run), r"unfinished run.*--resume", run)
-
-
-def test_empty_output_directory_stays_empty_on_error(tmp_path, capsys, teacher_dir, files):
-    out = tmp_path / "out"
-    out.mkdir()
-    rows = toy_rows(6, seed=4)
-    rows[0]["label"] = "weather"
-    odd = write_jsonl(tmp_path / "odd.jsonl", rows)
-    _fails(capsys, _prune_args(teacher_dir, files["train"], odd, out), r"not one of", out)
-    assert os.listdir(out) == []
-
-
-def test_usage_errors_are_one_line(capsys):
-    _fails(capsys, ["prune", "--teacher", "x"], r"required")
-    _fails(capsys, ["eval", "--model", "x", "--batch-size", "many"], r"invalid int")
 
 
 # ---------------------------------------------------------------------- eval and the console script

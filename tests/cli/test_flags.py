@@ -8,7 +8,7 @@ import pytest
 
 from cofi_kernels import cli
 from cofi_kernels.pruning import get_method, method_names
-from cofi_kernels.training.config import settings_of
+from cofi_kernels.training.config import config_flag, settings_of
 from cofi_kernels.training.finetune import FinetuneConfig
 
 # Flags the command had before they were generated; they must keep working.
@@ -46,7 +46,7 @@ def test_existing_flags_are_kept(command):
 @pytest.mark.parametrize("command, config, argv", list(_configs()), ids=lambda v: getattr(v, "__name__", None))
 def test_every_config_field_has_a_flag(command, config, argv):
     flags = _flags(command, argv)
-    missing = [f.name for f in settings_of(config) if cli.config_flag(f) not in flags]
+    missing = [f.name for f in settings_of(config) if config_flag(f) not in flags]
     assert not missing, f"{config.__name__} fields without a flag: {missing}"
     assert all(f.metadata.get("help") for f in settings_of(config)), "every setting needs a help text"
 
@@ -77,7 +77,7 @@ def test_each_flag_sets_its_field(command, config, argv):
     for f in settings_of(config):
         value, text = _changed_value(f)
         want[f.name] = value
-        line += [cli.config_flag(f), *text]
+        line += [config_flag(f), *text]
     args = cli.build_parser(line).parse_args(line)
     got = dataclasses.asdict(cli._config_from(args, config))
     assert got == want

@@ -28,7 +28,17 @@ from ...training.config import RunSettings, check_run_settings, documented, frac
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import LayerDistiller, prediction_loss, task_loss
 from ...training.evaluation import autocast, evaluate, model_outputs
-from ...training.model_io import TASK_FILE, load_classifier, load_tokenizer, read_task, write_task
+from ...training.model_io import (
+    TASK_FILE,
+    check_max_length,
+    hf_token_limit,
+    load_classifier,
+    load_tokenizer,
+    model_limits,
+    read_model_config,
+    read_task,
+    write_task,
+)
 from ...training.optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
 from ...training.trainer import (
     Evaluation,
@@ -86,7 +96,8 @@ class PruneConfig(RunSettings):
                                           "teacher every step)")
 
 
-def _check_prune_config(cfg: PruneConfig) -> None:
+def check_prune_config(cfg: PruneConfig) -> None:
+    """Refuse bad settings (:class:`RunError` naming the setting): the shared checks, then CoFi's ranges."""
     check_run_settings(cfg, "prune")
     t = cfg.target_sparsity
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t < 1.0:
@@ -174,9 +185,13 @@ def cofi_prune(
         DataError, RunError: as :func:`finetune`; also a target sparsity outside (0, 1).
     """
     cfg = config or PruneConfig()
-    _check_prune_config(cfg)
+    check_prune_config(cfg)
     task = read_task(teacher_dir)
     labels: LabelSpace = task["label_space"]
+    limit = model_limits(teacher_dir)[1]
+    if student_dir is not None:
+        limit = min(limit, hf_token_limit(read_model_config(student_dir)))
+    check_max_length(cfg.max_length, limit, "prune")
     tokenizer = load_tokenizer(teacher_dir)
     train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
     eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
