@@ -399,3 +399,29 @@ def test_a_csv_field_over_the_csv_module_limit_reads_like_jsonl(tmp_path, capsys
     assert results[0]["examples"] == results[1]["examples"] == 6
     assert results[0]["accuracy"] == results[1]["accuracy"]
     assert results[0]["loss"] == results[1]["loss"]
+
+
+def test_library_warnings_before_an_error_are_dropped_and_shown_after_success(monkeypatch, capsys, teacher_dir,
+                                                                               files):
+    from cofi_kernels.training import data
+
+    def library_warns():
+        warnings.warn_explicit("a library's remark", UserWarning, "/some/library/module.py", 7)
+
+    real_read = data.read_examples
+
+    def warn_then_fail(path):
+        library_warns()
+        raise data.DataError(f"{path}: bad")
+
+    monkeypatch.setattr(data, "read_examples", warn_then_fail)
+    status, err, caught = run_cli(evaluate(SimpleNamespace(teacher=teacher_dir, eval=files.eval)), capsys)
+    assert status == 2 and len(err) == 1 and caught == [], (err, caught)
+
+    def warn_then_read(path):
+        library_warns()
+        return real_read(path)
+
+    monkeypatch.setattr(data, "read_examples", warn_then_read)
+    status, err, caught = run_cli(evaluate(SimpleNamespace(teacher=teacher_dir, eval=files.eval)), capsys)
+    assert status == 0 and caught == ["a library's remark"], (err, caught)
