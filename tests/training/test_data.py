@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import math
+import os
+import re
+import sys
 
 import pytest
 import torch
 
+import cofi_kernels.training.data as data_module
 from cofi_kernels.training.data import (
     DataError,
     Encoded,
@@ -189,9 +194,10 @@ def test_csv_empty_label(tmp_path, label):
         read_examples(path)
 
 
-def test_csv_short_row_has_no_label(tmp_path):
+def test_csv_short_row_is_refused_with_both_counts(tmp_path):
+    # Was read as an empty label; a narrower row is now refused as such.
     path = _write_text(tmp_path / "d.csv", "text,label\nhello,a\nonly text\n")
-    with pytest.raises(DataError, match=r"d\.csv:3: 'label' is empty"):
+    with pytest.raises(DataError, match=r"d\.csv:3: the row has 1 field\(s\) but the header \(line 1\) has 2"):
         read_examples(path)
 
 
@@ -244,6 +250,242 @@ def test_utf8_with_byte_order_mark(tmp_path, name):
     assert data.texts == ["hello", "bye"] and data.labels == ["a", "b"]
 
 
+# ---------------------------------------------------------------------- reading: what is refused
+# Every refusal is one DataError with a one-line message "{path}:{line}: ..." (or "{path}: ..."
+# for the whole file), never another exception type and never a silent misread.
+
+
+def _refused(path, pattern: str) -> str:
+    """The DataError message of reading ``path``; it matches ``pattern`` and is one line."""
+    with pytest.raises(DataError) as e:
+        read_examples(path)
+    msg = str(e.value)
+    assert re.search(pattern, msg), msg
+    assert len(msg.splitlines()) == 1 and "\n" not in msg and "\r" not in msg, msg
+    return msg
+
+
+def _read(path) -> tuple:
+    data = read_examples(path)
+    return data.texts, data.text_pairs, data.labels
+
+
+def test_csv_field_of_200000_chars_reads_like_jsonl(tmp_path):
+    long = "word, \"quoted\" and more\n" * 8500 + "end"  # 204,003 chars with commas, quotes, newlines
+    assert len(long) > 200_000
+    rows = [{"text": long, "label": "a"}, {"text": "short", "label": "b"}]
+    from_csv = _read(write_csv(tmp_path / "d.csv", rows))
+    from_jsonl = _read(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert from_csv == from_jsonl == ([long, "short"], None, ["a", "b"])
+    assert csv.field_size_limit() == 131072  # restored after reading
+
+
+def test_csv_unbalanced_quote_that_swallows_rows_is_refused(tmp_path):
+    # The stray quote on line 2 pairs with the literal one on line 3: 3 rows would read as 2 examples.
+    path = _write_text(tmp_path / "bad.csv", 'text,label\n"great movie,pos\nbad movie",neg\nokay movie,pos\n')
+    msg = _refused(path, r"bad\.csv:2: a quote opened on line 2 runs to line 3 and swallows lines that read as rows")
+    assert '("")' in msg
+
+
+def test_csv_quote_swallowing_a_row_whose_label_is_seen_nowhere_else_is_refused(tmp_path):
+    # 'money' is no other row's label, but shaped like one ('sport', 'music'): 4 rows would read as 3.
+    path = _write_text(tmp_path / "bad.csv", 'text,label\ngoal match team,sport\n"bank market price,money\n'
+                       'song album band",music\npiano tour record,music\n')
+    _refused(path, r"bad\.csv:3: a quote opened on line 3 runs to line 4 and swallows lines that read as rows "
+                   r"\(lines 3, 4\)")
+
+
+def test_csv_unbalanced_quote_swallowing_regression_rows_is_refused(tmp_path):
+    path = _write_text(tmp_path / "bad.csv", 'label,text\n0.5,"nice\n1.25,poor\n2.75,fine"\n3.5,ok\n')
+    _refused(path, r"bad\.csv:2: a quote opened on line 2 runs to line 4 and swallows lines that read as rows")
+
+
+PARAGRAPHS = [
+    "Dear team,\nthanks, really.\nBest, Ann",  # commas followed by a space, as in prose
+    "Hello, world\nBye",  # the first line splits in two fields
+    "However, it was fine\nYes, I agree\nWell, maybe",  # 'However' is shaped like a label
+    "It sold 1,500\ncopies, up from 1,200",  # digits: only a known label counts
+    "a\n\nb\r\nc\rd",  # blank line, CRLF and a lone CR inside the text
+    'He said "fine",\nthen left',
+]
+
+
+@pytest.mark.parametrize("labels", [["pos", "neg"], ["0", "1"]])
+@pytest.mark.parametrize("label_first", [False, True])
+@pytest.mark.parametrize("quoting", [csv.QUOTE_MINIMAL, csv.QUOTE_ALL])
+def test_csv_multi_line_paragraphs_with_commas_are_accepted(tmp_path, labels, label_first, quoting):
+    rows = [(t, labels[i % 2]) for i, t in enumerate(PARAGRAPHS)]
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, quoting=quoting)
+        w.writerow(["label", "text"] if label_first else ["text", "label"])
+        w.writerows([(lab, t) if label_first else (t, lab) for t, lab in rows])
+    assert _read(tmp_path / "d.csv") == (PARAGRAPHS, None, [lab for _, lab in rows])
+
+
+def test_csv_line_numbers_follow_a_lone_cr_in_a_quoted_field(tmp_path):
+    # Lines end at CR; the row with the empty label starts on line 3 and spans lines 3-4.
+    path = _write_text(tmp_path / "d.csv", 'text,label\rok,a\r"multi\rline",\rlast,b\r')
+    _refused(path, r"d\.csv:3: 'label' is empty")
+
+
+@pytest.mark.parametrize("header, names", [
+    pytest.param("text,label,text", r"column 'text' appears twice in the header \(columns 1 and 3\)", id="same"),
+    pytest.param("text,label,Text", r"columns 'text' and 'Text' differ only in case or surrounding spaces",
+                 id="case"),
+    pytest.param("label,text, TEXT ", r"columns 'text' and ' TEXT ' differ only in case", id="case-and-spaces"),
+])
+def test_csv_repeated_column_names_are_refused(tmp_path, header, names):
+    path = _write_text(tmp_path / "bad.csv", f"{header}\nhello,a,x\n")
+    _refused(path, r"bad\.csv:1: " + names)
+
+
+def test_csv_header_is_the_first_non_blank_line(tmp_path):
+    path = _write_text(tmp_path / "bad.csv", "\n\ntext,label,TEXT\nhello,a,x\n")
+    _refused(path, r"bad\.csv:3: columns 'text' and 'TEXT'")
+
+
+@pytest.mark.parametrize("row, width", [pytest.param("hello,a,extra", 3, id="wider"),
+                                        pytest.param("only text", 1, id="narrower")])
+def test_csv_row_wider_or_narrower_than_header(tmp_path, row, width):
+    path = _write_text(tmp_path / "bad.csv", f"text,label\nfine,a\n\n{row}\nlater,b\n")
+    _refused(path, rf"bad\.csv:4: the row has {width} field\(s\) but the header \(line 1\) has 2; ")
+
+
+def test_csv_text_after_closing_quote(tmp_path):
+    path = _write_text(tmp_path / "bad.csv", 'text,label\nfine,a\n"Best movie" ever,b\n')
+    _refused(path, r"bad\.csv:3: text after a closing quote; ")
+
+
+def test_csv_text_after_closing_quote_on_a_later_line_names_both(tmp_path):
+    path = _write_text(tmp_path / "bad.csv", 'text,label\n"two\nlines"x,a\n')
+    _refused(path, r"bad\.csv:2: text after a closing quote \(on line 3\)")
+
+
+def test_csv_quote_open_at_end_of_file(tmp_path):
+    path = _write_text(tmp_path / "bad.csv", 'text,label\nfine,a\n"never closed,b\nmore,a\n')
+    _refused(path, r"bad\.csv:3: a quote opened in the row that starts here is never closed")
+
+
+def test_csv_whitespace_only_line_is_blank(tmp_path):
+    path = _write_text(tmp_path / "d.csv", "text,label\nhello,a\n   \nbye,b\n")
+    assert _read(path) == (["hello", "bye"], None, ["a", "b"])
+
+
+@pytest.mark.parametrize("name", ["bad.csv", "bad.jsonl"])
+@pytest.mark.parametrize("encoding, bits", [("utf-16-le", "16"), ("utf-16-be", "16"), ("utf-32-le", "32"),
+                                            ("utf-32-be", "32")])
+def test_utf16_or_utf32_with_byte_order_mark(tmp_path, name, encoding, bits):
+    body = "text,label\nhello,a\n" if name.endswith(".csv") else '{"text": "hello", "label": "a"}\n'
+    path = _write_bytes(tmp_path / name, "\ufeff".encode(encoding) + body.encode(encoding))
+    _refused(path, rf"bad\.(csv|jsonl): the file is UTF-{bits} text .*re-save it as UTF-8")
+
+
+@pytest.mark.parametrize("name", ["bad.csv", "bad.jsonl"])
+def test_latin1_byte_is_named_with_its_line_and_offset(tmp_path, name):
+    rows = ["text,label", "hello,a", "caf\xe9,b"] if name.endswith(".csv") else [
+        '{"text": "hello", "label": "a"}', "", '{"text": "caf\xe9", "label": "b"}']
+    data = "\r\n".join(rows).encode("latin-1")
+    offset = data.index(b"\xe9")
+    _refused(_write_bytes(tmp_path / name, data),
+             rf"bad\.(csv|jsonl):3: not UTF-8 text \(byte 0xe9 at byte offset {offset}: ")
+
+
+@pytest.mark.parametrize("name", ["bad.csv", "bad.jsonl"])
+def test_nul_byte_is_named_with_its_line(tmp_path, name):
+    data = b"text,label\nhello,a\nbye\0,b\n" if name.endswith(".csv") else (
+        b'{"text": "hello", "label": "a"}\n{"text": "b\0ye", "label": "b"}\n')
+    _refused(_write_bytes(tmp_path / name, data), r"bad\.(csv|jsonl):[23]: NUL byte .*binary file")
+
+
+def test_utf16_without_byte_order_mark_is_a_nul_byte(tmp_path):
+    path = _write_bytes(tmp_path / "bad.csv", "text,label\nhello,a\n".encode("utf-16-le"))
+    _refused(path, r"bad\.csv:1: NUL byte at byte offset 1; .*UTF-16")
+
+
+def _no_open(*args, **kwargs):
+    raise AssertionError("the reader opened a path it should have refused")
+
+
+def test_directory_as_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "open", _no_open, raising=False)
+    (tmp_path / "dir.csv").mkdir()
+    _refused(tmp_path / "dir.csv", r"data file '.*dir\.csv' is a directory, not a regular file")
+
+
+def test_fifo_as_path_is_refused_without_opening_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "open", _no_open, raising=False)
+    os.mkfifo(tmp_path / "pipe.csv")
+    _refused(tmp_path / "pipe.csv", r"data file '.*pipe\.csv' is a FIFO")
+
+
+def test_empty_path():
+    _refused("", r"the data file path is empty")
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    # Tests run as root, who may read anything: simulate the permission check failing.
+    path = _write_text(tmp_path / "d.csv", "text,label\nhello,a\nbye,b\n")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == path else real_access(p, mode))
+    _refused(path, r"data file '.*d\.csv' is not readable \(permission denied\)")
+
+
+def test_error_while_opening_becomes_data_error(tmp_path, monkeypatch):
+    path = _write_text(tmp_path / "d.csv", "text,label\nhello,a\nbye,b\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data_module, "open", denied, raising=False)
+    _refused(path, r"^cannot read data file '.*d\.csv' \(Permission denied\)$")
+
+
+def _jsonl_line(line: str) -> str:
+    return '{"text": "fine", "label": "a"}\n' + line + "\n"
+
+
+JSONL_REFUSALS = [  # (id, line 2 of the file, what the message says)
+    ("duplicate-key", '{"text": "x", "label": "a", "text": "y"}', r"key 'text' appears twice in one object"),
+    ("duplicate-nested-key", '{"text": "x", "label": "b", "meta": {"k": 1, "k": 2}}', r"key 'k' appears twice"),
+    ("nan", '{"text": "x", "label": NaN}', r"NaN is not a number this reader takes"),
+    ("infinity", '{"text": "x", "label": Infinity}', r"Infinity is not a number"),
+    ("minus-infinity", '{"text": "x", "label": -Infinity}', r"-Infinity is not a number"),
+    ("1e999", '{"text": "x", "label": 1e999}', r"the number '1e999' overflows to infinity"),
+    ("minus-1.5e400", '{"text": "x", "label": -1.5e400}', r"the number '-1.5e400' overflows to infinity"),
+    ("5000-digit-int", '{"text": "x", "label": ' + "7" * 5000 + "}", r"an integer of 5000 digits is too long"),
+    ("nesting-100000-deep", '{"text": "x", "label": "a", "d": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     r"nested too deeply"),
+    ("surrogate-in-text", '{"text": "x\\ud800y", "label": "a"}', r"the string 'x\\ud800y' holds an unpaired UTF-16"),
+    ("surrogate-in-key", '{"text": "x", "label": "a", "\\ud800": 1}', r"surrogate \(\\ud800 at character 1\)"),
+    ("surrogate-nested", '{"text": "x", "label": "a", "m": {"n": "\\ud83d!"}}', r"unpaired UTF-16 surrogate"),
+    ("extra-data", '{"text": "x", "label": "a"} {"text": "y"}', r"not valid JSON \(Extra data at column 29\)"),
+]
+
+
+@pytest.mark.parametrize("line, pattern", [c[1:] for c in JSONL_REFUSALS], ids=[c[0] for c in JSONL_REFUSALS])
+def test_jsonl_refusals_name_the_line(tmp_path, line, pattern):
+    old_limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(4300)  # Python's default; the 5,000-digit case relies on it
+    try:
+        _refused(_write_text(tmp_path / "bad.jsonl", _jsonl_line(line)), r"bad\.jsonl:2: .*" + pattern)
+    finally:
+        sys.set_int_max_str_digits(old_limit)
+
+
+def test_jsonl_paired_surrogate_escape_and_big_numbers_are_read(tmp_path):
+    path = _write_text(tmp_path / "d.jsonl", '{"text": "smile \\ud83d\\ude00", "label": 1e308}\n'
+                       '{"text": "big", "label": ' + "9" * 400 + "}\n")
+    assert _read(path) == (["smile \U0001F600", "big"], None, [1e308, int("9" * 400)])
+    assert infer_task([1e308, int("9" * 400)]) == "classification"  # no OverflowError on the 400-digit int
+
+
+def test_long_user_text_in_a_message_is_cut(tmp_path):
+    key = "k" * 500
+    msg = _refused(_write_text(tmp_path / "bad.jsonl", _jsonl_line(f'{{"{key}": 1, "{key}": 2}}')), r"bad\.jsonl:2: ")
+    assert f"'{'k' * 40}'..." in msg and len(msg) < 200
+
+
+
 # ---------------------------------------------------------------------- task and labels
 
 
@@ -291,6 +533,25 @@ def test_label_space_encode_unknown_label_names_it_and_the_classes():
     msg = str(e.value)
     assert "'banana'" in msg and "example 2" in msg
     assert "['apple', 'fig']" in msg
+    assert msg == ("test-data: label 'banana' (example 2) is not one of the classes ['apple', 'fig'] "
+                   "(from the training labels); give data labelled with those classes")
+
+
+def test_label_space_origin_names_where_the_classes_come_from():
+    trained = LabelSpace.from_labels(["apple", "fig"], source="train.csv")
+    assert trained.origin == "the training labels of train.csv"
+    with pytest.raises(DataError, match=r"is not one of the classes \['apple', 'fig'\] "
+                                        r"\(from the training labels of train\.csv\); give data labelled"):
+        trained.encode(_dataset(["kiwi"]))
+    loaded = LabelSpace.from_json(trained.to_json(), "teacher/cofi_task.json")
+    assert loaded.origin == "the classes in teacher/cofi_task.json"
+    with pytest.raises(DataError, match=r"\(from the classes in teacher/cofi_task\.json\)"):
+        loaded.encode(_dataset(["kiwi"]))
+    # origin is for messages only: not compared, not saved in the task file.
+    assert loaded == trained == LabelSpace("classification", ["apple", "fig"])
+    assert trained.to_json() == {"task": "classification", "labels": ["apple", "fig"]}
+    with pytest.raises(DataError, match="at least 2 classes, the training labels of train.csv have"):
+        LabelSpace.from_labels(["only"], source="train.csv")
 
 
 def test_label_space_regression_encode():
