@@ -46,6 +46,12 @@ def _edge_gates(cfg, seed):
     return z
 
 
+def _rel_norm(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ (DESIGN §6's fp32 measure)."""
+    assert torch.isfinite(got).all() and want.norm() > 0
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
 def _check_exact(model, z, pruned, batch):
     ids, mask, types = batch
     ref = cofi_reference_forward(model, z, ids, mask, types)
@@ -53,11 +59,13 @@ def _check_exact(model, z, pruned, batch):
         h = pruned.encode(ids, mask, types)
     kept = pruned.hidden_index
     assert h.shape == (*ids.shape, int(kept.numel()))
-    assert (h - ref[..., kept]).abs().max().item() <= TOL
+    # Relative by norm, not max-abs ≤ 1e-5: MiniLM's rows reach |h| ~ 7 and an ill-conditioned row
+    # (seed 182) carries 2.9e-5 of fp32 noise at its largest value (relative norm 1.2e-6 to float64).
+    assert _rel_norm(h, ref[..., kept]) <= TOL
     dropped = torch.ones(ref.shape[-1], dtype=torch.bool)
     dropped[kept] = False
     assert (ref[..., dropped] == 0).all()
-    assert (pruned.expand_hidden(h) - ref).abs().max().item() <= TOL
+    assert _rel_norm(pruned.expand_hidden(h), ref) <= TOL
     if pruned.head is not None:
         with torch.no_grad():
             logits = pruned(ids, mask, types)

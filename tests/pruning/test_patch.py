@@ -48,19 +48,33 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _within_twice_torch_error(got: torch.Tensor, torch_outputs: list[torch.Tensor], exact: torch.Tensor) -> bool:
-    """DESIGN §6's rule: the error against float64 is at most 2x that of plain PyTorch in the same dtype.
+def _padded_row_error(t: torch.Tensor, exact: torch.Tensor) -> float:
+    """The Frobenius norm of the difference: on ill-conditioned rows the max-abs error of one fp32
+    run against another scatters by 2x from seed to seed; the norm is steadier."""
+    assert torch.isfinite(t).all()
+    return float((t.double() - exact.double()).norm())
 
-    The error is the Frobenius norm of the difference; the PyTorch error is the larger of HF's
-    eager and sdpa paths (both plain fp32 PyTorch). On ill-conditioned rows the max-abs error
-    of one fp32 run against another scatters by 2x from seed to seed; the norm is steadier
-    (over 40 seeds the patched model's ratio stayed below 1.6).
-    """
-    assert torch.isfinite(got).all()
-    exact = exact.double()
-    err = float((got.double() - exact).norm())
-    torch_err = max(float((t.double() - exact).norm()) for t in torch_outputs)
-    return err <= 2 * torch_err
+
+# Extra draws of fp32 rounding noise where one run can be lucky: few for MiniLM's hidden states (norms
+# over many rows scatter little; each draw copies 22M weights), more for a single gate gradient.
+MOVED_RUNS_MINILM = 4
+MOVED_RUNS = 16
+
+
+def _fp32_noise_of_moved_weights(model, ids, run, rows):
+    """Per hidden state, the worst fp32-vs-float64 error on `rows` of MOVED_RUNS_MINILM copies of the plain
+    HF `model` whose weights are moved by one ulp (up or down at random; exact zeros stay), each
+    against the float64 of its own moved weights: more draws of HF's fp32 rounding noise."""
+    worst, gen = None, torch.Generator().manual_seed(_seed())
+    for k in range(MOVED_RUNS_MINILM):
+        moved = _moved_one_ulp(model, gen)
+        moved.set_attn_implementation(IMPLS[k % len(IMPLS)])
+        with torch.no_grad():
+            fp32 = moved(ids, **run).hidden_states
+            fp64 = moved.double()(ids, **run).hidden_states
+        errs = [_padded_row_error(a[rows], b[rows]) for a, b in zip(fp32, fp64)]
+        worst = errs if worst is None else [max(a, b) for a, b in zip(worst, errs)]
+    return worst
 
 
 def _main_output(out, classifier):
@@ -105,13 +119,22 @@ def test_minilm_all_gates_one_matches_hf(impl, how):
     assert len(got.hidden_states) == len(want.hidden_states) == model.config.num_hidden_layers + 1
     real = mask.bool()
     assert (~real).any()
+    moved_noise = None
     for i, (g, w, r) in enumerate(zip(got.hidden_states, want.hidden_states, ref64.hidden_states)):
         # Real tokens: within 1e-5 of HF in fp32.
         assert _max_rel(g[real], w[real]) <= 1e-5, i
         # Padded query rows are ill-conditioned in fp32 (HF itself is off by up to ~1e-4
-        # there): DESIGN §6's rule against float64 instead.
-        torch_outputs = [out.hidden_states[i][~real] for out in hf_out.values()]
-        assert _within_twice_torch_error(g[~real], torch_outputs, r[~real]), i
+        # there): DESIGN §6's rule against float64 instead, with the larger error of HF's
+        # eager and sdpa paths (both plain fp32 PyTorch) as PyTorch's.
+        err = _padded_row_error(g[~real], r[~real])
+        bar = max(_padded_row_error(out.hidden_states[i][~real], r[~real]) for out in hf_out.values())
+        if err > 2 * bar:
+            # Both HF runs can be lucky draws of fp32 noise (ratio 2.11 at seed 1463900764, 2.36 at
+            # 289949102; ~1.2 typical): the worst of them and MOVED_RUNS_MINILM runs, weights one ulp away.
+            if moved_noise is None:
+                moved_noise = _fp32_noise_of_moved_weights(hf_paths["eager"], ids, run, ~real)
+            bar = max(bar, moved_noise[i])
+        assert err <= 2 * bar, f"hidden state {i}: padded-row error {err:.3g} > 2 x fp32 PyTorch's {bar:.3g}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -225,6 +248,53 @@ def _train_step_grads(model, gates, batch, seed, classifier):
     return _main_output(out, classifier).detach(), grads
 
 
+def _replayed_sample(gates, seed, log_alpha):
+    """gates.sample() after torch.manual_seed(seed), as a function of `log_alpha` (its documented
+    formula, u drawn as sample() draws it): the same gates in float64, with their graph to log α."""
+    torch.manual_seed(seed)
+    z = dict.fromkeys(gates.shapes)
+    for t in gates.learn:
+        u = torch.empty_like(gates.log_alpha[t]).uniform_(gates.eps, 1.0 - gates.eps).to(log_alpha[t].dtype)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha[t]) / gates.temperature)
+        z[t] = (s * (gates.limit_r - gates.limit_l) + gates.limit_l).clamp(0.0, 1.0)
+    return z
+
+
+def _moved_one_ulp(model, gen):
+    """A copy of `model` with every nonzero weight moved one ulp, up or down at random (`gen`)."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            inf = torch.full_like(p, float("inf"))
+            up = torch.rand(p.shape, generator=gen) < 0.5
+            p.copy_(torch.where(p == 0, p, torch.where(up, torch.nextafter(p, inf), torch.nextafter(p, -inf))))
+    return moved
+
+
+def _dense_fp32_noise(pristine, batch, seed, classifier):
+    """DESIGN §6's bar for the log α gradients: the dense (gate-multiplying) fp32 path's error against
+    float64 (the same model and samples in float64), the worst of the model as given and MOVED_RUNS
+    copies with weights moved one ulp, each against its own float64; and the float64 gradients of
+    the model as given. `pristine` is a copy of the patched model from before any forward."""
+    worst, exact = {}, None
+    gen = torch.Generator().manual_seed(_seed())  # the runs below reseed the global generator
+    for k in range(1 + MOVED_RUNS):
+        model = copy.deepcopy(pristine) if k == 0 else _moved_one_ulp(pristine, gen)
+        gates = cofi_gates(model)
+        m64 = copy.deepcopy(model).double()
+        g64 = cofi_gates(m64).double()
+        set_live_only(model, False)
+        set_live_only(m64, False)
+        _, g32 = _train_step_grads(model, gates, batch, seed, classifier)
+        g64.fix(_replayed_sample(gates, seed, g64.log_alpha))
+        _, g_exact = _train_step_grads(m64, g64, batch, seed, classifier)
+        for n in g_exact:
+            if n.startswith("log_alpha"):
+                worst[n] = max(worst.get(n, 0.0), _max_rel(g32[n], g_exact[n]))
+        exact = g_exact if k == 0 else exact
+    return worst, exact
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind,classifier", [("bert", True), ("roberta", False), ("roberta", True)])
 def test_live_only_equals_dense_with_gradients(kind, classifier, impl):
@@ -232,6 +302,7 @@ def test_live_only_equals_dense_with_gradients(kind, classifier, impl):
     gates = apply_cofi(model)
     gen = torch.Generator().manual_seed(_seed())
     _sparse_log_alpha(gates, gen)
+    pristine = copy.deepcopy(model)  # before any forward: a run leaves its gates' graph in the model
     batch = padded_batch(model, batch=3, seq=13, seed=_seed())
     seed = _seed()
 
@@ -248,6 +319,7 @@ def test_live_only_equals_dense_with_gradients(kind, classifier, impl):
 
     assert _max_rel(out_live, out_dense) <= 1e-5
     assert g_live.keys() == g_dense.keys()
+    noise = None  # (bar, float64 gradients) by name, computed when a gate gradient needs it
     for name in g_dense:
         a, b = g_live[name], g_dense[name]
         if b is None or not b.any():
@@ -263,7 +335,18 @@ def test_live_only_equals_dense_with_gradients(kind, classifier, impl):
             continue
         # A gate gradient is one sum over B·T·D products with cancellation: a long
         # reduction, held to DESIGN §6's 1e-4; every model parameter to 1e-5.
-        assert _max_rel(a, b) <= (1e-4 if name.startswith("log_alpha") else 1e-5), name
+        if not name.startswith("log_alpha"):
+            assert _max_rel(a, b) <= 1e-5, name
+        elif _max_rel(a, b) > 1e-4:
+            # A sum that cancels badly (seed 121: dense fp32 1e-6 off float64, up to 2.8e-4 with weights one
+            # ulp away; live 1.7e-4): DESIGN §6's 2x the dense fp32 error, worst of 1 + MOVED_RUNS draws.
+            if noise is None:
+                replayed = _replayed_sample(gates, seed, gates.log_alpha)
+                assert all(torch.equal(replayed[t], z[t]) for t in z if z[t] is not None), "replay of sample()"
+                noise = _dense_fp32_noise(pristine, batch, seed, classifier)
+            bar, exact = noise[0][name], noise[1][name]
+            err = _max_rel(a, exact)
+            assert err <= max(1e-4, 2 * bar), f"{name}: live-only error {err:.3g} > 2 x dense fp32's {bar:.3g}"
     # the sure-dead gates got no gradient, soft live ones did
     assert g_dense["log_alpha.mha"][1] == 0 and g_live["log_alpha.mha"][1] == 0
     assert not g_dense["log_alpha.int"][3].any() and not g_dense["log_alpha.head"][0].any()
