@@ -111,6 +111,7 @@ if BUILD_CUDA == "1" and not with_cuda:
 with_avx2 = CPU_AVX2 == "1" or (CPU_AVX2 == "auto" and _cpu_has_avx2())
 
 OPS = ["gelu_gate_fwd", "gelu_gate_bwd", "masked_layer_norm_fwd", "masked_layer_norm_bwd"]
+CPU_ONLY_OPS = ["varlen_attention", "pruned_layer"]  # serving: forward only, CPU kernels so far
 cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 
@@ -150,7 +151,7 @@ def build_info() -> dict:
         "nvcc": _nvcc_version() if with_cuda else None,
         "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
         "cpu_avx2": with_avx2,
-        "cpu_ops": OPS,
+        "cpu_ops": OPS + CPU_ONLY_OPS,
         "cuda_ops": OPS if with_cuda else [],
         "sources": cpu_sources + (cuda_sources if with_cuda else []),
     }

@@ -1,8 +1,10 @@
-"""The ``cofi`` command: fine-tune a teacher, CoFi-prune it, evaluate, or run the demo.
+"""The ``cofi`` command: fine-tune a teacher, CoFi-prune it, evaluate, predict, export to ONNX, or run the demo.
 
     cofi finetune --model DIR --data FILE --out DIR
     cofi prune    [--method cofi] --teacher DIR --data FILE --target-sparsity S --out DIR
-    cofi eval     --model DIR --data FILE
+    cofi eval     --model DIR --data FILE [--precision fp32|bf16|fp16|int8]
+    cofi predict  --model DIR --data FILE --out FILE.jsonl [--precision fp32|bf16|fp16|int8]
+    cofi export   --model DIR --out FILE.onnx [--opset N]
     cofi demo
 
 The flags of ``finetune`` and ``prune`` are generated from the config
@@ -105,12 +107,13 @@ def _training_data(args):
 # ---------------------------------------------------------------------- checks
 
 
-def _check_paths(args, model_flags=()) -> None:
+def _check_paths(args, model_flags=(), *, out_file: bool = False) -> None:
     """Every path argument of a command, before anything is read, loaded or written: data files
     exist and are readable files, model directories are readable directories, ``--out`` is a
-    directory that exists or can be created."""
+    directory that exists or can be created (with ``out_file``: a file that can be written in
+    an existing directory)."""
     from .training.data import DataError
-    from .training.paths import check_input_file, check_model_dir, check_output_dir
+    from .training.paths import check_input_file, check_model_dir, check_output_dir, check_output_file
     from .training.trainer import RunError
 
     for flag in ("--data", "--eval-data"):
@@ -122,7 +125,7 @@ def _check_paths(args, model_flags=()) -> None:
         if value is not None:
             check_model_dir(value, flag, RunError)
     if getattr(args, "out", None) is not None:
-        check_output_dir(args.out, "--out", RunError)
+        (check_output_file if out_file else check_output_dir)(args.out, "--out", RunError)
 
 
 def _config_from(args, config_class):
@@ -190,28 +193,25 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def _load_for_eval(model_dir: str, device: str):
+def _load_for_eval(model_dir: str, device: str, precision: str = "fp32"):
     """(model, task dict, kind) for a directory written by `cofi finetune` / `cofi prune`."""
-    from .models.pruned_model import CONFIG_NAME, PrunedModel
-    from .training.model_io import load_classifier, read_task
-    from .training.trainer import RunError
+    from .serving.predict import load_model
+    from .training.model_io import read_task
 
     task = read_task(model_dir)
-    if os.path.isfile(os.path.join(model_dir, CONFIG_NAME)):
-        try:
-            model = PrunedModel.from_pretrained(model_dir, device=device)
-        except (OSError, ValueError) as e:
-            raise RunError(f"model directory {model_dir!r}: {e}") from None
-        return model, task, "pruned"
-    model = load_classifier(model_dir).to(device)
-    return model, task, "dense"
+    model, kind = load_model(model_dir, precision=precision, device=device, where="eval")
+    return model, task, kind
 
 
-def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "cpu", repeats: int = 3) -> dict:
-    """Metric, realised sparsity, parameters and examples per second of a model directory on ``data``.
+def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "cpu", repeats: int = 3,
+                 precision: str = "fp32") -> dict:
+    """Metric, realised sparsity, parameters and examples per second of a model directory on ``data``,
+    both measured with the model in ``precision`` (see :data:`cofi_kernels.serving.PRECISIONS`;
+    other than fp32 for a pruned model only) under ``torch.inference_mode()``.
 
     The directory's ``cofi_task.json`` is checked against its config first (labels, max_length),
-    ``batch_size`` must be >= 1 and ``device`` one this machine has (:class:`RunError` otherwise).
+    ``batch_size`` must be >= 1, ``device`` one this machine has and ``precision`` one the model
+    can run in there (:class:`RunError` otherwise).
     """
     import torch
 
@@ -224,10 +224,12 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RunError(f"batch size must be an integer >= 1, got {batch_size!r}")
     check_device(device, "eval")
-    model, task, kind = _load_for_eval(model_dir, device)
+    model, task, kind = _load_for_eval(model_dir, device, precision)
     labels = task["label_space"]
     enc = Encoded(data, labels, load_tokenizer(model_dir), task["max_length"])
-    metrics = evaluate(model, enc, labels, batch_size=batch_size, device=device)
+    with torch.inference_mode():
+        metrics = evaluate(model, enc, labels, batch_size=batch_size, device=device)
+        speed = throughput(model, enc, batch_size=batch_size, repeats=repeats, device=device)
     if kind == "pruned":
         sparsity, encoder = model.sparsity, model.encoder_size
     else:
@@ -245,9 +247,10 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
         "sparsity": sparsity,
         "parameters": sum(p.numel() for p in model.parameters()),
         "encoder_parameters": encoder,
-        "examples_per_second": throughput(model, enc, batch_size=batch_size, repeats=repeats, device=device),
+        "examples_per_second": speed,
         "threads": torch.get_num_threads(),
         "device": device,
+        "precision": precision,
     }
 
 
@@ -260,14 +263,20 @@ def _eval_data(args):
 
 
 def _cmd_eval(args) -> int:
+    from .serving.predict import check_precision
+    from .training.config import check_device
+
     _check_paths(args, ("--model",))
-    result = evaluate_dir(args.model, _eval_data(args), batch_size=args.batch_size, device=args.device)
+    check_device(args.device, "eval")
+    check_precision(args.model, args.precision, args.device, "eval")  # settings before the data is read
+    result = evaluate_dir(args.model, _eval_data(args), batch_size=args.batch_size, device=args.device,
+                          precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     name = result["metric"]
     rows = [
-        ("model", f"{result['model']} ({result['kind']})"),
+        ("model", f"{result['model']} ({result['kind']}, {result['precision']})"),
         ("examples", f"{result['examples']}"),
         (name, f"{result[name]:.4f}"),
         ("realised sparsity", f"{result['sparsity']:.4f}"),
@@ -278,6 +287,54 @@ def _cmd_eval(args) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .serving.predict import check_precision, load_model, predict, write_jsonl_atomically
+    from .training.config import check_device
+    from .training.data import read_examples
+    from .training.model_io import load_tokenizer, read_task
+    from .training.trainer import RunError
+
+    _check_paths(args, ("--model",), out_file=True)
+    if os.path.isfile(args.out) and os.path.samefile(args.out, args.data):
+        raise RunError(f"--out {args.out!r} is the --data file; write the predictions to another file")
+    check_device(args.device, "predict")
+    check_precision(args.model, args.precision, args.device, "predict")
+    task = read_task(args.model)
+    data = read_examples(args.data, labelled=False)
+    tokenizer = load_tokenizer(args.model)
+    model, kind = load_model(args.model, precision=args.precision, device=args.device)
+    results = predict(model, task, data, tokenizer, batch_size=args.batch_size, device=args.device,
+                      progress=not args.quiet)
+    write_jsonl_atomically(args.out, results)
+    print(f"{len(results)} predictions of the {kind} model in {args.model} ({args.precision}, {args.device}) "
+          f"written to {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .models.onnx_export import check_export_settings
+    from .models.pruned_model import CONFIG_NAME, PrunedModel
+    from .training.trainer import RunError
+
+    _check_paths(args, ("--model",), out_file=True)
+    if not args.out.endswith(".onnx"):
+        raise RunError(f"--out {args.out!r} must be a file name ending in .onnx")
+    if not os.path.isfile(os.path.join(args.model, CONFIG_NAME)):
+        raise RunError(f"--model {args.model!r} has no {CONFIG_NAME}, so it is not a pruned model; "
+                       "export takes a directory written by `cofi prune`")
+    try:
+        check_export_settings(args.opset)  # the ONNX packages and the opset, before the model is loaded
+        model = PrunedModel.from_pretrained(args.model)
+    except ImportError as e:
+        raise RunError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"model directory {args.model!r}: {e}") from None
+    result = model.export_onnx(args.out, opset=args.opset)
+    print(f"ONNX model written to {result.path}: {result.size / 2**20:.2f} MiB, opset {result.opset}, "
+          f"output {result.output} (dynamic batch and sequence axes)")
     return 0
 
 
@@ -420,6 +477,15 @@ def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _precision_flag(p: argparse.ArgumentParser) -> None:
+    from .serving import PRECISIONS
+
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="the precision the model runs in: fp32 (default), bf16, fp16 (CUDA only) or int8 (CPU only: "
+                        "dynamic quantization of the linear layers); other than fp32 for a pruned model "
+                        "(written by `cofi prune`) only")
+
+
 class _Parser(argparse.ArgumentParser):
     """Reports a usage error on one line (with a pointer to --help) and exits with status 2."""
 
@@ -476,8 +542,34 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, sparsity, parameters and speed of a model directory")
     p.add_argument("--model", required=True, help="directory written by `cofi finetune` or `cofi prune`")
     _common(p, train=False)
+    _precision_flag(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="labels and class probabilities (or scores) for the texts of a file, as JSONL")
+    p.add_argument("--model", required=True, help="directory written by `cofi finetune` or `cofi prune`")
+    p.add_argument("--data", required=True,
+                   help="CSV or JSONL with 'text' [, 'text_pair']; a 'label' column is ignored")
+    p.add_argument("--out", required=True,
+                   help='JSONL file to write, one line per example in input order: {"label": ..., "probabilities": '
+                        '{label: p, ...}} (classification) or {"score": x} (regression). Its directory must exist; '
+                        "an existing file is replaced, but only once every prediction is made (on any error it is "
+                        "left as it was)")
+    _precision_flag(p)
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="(default 32; examples of similar length are batched together)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="write a pruned model as an ONNX file (dynamic batch and sequence axes)")
+    p.add_argument("--model", required=True, help="directory written by `cofi prune`")
+    p.add_argument("--out", required=True, metavar="FILE.onnx",
+                   help="the ONNX file to write; its directory must exist; an existing file is replaced, "
+                        "but only once the export succeeded")
+    p.add_argument("--opset", type=positive_int, default=None,
+                   help="ONNX opset, 18 or higher (default: the exporter's, 20 with torch 2.14)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="finetune -> prune -> eval of all-MiniLM-L6-v2 on BBC News, one table")
     p.add_argument("--out", default="cofi-demo", help="run directory (default ./cofi-demo)")
@@ -520,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         except MemoryError:
             return _error(args.command, "out of memory; use a smaller --batch-size or --max-length")
         except KeyboardInterrupt:
-            print(f"cofi {args.command}: interrupted; continue with --resume", file=sys.stderr)
+            hint = "; continue with --resume" if hasattr(args, "resume") else ""
+            print(f"cofi {args.command}: interrupted{hint}", file=sys.stderr)
             return 130
         except BaseException:
             held.release()  # a crash: what the libraries said may explain it

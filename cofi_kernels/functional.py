@@ -21,8 +21,11 @@ from .ops import gated_attention as _gated_attention_op
 from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
 from .ops import masked_layer_norm as _mln_op
+from .ops import pruned_layer as _pruned_layer_op
+from .ops import varlen_attention as _varlen_attention_op
 
-__all__ = ["attention", "ffn", "gated_attention", "gated_ffn", "gelu_gate", "layer_norm", "masked_layer_norm"]
+__all__ = ["attention", "ffn", "gated_attention", "gated_ffn", "gelu_gate", "layer_norm", "masked_layer_norm",
+           "pruned_layer", "varlen_attention"]
 
 
 def gelu_gate(
@@ -287,3 +290,112 @@ def layer_norm(
         residual: broadcastable with ``x``; ``None`` = plain ``LayerNorm(x)``.
     """
     return reference.layer_norm(x, weight, bias, eps, residual)
+
+
+def _check_packed(op: str, name: str, x: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{op}: {name} must be [tokens, features], got shape {list(x.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.long or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-d int64 tensor [batch + 1], got {cu_seqlens.dtype} "
+                         f"of shape {list(cu_seqlens.shape)}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but {name} is on {x.device}")
+
+
+def _serving_backend(spec, backend: str, x: torch.Tensor, tensors) -> str:
+    """The backend of a forward-only serving op: ``auto`` takes the reference when a gradient is wanted."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if wants_grad and backends.requested(backend) == "auto":
+        return "reference"
+    choice = backends.resolve(spec, backend, Inputs(x.device, x.dtype))
+    if wants_grad and choice != "reference":
+        raise ValueError(f"{spec.name}: backend {choice!r} is forward only but a gradient is wanted "
+                         "(run under torch.no_grad() / inference_mode(), or backend='reference')")
+    return choice
+
+
+def varlen_attention(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    heads: int,
+    head_dim: int,
+    *,
+    scale: float | None = None,
+    first_only: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (FlashAttention's varlen interface).
+
+    Args:
+        qkv: ``[N, 3·heads·head_dim]``, the fused QKV projection of N packed tokens:
+            the q heads, then the k heads, then the v heads; rows contiguous.
+        cu_seqlens: ``[B + 1]`` int64 cumulative offsets: sequence ``b`` owns rows
+            ``cu_seqlens[b]:cu_seqlens[b+1]``; from 0 to N, strictly increasing.
+        heads, head_dim: the layer's head count (>= 1) and head size.
+        scale: multiplies ``q kᵀ``; defaults to ``head_dim ** -0.5``.
+        first_only: compute each sequence's first query only (a classification
+            head's token); keys and values still span the whole sequence.
+        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (float32 / bfloat16, forward only;
+            ``auto`` takes the reference when a gradient is wanted).
+
+    Returns:
+        ``[N, heads·head_dim]`` (``[B, heads·head_dim]`` with ``first_only``) in the dtype
+        of ``qkv``: each token attends to the tokens of its own sequence only.
+        Softmax in float32.
+    """
+    op = "varlen_attention"
+    _check_packed(op, "qkv", qkv, cu_seqlens)
+    if not (isinstance(heads, int) and heads >= 1 and isinstance(head_dim, int) and head_dim >= 1):
+        raise ValueError(f"{op}: heads and head_dim must be integers >= 1, got {heads!r} and {head_dim!r}")
+    if qkv.shape[1] != 3 * heads * head_dim:
+        raise ValueError(f"{op}: qkv must be [tokens, {3 * heads * head_dim}] for {heads} heads of {head_dim}, "
+                         f"got {list(qkv.shape)}")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    spec = _varlen_attention_op.SPEC
+    choice = _serving_backend(spec, backend, qkv, (qkv,))
+    return spec.launcher(choice)(qkv, cu_seqlens, heads, head_dim, scale, first_only)
+
+
+def pruned_layer(
+    h: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    attention: dict | None,
+    ffn: dict | None,
+    *,
+    heads: int,
+    head_dim: int,
+    activation: str,
+    eps: float,
+    first_only: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One encoder layer of a pruned model over packed tokens, in one call on the CPU.
+
+    Args:
+        h: ``[N, d]`` packed tokens (see :func:`varlen_attention` for ``cu_seqlens``).
+        attention: None (sublayer removed) or its weights by name: ``qkv_weight``
+            ``[3·heads·head_dim, d]``, ``qkv_bias``, ``out_weight`` ``[d, heads·head_dim]``
+            (these three absent when ``heads == 0``), ``out_bias``, ``ln_weight``,
+            ``ln_bias`` ``[d]``.
+        ffn: None or ``in_weight`` ``[w, d]``, ``in_bias``, ``out_weight`` ``[d, w]``
+            (absent when no unit is left), ``out_bias``, ``ln_weight``, ``ln_bias``.
+        heads, head_dim: the attention's head count (may be 0) and head size.
+        activation: ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"relu"``.
+        eps: the LayerNorms' epsilon.
+        first_only: return each sequence's first row only, ``[B, d]``: rows after the
+            attention's output projection are computed for those tokens only.
+        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (float32 / bfloat16, forward only).
+
+    Returns:
+        ``[N, d]`` (``[B, d]`` with ``first_only``): what
+        :func:`cofi_kernels.ops.reference.pruned_layer` defines (post-LayerNorm BERT layer).
+    """
+    op = "pruned_layer"
+    _check_packed(op, "h", h, cu_seqlens)
+    if activation not in _pruned_layer_op.ACTIVATION_CODES:
+        raise ValueError(f"{op}: activation must be one of {sorted(_pruned_layer_op.ACTIVATION_CODES)}, "
+                         f"got {activation!r}")
+    tensors = [*(attention or {}).values(), *(ffn or {}).values(), h]
+    spec = _pruned_layer_op.SPEC
+    choice = _serving_backend(spec, backend, h, tensors)
+    return spec.launcher(choice)(h, cu_seqlens, first_only, attention, ffn, heads, head_dim, activation, eps)

@@ -31,4 +31,13 @@ TORCH_LIBRARY(cofi, m) {
       "masked_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor residual, Tensor weight,"
       " Tensor bias, Tensor? layer_gate, Tensor? hidden_gate, Tensor mean, Tensor rstd, bool[6] output_mask)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Serving (forward only): packed tokens, rows of sequence b at cu_seqlens[b] .. cu_seqlens[b+1].
+  m.def(
+      "varlen_attention(Tensor qkv, Tensor cu_seqlens, int heads, int head_dim, float scale, bool first_only)"
+      " -> Tensor");
+  m.def(
+      "pruned_layer(Tensor h, Tensor cu_seqlens, bool first_only, Tensor? qkv_weight, Tensor? qkv_bias,"
+      " Tensor? attn_out_weight, Tensor? attn_out_bias, Tensor? attn_ln_weight, Tensor? attn_ln_bias,"
+      " Tensor? ffn_in_weight, Tensor? ffn_in_bias, Tensor? ffn_out_weight, Tensor? ffn_out_bias,"
+      " Tensor? ffn_ln_weight, Tensor? ffn_ln_bias, int heads, int head_dim, int activation, float eps) -> Tensor");
 }

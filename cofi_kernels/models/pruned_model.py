@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -98,7 +99,8 @@ class PrunedModel(nn.Module):
     def _position_ids(self, input_ids):
         return ARCHS[self.config["model_type"]].position_ids(input_ids, self.config["pad_token_id"])
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False,
+               *, backend: str = "auto"):
         """Last hidden state ``[B, T, d]`` over the kept hidden dims (see :meth:`expand_hidden`).
 
         ``input_ids``: ``[B, T]`` long; ``attention_mask``: ``[B, T]`` (1 = token,
@@ -107,21 +109,22 @@ class PrunedModel(nn.Module):
         With ``output_hidden_states``, returns ``(last, per_layer)`` where
         ``per_layer`` holds every layer's output ``[B, T, d]`` (a layer whose
         sublayers are both removed passes its input through).
+
+        ``backend``: ``"reference"`` (every position, plain PyTorch), ``"engine"``
+        (packed real tokens; padded positions come out 0; see :meth:`forward`) or
+        ``"auto"`` (:meth:`engine_applies`).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"PrunedModel: input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
-        B, T = input_ids.shape
+        B, T = self._check_inputs(input_ids, attention_mask)
+        if self._use_engine(backend, attention_mask, output_hidden_states):
+            packed = self._pack(input_ids, attention_mask, token_type_ids)
+            h = self._run_packed(packed, first_only=False)
+            out = h.new_zeros(B * T, h.shape[-1])
+            out[packed.rows] = h
+            return out.view(B, T, -1)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         h = self.embeddings(input_ids, token_type_ids, self._position_ids(input_ids))
-        if attention_mask is None:
-            key_padding_mask = None
-        else:
-            if tuple(attention_mask.shape) != (B, T):
-                raise ValueError(
-                    f"PrunedModel: attention_mask must have shape {[B, T]}, got {list(attention_mask.shape)}"
-                )
-            key_padding_mask = attention_mask.bool()
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
         per_layer = []
         for layer in self.layers:
             h = layer(h, key_padding_mask)
@@ -129,13 +132,109 @@ class PrunedModel(nn.Module):
                 per_layer.append(h)
         return (h, per_layer) if output_hidden_states else h
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False,
+                *, backend: str = "auto"):
         """Logits ``[B, num_labels]`` when pruned from a ``*ForSequenceClassification``,
         else the last hidden state ``[B, T, d]`` (arguments as :meth:`encode`).
-        With ``output_hidden_states``, returns ``(that, per_layer)`` as :meth:`encode` does."""
-        h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+        With ``output_hidden_states``, returns ``(that, per_layer)`` as :meth:`encode` does.
+
+        ``backend``:
+
+        - ``"reference"``: the plain PyTorch forward over the padded batch (differentiable).
+        - ``"engine"``: the serving engine (DESIGN §7), forward only: the real tokens are
+          packed (``[N_real, d]``), each sequence attends over its own tokens
+          (:func:`~cofi_kernels.functional.varlen_attention`), each layer is one call of
+          :func:`~cofi_kernels.functional.pruned_layer` (compiled on the CPU), and a
+          classification head's logits need each sequence's first token only, so from
+          the last attention's output projection on only those rows are computed. Needs
+          every sequence's first token to be real (right padding); ``ValueError`` otherwise.
+        - ``"auto"`` (default): the engine when :meth:`engine_applies`, else the reference.
+        """
+        B, T = self._check_inputs(input_ids, attention_mask)
+        if self.head is not None and self._use_engine(backend, attention_mask, output_hidden_states):
+            packed = self._pack(input_ids, attention_mask, token_type_ids)
+            return self.head.classify(self._run_packed(packed, first_only=True))
+        if self.head is None and not output_hidden_states:
+            return self.encode(input_ids, attention_mask, token_type_ids, backend=backend)
+        h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True,
+                                   backend="reference" if self.head is not None else backend)
         out = h if self.head is None else self.head(h)
         return (out, per_layer) if output_hidden_states else out
+
+    # ------------------------------------------------------------------ serving engine
+
+    def _check_inputs(self, input_ids, attention_mask) -> tuple[int, int]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"PrunedModel: input_ids must be [batch, seq], got {shape}")
+        B, T = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"PrunedModel: attention_mask must have shape {[B, T]}, got {list(attention_mask.shape)}")
+        return B, T
+
+    def engine_applies(self, attention_mask=None, output_hidden_states: bool = False) -> bool:
+        """Whether ``backend="auto"`` runs the serving engine for these inputs: on the CPU, in
+        float32 or bfloat16, when no gradient is wanted (``torch.no_grad`` / ``inference_mode``,
+        or parameters without ``requires_grad``), without ``output_hidden_states``, and with
+        every sequence's first token real. Elsewhere (CUDA, float16, training) the reference runs."""
+        p = self.embeddings.word_embeddings
+        if output_hidden_states or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters()):
+            return False
+        return attention_mask is None or bool(attention_mask[:, 0].all())
+
+    def _use_engine(self, backend: str, attention_mask, output_hidden_states: bool) -> bool:
+        if backend not in ("auto", "reference", "engine"):
+            raise ValueError(f"PrunedModel: backend must be 'auto', 'reference' or 'engine', got {backend!r}")
+        if backend == "engine" and output_hidden_states:
+            raise ValueError("PrunedModel: backend='engine' does not return per-layer hidden states; "
+                             "use backend='reference' for output_hidden_states")
+        if backend == "engine" and attention_mask is not None and not bool(attention_mask[:, 0].all()):
+            raise ValueError("PrunedModel: backend='engine' needs every sequence's first token to be real "
+                             "(attention_mask[:, 0] all 1: right padding)")
+        return backend == "engine" or (backend == "auto" and self.engine_applies(attention_mask, output_hidden_states))
+
+    def _pack(self, input_ids, attention_mask, token_type_ids) -> "_Packed":
+        """The real tokens of a padded batch, embedded: ``[N_real, d]`` rows and their offsets."""
+        B, T = input_ids.shape
+        positions = self._position_ids(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None or bool(attention_mask.all()):
+            lengths = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
+            rows = torch.arange(B * T, device=input_ids.device)
+            ids, types, positions = input_ids.reshape(-1), token_type_ids.reshape(-1), positions.reshape(-1)
+        else:
+            real = attention_mask.reshape(-1).bool()
+            rows = real.nonzero().squeeze(1)
+            lengths = attention_mask.bool().sum(1)
+            ids, types, positions = input_ids.reshape(-1)[rows], token_type_ids.reshape(-1)[rows], positions.reshape(-1)[rows]
+        cu_seqlens = torch.zeros(B + 1, dtype=torch.long, device=input_ids.device)
+        torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+        return _Packed(self.embeddings(ids, types, positions), cu_seqlens, rows)
+
+    def _run_packed(self, packed: "_Packed", *, first_only: bool) -> torch.Tensor:
+        """The layers over packed rows; with ``first_only``, each sequence's first row ``[B, d]``."""
+        h, cu = packed.hidden, packed.cu_seqlens
+        mixing = [i for i, l in enumerate(self.layers) if l.attention is not None and l.attention.heads]
+        # After the last attention that mixes tokens, every layer is position-wise.
+        reduce_at = (mixing[-1] if mixing else -1) if first_only else len(self.layers)
+        if reduce_at < 0:
+            h, cu = h[cu[:-1]], torch.arange(cu.numel(), device=cu.device)
+        for i, layer in enumerate(self.layers):
+            if layer.attention is None and layer.ffn is None:
+                continue
+            h = layer.forward_packed(h, cu, first_only=i == reduce_at)
+            if i == reduce_at:
+                cu = torch.arange(cu.numel(), device=cu.device)
+        return h
+
+    def linear_sublayers(self) -> list[nn.Module]:
+        """Every sublayer with linear maps (attention, FFN, head), for serving to override
+        them (see ``linear_overrides`` in :mod:`cofi_kernels.modules.pruned`)."""
+        subs = [s for l in self.layers for s in (l.attention, l.ffn) if s is not None]
+        return subs + ([self.head] if self.head is not None else [])
 
     def layer_alive(self) -> list[bool]:
         """Per layer: False where both its attention and its FFN sublayer were removed."""
@@ -214,6 +313,37 @@ class PrunedModel(nn.Module):
         """Same as :meth:`summary`."""
         return self.summary()
 
+    # ------------------------------------------------------------------ export
+
+    def export_onnx(self, path: str | os.PathLike, *, opset: int | None = None):
+        """Write the reference forward as a self-contained ONNX file at ``path`` (needs ``cofi-kernels[onnx]``).
+
+        Inputs: ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and
+        ``token_type_ids``, int64 ``[batch, sequence]``, all three required.
+        Output: ``logits`` ``[batch, num_labels]`` (float32) for a model pruned
+        from a ``*ForSequenceClassification``, else ``last_hidden_state``
+        ``[batch, sequence, d]`` over the kept hidden dims. ``batch`` and
+        ``sequence`` are dynamic axes (sequence up to the model's token limit).
+        ``opset``: the ONNX opset, an integer from 18 to the highest the
+        installed ``onnx`` knows; ``None`` = the exporter's default (20 with
+        torch 2.14). The graph is the plain PyTorch reference forward in fp32
+        (a CPU fp32 copy is exported when the model is elsewhere; the model is
+        not changed) and holds standard ONNX ops only, no ``cofi::`` op.
+
+        The file is written under a temporary name in the same directory and
+        renamed at the end: an error leaves no file behind (and an existing
+        ``path`` untouched). Raises ``ValueError`` naming the argument for a
+        ``path`` that does not end in ``.onnx`` or whose directory does not
+        exist, or a bad ``opset``; ``ImportError`` without ``onnx`` /
+        ``onnxscript``. Returns an
+        :class:`~cofi_kernels.models.onnx_export.OnnxExport` (path, size in
+        bytes, opset, output name). Exporter and choices:
+        :mod:`cofi_kernels.models.onnx_export`.
+        """
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, path, opset=opset)
+
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -253,8 +383,14 @@ class PrunedModel(nn.Module):
         return cfg
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "PrunedModel":
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "PrunedModel":
         """Load a model written by :meth:`save_pretrained` (safetensors only, no pickle).
+
+        ``dtype`` is the dtype of the floating-point parameters once loaded:
+        ``torch.float32`` or ``torch.bfloat16`` anywhere, ``torch.float16`` on CUDA
+        only (a CPU has no fast float16 GEMM); ``ValueError`` otherwise.
 
         The config is checked first (:meth:`read_config`), then the names,
         shapes and dtypes in the weights file's header, before any tensor is
@@ -265,6 +401,7 @@ class PrunedModel(nn.Module):
         """
         from safetensors.torch import load_file
 
+        check_serving_dtype(dtype, torch.device(device))
         cfg = cls.read_config(directory)
         w_path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
         if not os.path.isfile(w_path):
@@ -280,7 +417,27 @@ class PrunedModel(nn.Module):
         model.load_state_dict(tensors, strict=True, assign=True)
         for p in model.parameters():
             p.requires_grad_(False)
-        return model.to(device).eval()
+        return model.to(device=device, dtype=dtype).eval()
+
+
+class _Packed(NamedTuple):
+    """Packed real tokens: ``hidden`` ``[N, d]``, ``cu_seqlens`` ``[B + 1]`` and ``rows``, the
+    index of each packed token in the flattened ``[B·T]`` batch."""
+
+    hidden: torch.Tensor
+    cu_seqlens: torch.Tensor
+    rows: torch.Tensor
+
+
+SERVING_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def check_serving_dtype(dtype, device: torch.device) -> None:
+    """``ValueError`` unless ``dtype`` is one a pruned model can be served in on ``device``'s type."""
+    allowed = SERVING_DTYPES.get(device.type, SERVING_DTYPES["cpu"])
+    if dtype not in allowed:
+        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
+        raise ValueError(f"PrunedModel: dtype must be one of {names} on {device.type}, got {dtype!r}")
 
 
 def _check_header(w_path: str, expected: Mapping[str, tuple]) -> None:

@@ -32,6 +32,9 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 
+# The same activations by the name the compiled layer takes (functional.pruned_layer).
+LAYER_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
 INIT_STD = 0.02
 
 
@@ -50,6 +53,25 @@ def _init(module: nn.Module) -> None:
             p.zero_()
         else:
             p.normal_(0.0, INIT_STD)
+
+
+class _WithLinears(nn.Module):
+    """A sublayer whose linear maps (named in ``LINEARS``: weight ``<name>_weight``, bias
+    ``<name>_bias``) run through :meth:`linear`, so that serving can replace any of them by
+    a callable (``linear_overrides[name]``, e.g. an int8 quantized linear)."""
+
+    LINEARS: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.linear_overrides: dict = {}
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b`` for the linear map ``name``, or its override."""
+        override = self.linear_overrides.get(name)
+        if override is not None:
+            return override(x)
+        return F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"))
 
 
 class PrunedEmbeddings(nn.Module):
@@ -75,7 +97,7 @@ class PrunedEmbeddings(nn.Module):
         return functional.layer_norm(x, self.ln_weight, self.ln_bias, self.eps)
 
 
-class PrunedAttention(nn.Module):
+class PrunedAttention(_WithLinears):
     """Self-attention with ``heads`` heads (fused QKV), output projection and residual LayerNorm.
 
     With ``heads == 0`` only the output bias and the LayerNorm remain:
@@ -86,6 +108,7 @@ class PrunedAttention(nn.Module):
     def __init__(self, heads: int, head_dim: int, hidden_size: int, eps: float):
         super().__init__()
         self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        self.LINEARS = ("qkv", "out") if heads else ()
         if heads:
             self.qkv_weight = _param(3 * heads * head_dim, hidden_size)
             self.qkv_bias = _param(3 * heads * head_dim)
@@ -104,17 +127,30 @@ class PrunedAttention(nn.Module):
             return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=h)
         B, T, _ = h.shape
         dh = self.head_dim
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, T, 3, self.heads, dh)
+        qkv = self.linear("qkv", h).view(B, T, 3, self.heads, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         ctx = functional.attention(q, k, v, key_padding_mask, scale=dh**-0.5)
-        out = F.linear(ctx.transpose(1, 2).reshape(B, T, self.heads * dh), self.out_weight, self.out_bias)
+        out = self.linear("out", ctx.transpose(1, 2).reshape(B, T, self.heads * dh))
         return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=h)
+
+    def forward_packed(self, h: torch.Tensor, cu_seqlens: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Packed tokens: ``h`` ``[N, d]``, the rows of sequence ``b`` at ``cu_seqlens[b]:cu_seqlens[b+1]``.
+
+        Returns ``[N, d]``, or ``[B, d]`` (each sequence's first row only) with ``first_only``.
+        """
+        residual = h[cu_seqlens[:-1]] if first_only else h
+        if not self.heads:
+            return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=residual)
+        qkv = self.linear("qkv", h)
+        ctx = functional.varlen_attention(qkv, cu_seqlens, self.heads, self.head_dim, first_only=first_only)
+        out = self.linear("out", ctx)
+        return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=residual)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}"
 
 
-class PrunedFFN(nn.Module):
+class PrunedFFN(_WithLinears):
     """FFN of ``width`` units with residual LayerNorm; ``width == 0`` leaves ``LN(h + b_out)``."""
 
     def __init__(self, width: int, hidden_size: int, activation: str, eps: float):
@@ -122,6 +158,7 @@ class PrunedFFN(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"PrunedFFN: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.width, self.activation, self.eps = width, activation, eps
+        self.LINEARS = ("in", "out") if width else ()
         if width:
             self.in_weight = _param(width, hidden_size)
             self.in_bias = _param(width)
@@ -138,8 +175,11 @@ class PrunedFFN(nn.Module):
         """``[..., d]`` → ``[..., d]``."""
         if not self.width:
             return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=h)
-        out = functional.ffn(h, self.in_weight, self.in_bias, self.out_weight, self.out_bias,
-                             ACTIVATIONS[self.activation])
+        if self.linear_overrides:
+            out = self.linear("out", ACTIVATIONS[self.activation](self.linear("in", h)))
+        else:
+            out = functional.ffn(h, self.in_weight, self.in_bias, self.out_weight, self.out_bias,
+                                 ACTIVATIONS[self.activation])
         return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=h)
 
     def extra_repr(self) -> str:
@@ -161,13 +201,48 @@ class PrunedLayer(nn.Module):
             h = self.ffn(h)
         return h
 
+    def forward_packed(self, h: torch.Tensor, cu_seqlens: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Packed tokens ``[N, d]`` (see :meth:`PrunedAttention.forward_packed`); with ``first_only``
+        returns each sequence's first row ``[B, d]``, computing only those rows after the attention.
 
-class ClassificationHead(nn.Module):
+        One call of :func:`cofi_kernels.functional.pruned_layer` (the compiled layer on the CPU),
+        unless a linear map is overridden (int8 serving): then sublayer by sublayer.
+        """
+        if not any(s.linear_overrides for s in (self.attention, self.ffn) if s is not None):
+            return functional.pruned_layer(h, cu_seqlens, *self._weights(), first_only=first_only,
+                                           **self._shape_args())
+        if self.attention is not None:
+            h = self.attention.forward_packed(h, cu_seqlens, first_only)
+        elif first_only:
+            h = h[cu_seqlens[:-1]]
+        if self.ffn is not None:
+            h = self.ffn(h)
+        return h
+
+
+    def _weights(self) -> tuple[dict | None, dict | None]:
+        def named(sub):
+            return None if sub is None else {k: v for k, v in sub.named_parameters(recurse=False)}
+        return named(self.attention), named(self.ffn)
+
+    def _shape_args(self) -> dict:
+        att = self.attention
+        return {
+            "heads": 0 if att is None else att.heads,
+            "head_dim": 1 if att is None else att.head_dim,
+            "activation": LAYER_ACTIVATION[self.ffn.activation] if self.ffn is not None else "gelu",
+            "eps": (att or self.ffn).eps if (att or self.ffn) is not None else 0.0,
+        }
+
+
+class ClassificationHead(_WithLinears):
     """``out(tanh(dense(h[:, 0])))``: BERT's pooler + classifier, or RoBERTa's classification head.
 
     The dense layer reads the kept hidden dims (``d``) and keeps the original
     hidden size ``D`` as its output: the pooled vector is not hidden-gated.
     """
+
+    LINEARS = ("dense", "out")
 
     def __init__(self, hidden_size: int, pooled_size: int, num_labels: int):
         super().__init__()
@@ -182,5 +257,8 @@ class ClassificationHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` → logits ``[B, num_labels]`` from the first token."""
-        pooled = torch.tanh(F.linear(h[:, 0], self.dense_weight, self.dense_bias))
-        return F.linear(pooled, self.out_weight, self.out_bias)
+        return self.classify(h[:, 0])
+
+    def classify(self, first: torch.Tensor) -> torch.Tensor:
+        """The first token's rows ``[B, d]`` → logits ``[B, num_labels]``."""
+        return self.linear("out", torch.tanh(self.linear("dense", first)))

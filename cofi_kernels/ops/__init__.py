@@ -4,4 +4,4 @@ Importing this package registers them when the extension is loaded; without
 the extension it registers nothing and the reference backend still works.
 """
 
-from . import gated_attention, gated_ffn, gelu_gate, masked_layer_norm  # noqa: F401
+from . import gated_attention, gated_ffn, gelu_gate, masked_layer_norm, pruned_layer, varlen_attention  # noqa: F401

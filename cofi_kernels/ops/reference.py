@@ -25,6 +25,9 @@ __all__ = [
     "attention",
     "ffn",
     "layer_norm",
+    "varlen_attention",
+    "pruned_layer",
+    "LAYER_ACTIVATIONS",
 ]
 
 
@@ -196,3 +199,80 @@ def layer_norm(
     """``LayerNorm(residual + x)`` over the last dim (``LayerNorm(x)`` without a residual)."""
     y = x if residual is None else residual + x
     return F.layer_norm(y, (y.shape[-1],), weight, bias, eps)
+
+
+def varlen_attention(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    heads: int,
+    head_dim: int,
+    scale: float,
+    first_only: bool = False,
+) -> torch.Tensor:
+    """Attention of packed sequences, each over its own tokens only (FlashAttention's varlen layout).
+
+    ``qkv``: ``[N, 3·heads·head_dim]``, the fused projection of N packed tokens (q heads,
+    then k heads, then v heads); sequence ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``.
+    Returns ``softmax(q kᵀ · scale) v`` per sequence and head, ``[N, heads·head_dim]``
+    (heads side by side), or ``[B, heads·head_dim]`` for each sequence's first query
+    only with ``first_only``.
+    """
+    out = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = qkv[start:end].view(end - start, 3, heads, head_dim).permute(1, 2, 0, 3).unbind(0)
+        if first_only:
+            q = q[:, :1]
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(qkv.dtype)
+        out.append((probs @ v).transpose(0, 1).reshape(q.shape[1], heads * head_dim))
+    return torch.cat(out)
+
+
+# The activations of pruned_layer by code (the C++ op takes the code).
+LAYER_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def pruned_layer(
+    h: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    first_only: bool,
+    attention: dict | None,
+    ffn: dict | None,
+    heads: int,
+    head_dim: int,
+    activation: str,
+    eps: float,
+) -> torch.Tensor:
+    """One post-LayerNorm encoder layer of a pruned model over packed tokens ``h`` ``[N, d]``.
+
+    ``attention``: None (sublayer removed) or ``{"qkv_weight", "qkv_bias", "out_weight"}``
+    (absent when ``heads == 0``) plus ``"out_bias", "ln_weight", "ln_bias"``: ``h ↦
+    LN(h + varlen_attention(h W_qkvᵀ + b_qkv) W_outᵀ + b_out)``. ``ffn``: None or
+    ``{"in_weight", "in_bias", "out_weight"}`` (absent with no unit left) plus ``"out_bias",
+    "ln_weight", "ln_bias"``: ``h ↦ LN(h + act(h W_inᵀ + b_in) W_outᵀ + b_out)``. With
+    ``first_only`` the result is each sequence's first row ``[B, d]`` (the attention's keys
+    and values still read every row). ``activation``: a key of :data:`LAYER_ACTIVATIONS`.
+    """
+    d = h.shape[-1]
+    firsts = cu_seqlens[:-1]
+    if attention is not None:
+        residual = h[firsts] if first_only else h
+        y = residual + attention["out_bias"]
+        if heads:
+            qkv = F.linear(h, attention["qkv_weight"], attention["qkv_bias"])
+            ctx = varlen_attention(qkv, cu_seqlens, heads, head_dim, head_dim**-0.5, first_only)
+            y = y + F.linear(ctx, attention["out_weight"])
+        h = F.layer_norm(y, (d,), attention["ln_weight"], attention["ln_bias"], eps)
+    elif first_only:
+        h = h[firsts]
+    if ffn is not None:
+        y = h + ffn["out_bias"]
+        if "in_weight" in ffn:
+            act = LAYER_ACTIVATIONS[activation](F.linear(h, ffn["in_weight"], ffn["in_bias"]))
+            y = y + F.linear(act, ffn["out_weight"])
+        h = F.layer_norm(y, (d,), ffn["ln_weight"], ffn["ln_bias"], eps)
+    return h

@@ -95,8 +95,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _DOUBLE_THE_QUOTE = 'close the quote or escape it by doubling it ("")'
 
 
-def read_examples(path: str | os.PathLike) -> TextDataset:
+def read_examples(path: str | os.PathLike, *, labelled: bool = True) -> TextDataset:
     """Read a CSV or JSONL file of ``text`` [, ``text_pair``], ``label`` rows, exactly as written.
+
+    ``labelled=False`` reads data to predict on: the ``label`` column may be
+    absent and is ignored when present (its values are not checked), and the
+    dataset's ``labels`` are all ``None``. A CSV file without a ``label``
+    column is not checked for quotes that swallow rows (that check tells rows
+    from text by their labels).
 
     The file must be UTF-8 (a leading byte-order mark is dropped). Lines end
     at ``\\n``, ``\\r\\n`` or a lone ``\\r`` and count from 1 (a CSV header is
@@ -140,14 +146,15 @@ def read_examples(path: str | os.PathLike) -> TextDataset:
         parse = _read_jsonl
     else:
         raise DataError(f"{where}: unknown data format {_quote(ext)}; use a .csv or .jsonl file")
-    rows = parse(where, _decode(where, _read_bytes(path)))
+    rows = parse(where, _decode(where, _read_bytes(path)), labelled)
     if not rows:
-        raise DataError(f"{where}: the file has no examples; give a file with text and label rows")
-    return _dataset(path, where, rows)
+        what = "text and label rows" if labelled else "text rows"
+        raise DataError(f"{where}: the file has no examples; give a file with {what}")
+    return _dataset(path, where, rows, labelled)
 
 
-def _dataset(path: str, where: str, rows: list[tuple]) -> TextDataset:
-    """Check the ``(line, text, text_pair, label)`` rows and collect them."""
+def _dataset(path: str, where: str, rows: list[tuple], labelled: bool = True) -> TextDataset:
+    """Check the ``(line, text, text_pair, label)`` rows and collect them (labels all None unless ``labelled``)."""
     has_pair = any(r[2] is not None for r in rows)
     texts, pairs, labels = [], [] if has_pair else None, []
     for line, text, pair, label in rows:
@@ -155,7 +162,9 @@ def _dataset(path: str, where: str, rows: list[tuple]) -> TextDataset:
             raise DataError(f"{where}:{line}: 'text' is empty or not a string; every row needs a text")
         if has_pair and (not isinstance(pair, str) or not pair.strip()):
             raise DataError(f"{where}:{line}: 'text_pair' is empty, but other rows have one; give it on every row")
-        if label is None or (isinstance(label, str) and not label.strip()) or isinstance(label, (list, dict, bool)):
+        if not labelled:
+            label = None
+        elif label is None or (isinstance(label, str) and not label.strip()) or isinstance(label, (list, dict, bool)):
             raise DataError(f"{where}:{line}: 'label' is empty or not a class name / number")
         texts.append(text)
         if has_pair:
@@ -226,11 +235,12 @@ def _decode(where: str, raw: bytes) -> str:
         ) from None
 
 
-def _require_columns(where: str, columns, line: int) -> None:
-    missing = [c for c in ("text", "label") if c not in columns]
+def _require_columns(where: str, columns, line: int, labelled: bool = True) -> None:
+    missing = [c for c in (("text", "label") if labelled else ("text",)) if c not in columns]
     if missing:
+        needs = "'text' and 'label'" if labelled else "'text'"
         raise DataError(
-            f"{where}:{line}: missing column(s) {missing}; the data needs 'text' and 'label' "
+            f"{where}:{line}: missing column(s) {missing}; the data needs {needs} "
             f"(and optionally 'text_pair'), found {_quote_names(columns)}"
         )
 
@@ -238,8 +248,8 @@ def _require_columns(where: str, columns, line: int) -> None:
 # ---------------------------------------------------------------------- reading CSV
 
 
-def _read_csv(where: str, text: str) -> list[tuple]:
-    """``(first line, text, text_pair or None, label)`` per data row of a decoded CSV file."""
+def _read_csv(where: str, text: str, labelled: bool = True) -> list[tuple]:
+    """``(first line, text, text_pair or None, label or None)`` per data row of a decoded CSV file."""
     lines = io.StringIO(text, newline="").readlines()
     limit = csv.field_size_limit()
     # No field can be longer than the file; the module's default cap (128 KiB) would refuse long texts.
@@ -249,17 +259,20 @@ def _read_csv(where: str, text: str) -> list[tuple]:
         if not records:
             return []
         (header_line, _, header), body = records[0], records[1:]
-        _check_header(where, header_line, header)
+        _check_header(where, header_line, header, labelled)
         for first, _, fields in body:
             if len(fields) != len(header):
                 raise _width_error(where, first, len(fields), header_line, len(header))
-        text_col, label_col = header.index("text"), header.index("label")
+        text_col = header.index("text")
+        label_col = header.index("label") if "label" in header else None
         pair_col = header.index("text_pair") if "text_pair" in header else None
-        _check_swallowed_rows(where, lines, body, len(header), text_col, label_col)
+        if label_col is not None:
+            _check_swallowed_rows(where, lines, body, len(header), text_col, label_col)
     finally:
         csv.field_size_limit(limit)
     return [
-        (first, f[text_col], None if pair_col is None else f[pair_col], f[label_col]) for first, _, f in body
+        (first, f[text_col], None if pair_col is None else f[pair_col], None if label_col is None else f[label_col])
+        for first, _, f in body
     ]
 
 
@@ -301,7 +314,7 @@ def _syntax_error(where: str, first: int, last: int, e: csv.Error) -> DataError:
     return DataError(f"{where}:{first}: not valid CSV ({' '.join(reason.split())}); fix the row")
 
 
-def _check_header(where: str, line: int, header: list[str]) -> None:
+def _check_header(where: str, line: int, header: list[str], labelled: bool = True) -> None:
     """Refuse repeated column names (also ones equal up to case and surrounding spaces), then missing ones."""
     seen: dict[str, int] = {}
     for col, name in enumerate(header):
@@ -318,7 +331,7 @@ def _check_header(where: str, line: int, header: list[str]) -> None:
                 "rename or remove one"
             )
         seen[key] = col
-    _require_columns(where, header, line)
+    _require_columns(where, header, line, labelled)
 
 
 def _width_error(where: str, line: int, width: int, header_line: int, header_width: int) -> DataError:
@@ -416,8 +429,8 @@ class _Refused(Exception):
     """A JSON value the reader refuses; raised by the json hooks, given its line by :func:`_json_line`."""
 
 
-def _read_jsonl(where: str, text: str) -> list[tuple]:
-    """``(line, text, text_pair or None, label)`` per non-blank line of a decoded JSONL file."""
+def _read_jsonl(where: str, text: str, labelled: bool = True) -> list[tuple]:
+    """``(line, text, text_pair or None, label or None)`` per non-blank line of a decoded JSONL file."""
     rows = []
     for line_no, line in enumerate(io.StringIO(text, newline=""), 1):
         if not line.strip():
@@ -425,8 +438,8 @@ def _read_jsonl(where: str, text: str) -> list[tuple]:
         obj = _json_line(where, line_no, line)
         if not isinstance(obj, dict):
             raise DataError(f"{where}:{line_no}: each line must be a JSON object, got {type(obj).__name__}")
-        _require_columns(where, obj.keys(), line_no)
-        rows.append((line_no, obj["text"], obj.get("text_pair"), obj["label"]))
+        _require_columns(where, obj.keys(), line_no, labelled)
+        rows.append((line_no, obj["text"], obj.get("text_pair"), obj.get("label")))
     return rows
 
 
@@ -662,11 +675,12 @@ class Encoded:
 
     Attributes:
         input_ids, token_type_ids: lists of int lists (truncated to ``max_length``).
-        targets: ``[N]`` int64 class ids or float32 values.
+        targets: ``[N]`` int64 class ids or float32 values; ``None`` when built with ``labels=None``
+            (data to predict on; batches then have no ``labels``).
         pad_id: the tokenizer's padding id.
     """
 
-    def __init__(self, data: TextDataset, labels: LabelSpace, tokenizer, max_length: int):
+    def __init__(self, data: TextDataset, labels: LabelSpace | None, tokenizer, max_length: int):
         if tokenizer.pad_token_id is None:
             raise DataError("the tokenizer has no padding token; set one in the model directory's tokenizer config")
         enc = tokenizer(
@@ -679,7 +693,7 @@ class Encoded:
         )
         self.input_ids: list[list[int]] = enc["input_ids"]
         self.token_type_ids: list[list[int]] = enc["token_type_ids"]
-        self.targets = labels.encode(data)
+        self.targets = None if labels is None else labels.encode(data)
         self.pad_id = int(tokenizer.pad_token_id)
 
     def __len__(self) -> int:
@@ -687,7 +701,7 @@ class Encoded:
 
     def batch(self, index: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Examples ``index`` padded to the longest of them: ``input_ids``, ``attention_mask``,
-        ``token_type_ids`` ``[b, T]`` and ``labels`` ``[b]``."""
+        ``token_type_ids`` ``[b, T]`` and ``labels`` ``[b]`` (when the data has targets)."""
         index = list(index)
         T = max(len(self.input_ids[i]) for i in index)
         ids = torch.full((len(index), T), self.pad_id, dtype=torch.long)
@@ -698,7 +712,9 @@ class Encoded:
             ids[r, :n] = torch.tensor(self.input_ids[i])
             types[r, :n] = torch.tensor(self.token_type_ids[i])
             mask[r, :n] = 1
-        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": self.targets[index]}
+        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if self.targets is not None:
+            out["labels"] = self.targets[index]
         return {k: v.to(device) for k, v in out.items()}
 
     def in_order(self, batch_size: int):

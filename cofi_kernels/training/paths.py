@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["check_input_file", "check_model_dir", "check_output_dir", "describe_kind"]
+__all__ = ["check_input_file", "check_model_dir", "check_output_dir", "check_output_file", "describe_kind"]
 
 
 def describe_kind(path: str) -> str:
@@ -101,4 +101,34 @@ def check_output_dir(path, what: str, error: type[Exception]) -> str:
         raise error(f"{what} {path!r} cannot be created: {parent!r} is {describe_kind(parent)}, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"{what} {path!r} cannot be created: {parent!r} is not writable (permission denied)")
+    return path
+
+
+def check_output_file(path, what: str, error: type[Exception]) -> str:
+    """``path`` names a file that can be written (created, or replaced when it exists); returns it as ``str``.
+
+    Its directory must exist and be writable (the file is written next to it
+    and renamed into place); an existing ``path`` must be a writable regular
+    file, not a directory, FIFO or device.
+
+    Args:
+        what: how messages name it (``"--out"``).
+        error: the exception class raised.
+    """
+    path = _nonempty(path, what, error)
+    if os.path.exists(path):
+        kind = describe_kind(path)
+        if kind != "a file":
+            raise error(f"{what} {path!r} is {kind}, not a regular file; give the path of a file to write")
+        if not os.access(path, os.W_OK):
+            raise error(f"{what} {path!r} is not writable (permission denied)")
+    elif path.endswith(("/", os.sep)):
+        raise error(f"{what} {path!r} ends with a path separator, so it names a directory; give the path of a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        raise error(f"{what} {path!r} cannot be written: its directory {parent!r} does not exist; create it first")
+    if not os.path.isdir(parent):
+        raise error(f"{what} {path!r} cannot be written: {parent!r} is {describe_kind(parent)}, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{what} {path!r} cannot be written: its directory {parent!r} is not writable (permission denied)")
     return path

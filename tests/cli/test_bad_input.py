@@ -70,6 +70,12 @@ def evaluate(c, *extra, model=None, data=None):
     return ["eval", "--model", model or c.teacher, "--data", data or c.eval, *extra]
 
 
+def predict(c, *extra, model=None, data=None, out=None):
+    """`cofi predict` of the pruned model; --out is a file in the watched directory c.out."""
+    return ["predict", "--model", model or c.pruned, "--data", data or c.eval,
+            "--out", str(c.out / "pred.jsonl" if out is None else out), "--quiet", *extra]
+
+
 # ---------------------------------------------------------------------- inputs
 
 
@@ -159,6 +165,17 @@ def labelled(c, name: str, label: str, at: int = 3) -> str:
     rows = toy_rows(24, seed=4)
     rows[at]["label"] = label
     return write_jsonl(c.tmp / name, rows)
+
+
+def old_predictions(c) -> None:
+    """--out's directory holding a predictions file from before (which an error must leave as it was)."""
+    c.out.mkdir()
+    (c.out / "pred.jsonl").write_text('{"label": "sport"}\n')
+
+
+def data_in_out(c) -> str:
+    c.out.mkdir()
+    return write_jsonl(c.out / "data.jsonl", toy_rows(4, seed=6))
 
 
 def cwd_with_a_log(c) -> None:
@@ -335,6 +352,42 @@ CASES = [
          r"not one of", setup=lambda c: c.out.mkdir()),
     Case("usage-missing-required", lambda c: ["prune", "--teacher", "x"], r"required"),
     Case("usage-not-an-int", lambda c: ["eval", "--model", "x", "--batch-size", "many"], r"expected an integer"),
+    # `cofi predict` and `cofi eval --precision` (issue item 6).
+    Case("predict-data-flag-missing", lambda c: ["predict", "--model", c.pruned, "--out", str(c.out / "p.jsonl")],
+         r"required: --data"),
+    Case("predict-data-missing", lambda c: predict(c, data=str(c.tmp / "nope.jsonl")),
+         r"--data '.*nope\.jsonl' does not exist", setup=old_predictions),
+    Case("predict-data-unreadable", lambda c: predict(c, data=unreadable(c, c.eval)),
+         r"--data '.*eval\.jsonl' is not readable", setup=old_predictions),
+    Case("predict-data-without-text", lambda c: predict(c, data=write_jsonl(c.tmp / "d.jsonl", [{"sentence": "a"}])),
+         r"missing column\(s\) \['text'\]", setup=old_predictions),
+    Case("predict-out-is-a-directory", lambda c: predict(c, out=c.out), r"--out '.*out' is a directory, not a regular file",
+         setup=lambda c: c.out.mkdir()),
+    Case("predict-out-in-a-missing-directory", lambda c: predict(c),
+         r"--out '.*pred\.jsonl' cannot be written: its directory '.*out' does not exist"),
+    Case("predict-out-under-a-file", lambda c: predict(c, out=os.path.join(a_file(c), "p.jsonl")),
+         r"--out '.*p\.jsonl' cannot be written: '.*a_file\.txt' is a file, not a directory"),
+    Case("predict-out-empty", lambda c: predict(c, out=""), r"--out path is empty", setup=cwd_with_a_log),
+    Case("predict-out-is-the-data", lambda c: predict(c, data=str(c.out / "data.jsonl"), out=data_in_out(c)),
+         r"--out '.*data\.jsonl' is the --data file"),
+    Case("predict-int8-dense", lambda c: predict(c, "--precision", "int8", model=c.teacher),
+         r"precision 'int8' needs a pruned model directory .* holds a dense model, which runs in fp32 only",
+         setup=old_predictions),
+    Case("predict-bf16-dense", lambda c: predict(c, "--precision", "bf16", model=c.teacher),
+         r"precision 'bf16' needs a pruned model", setup=old_predictions),
+    Case("predict-fp16-on-cpu", lambda c: predict(c, "--precision", "fp16"), r"'fp16' runs on a CUDA GPU only",
+         setup=old_predictions),
+    Case("predict-precision-unknown", lambda c: predict(c, "--precision", "fp8"), r"invalid choice: 'fp8'",
+         setup=old_predictions),
+    Case("predict-batch-size-0", lambda c: predict(c, "--batch-size", "0"), r"--batch-size: must be >= 1",
+         setup=old_predictions),
+    Case("predict-device-bogus", lambda c: predict(c, "--device", "bogus"), r"device 'bogus' is not a device name",
+         setup=old_predictions),
+    Case("predict-without-task-file", lambda c: predict(c, model=str(c.empty_dir)), r"has no cofi_task\.json",
+         setup=old_predictions),
+    Case("eval-int8-dense", lambda c: evaluate(c, "--precision", "int8"), r"precision 'int8' needs a pruned model"),
+    Case("eval-fp16-on-cpu", lambda c: evaluate(c, "--precision", "fp16", model=c.pruned),
+         r"'fp16' runs on a CUDA GPU only"),
 ]
 
 

@@ -56,7 +56,7 @@ def _check_exact(model, z, pruned, batch):
     ids, mask, types = batch
     ref = cofi_reference_forward(model, z, ids, mask, types)
     with torch.no_grad():
-        h = pruned.encode(ids, mask, types)
+        h = pruned.encode(ids, mask, types, backend="reference")
     kept = pruned.hidden_index
     assert h.shape == (*ids.shape, int(kept.numel()))
     # Relative by norm, not max-abs ≤ 1e-5: MiniLM's rows reach |h| ~ 7 and an ill-conditioned row
@@ -68,7 +68,7 @@ def _check_exact(model, z, pruned, batch):
     assert _rel_norm(pruned.expand_hidden(h), ref) <= TOL
     if pruned.head is not None:
         with torch.no_grad():
-            logits = pruned(ids, mask, types)
+            logits = pruned(ids, mask, types, backend="reference")
         assert (logits - cofi_reference_logits(model, z, ids, mask, types)).abs().max().item() <= TOL
 
 
@@ -121,8 +121,8 @@ def test_prune_float64_folding_is_exact(kind):
     ids, mask, types = padded_batch(model, seed=5)
     ref = cofi_reference_forward(model, z, ids, mask, types)
     with torch.no_grad():
-        assert (pruned.expand_hidden(pruned.encode(ids, mask, types)) - ref).abs().max().item() <= 1e-12
-        assert (pruned(ids, mask, types) - cofi_reference_logits(model, z, ids, mask, types)).abs().max().item() <= 1e-12
+        assert (pruned.expand_hidden(pruned.encode(ids, mask, types, backend="reference")) - ref).abs().max().item() <= 1e-12
+        assert (pruned(ids, mask, types, backend="reference") - cofi_reference_logits(model, z, ids, mask, types)).abs().max().item() <= 1e-12
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -132,7 +132,7 @@ def test_prune_all_ones_is_the_hf_model(kind):
     ids, mask, types = padded_batch(model)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        got = pruned(ids, mask, types)
+        got = pruned(ids, mask, types, backend="reference")
     assert (got - want).abs().max().item() <= TOL
     assert pruned.num_parameters() == sum(p.numel() for p in model.parameters())
     assert pruned.sparsity == 0.0

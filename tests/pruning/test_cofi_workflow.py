@@ -34,7 +34,7 @@ def _check_prune_matches_patched(model, batch, tmp_path, seed):
     assert any((v == 0).any() for v in z.values() if v is not None)
     pruned = cofi_kernels.prune(model, gates)
     with torch.no_grad():
-        got = pruned(*batch)
+        got = pruned(*batch, backend="reference")
     if got.shape != want.shape:  # a bare encoder returns the reduced hidden size
         got = pruned.expand_hidden(got)
     assert (got - want).abs().max() <= 1e-5, (got - want).abs().max()

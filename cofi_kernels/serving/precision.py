@@ -1,0 +1,73 @@
+"""The precision a pruned model is served in: fp32, bf16 (and fp16 on CUDA), or int8 on the CPU."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..models.pruned_model import PrunedModel
+
+__all__ = ["PRECISIONS", "load_for_inference", "quantize_int8"]
+
+# Precision name → parameter dtype; int8 keeps fp32 activations, embeddings and LayerNorms.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+
+def load_for_inference(directory: str | os.PathLike, *, precision: str = "fp32",
+                       device: str | torch.device = "cpu") -> PrunedModel:
+    """A saved :class:`PrunedModel` ready to serve in ``precision`` on ``device``.
+
+    ``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA only) or ``"int8"`` (CPU only:
+    :func:`quantize_int8`). Raises ``ValueError`` for an unknown precision or one the
+    device cannot run, and what :meth:`PrunedModel.from_pretrained` raises for a bad directory.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision 'int8' runs on the CPU only (torch's quantized linear), got device {device}")
+    model = PrunedModel.from_pretrained(directory, device=device, dtype=PRECISIONS[precision])
+    return quantize_int8(model) if precision == "int8" else model
+
+
+def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """``x ↦ x Wᵀ + b`` with W quantized to int8 per output channel (symmetric), activations
+    quantized per batch at run time (torch's dynamic quantization, fbgemm / x86 engine)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).double()
+    with warnings.catch_warnings():
+        # torch 2.14 announces the removal of quantized tensor creation; linear_prepack still takes
+        # nothing else (see the note in cofi_kernels/serving/__init__.py).
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+        qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), packed)
+
+    return linear
+
+
+@torch.no_grad()
+def quantize_int8(model: PrunedModel) -> PrunedModel:
+    """``model`` (fp32, on the CPU) with every encoder and head linear map quantized to int8, in place.
+
+    Weights are quantized once, per output channel; activations per call (dynamic
+    quantization), through torch's ``quantized::linear_prepack`` / ``linear_dynamic``
+    (no hand-written int8 GEMM). Embeddings, LayerNorms and attention stay fp32. The
+    forward then runs the packed-token path of :mod:`cofi_kernels.modules.pruned`
+    with these linears. Returns ``model``.
+    """
+    if not isinstance(model, PrunedModel):
+        raise TypeError(f"quantize_int8: model must be a PrunedModel, got {type(model).__name__}")
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise ValueError(f"quantize_int8: model must be float32 on the CPU, got {p.dtype} on {p.device}")
+    for sub in model.linear_sublayers():
+        for name in sub.LINEARS:
+            weight = getattr(sub, f"{name}_weight", None)
+            if weight is not None:
+                sub.linear_overrides[name] = _packed_linear(weight, getattr(sub, f"{name}_bias", None))
+    return model
