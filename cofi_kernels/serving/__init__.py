@@ -14,6 +14,6 @@ is deprecated, with no replacement for dynamic quantization in torch itself (it
 points to torchao). When torch removes them, int8 here must move with it.
 """
 
-from .precision import PRECISIONS, load_for_inference, quantize_int8
+from .precision import PRECISIONS, cpu_bf16_support, load_for_inference, quantize_int8
 
-__all__ = ["PRECISIONS", "load_for_inference", "quantize_int8"]
+__all__ = ["PRECISIONS", "cpu_bf16_support", "load_for_inference", "quantize_int8"]

@@ -9,10 +9,20 @@ import torch
 
 from ..models.pruned_model import PrunedModel
 
-__all__ = ["PRECISIONS", "load_for_inference", "quantize_int8"]
+__all__ = ["PRECISIONS", "cpu_bf16_support", "load_for_inference", "quantize_int8"]
 
 # Precision name → parameter dtype; int8 keeps fp32 activations, embeddings and LayerNorms.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+
+def cpu_bf16_support() -> str | None:
+    """What makes bfloat16 fast on this CPU (``"AMX"``, ``"AVX512-BF16"``), or None where it has
+    neither (bf16 then runs through conversions and is rarely faster than fp32)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return None
 
 
 def load_for_inference(directory: str | os.PathLike, *, precision: str = "fp32",

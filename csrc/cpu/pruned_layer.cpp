@@ -4,8 +4,9 @@
 // LayerNorm; removed sublayers skipped, 0 heads / 0 units handled, and with
 // first_only only each sequence's first row computed from the attention's
 // output projection on. GEMMs through ATen (MKL / oneDNN, AMX for bfloat16),
-// layer_norm and gelu through ATen's kernels, which dispatch AVX-512 at run
-// time: no row kernel of ours here, so none slower than eager's.
+// GELU through ATen's kernel (AVX-512 at run time), residual + LayerNorm
+// through cofi's fused row kernel (benchmarks/test_bench_row_ops.py holds it
+// against eager's add + layer_norm).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <optional>
 
+#include "masked_layer_norm.h"
 #include "varlen_attention.h"
 #include "vec_rows.h"
 
@@ -35,10 +37,13 @@ void check_param(const std::optional<at::Tensor>& t, const char* name, const at:
 }
 
 // LayerNorm(residual + x W^T + bias); x may be undefined (a sublayer with no head / unit left).
+// The bias rides in the GEMM (addmm's broadcast input); residual + LayerNorm is one pass of
+// cofi's masked_layer_norm row kernel (float32 statistics), instead of eager's copy, add and
+// layer_norm passes over the rows.
 at::Tensor project_add_norm(const at::Tensor& x, const std::optional<at::Tensor>& w, const at::Tensor& bias,
                             const at::Tensor& residual, const at::Tensor& ln_w, const at::Tensor& ln_b, double eps) {
-  at::Tensor y = x.defined() ? at::addmm(residual, x, w->t()).add_(bias) : residual + bias;
-  return at::layer_norm(y, {y.size(1)}, ln_w, ln_b, eps);
+  const at::Tensor y = x.defined() ? at::addmm(bias, x, w->t()) : bias.expand_as(residual).contiguous();
+  return std::get<0>(masked_layer_norm_fwd_cpu(y, residual, ln_w, ln_b, std::nullopt, std::nullopt, eps));
 }
 
 at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, bool first_only,
