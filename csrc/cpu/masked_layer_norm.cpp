@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "../op_checks.h"
-#include "masked_layer_norm.h"
 #include "vec_rows.h"
 
 namespace cofi::cpu {
@@ -185,8 +184,6 @@ void backward_rows(const T* grad, const T* x, const T* res, const float* mean, c
   });
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& res_in, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& layer_gate, const std::optional<at::Tensor>& hidden_gate, double eps) {
@@ -207,8 +204,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cpu(
   });
   return {out, mean, rstd};
 }
-
-namespace {
 
 using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

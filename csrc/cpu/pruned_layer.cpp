@@ -3,18 +3,18 @@
 // LayerNorm, FFN GEMM + bias + activation, GEMM + bias + residual +
 // LayerNorm; removed sublayers skipped, 0 heads / 0 units handled, and with
 // first_only only each sequence's first row computed from the attention's
-// output projection on. GEMMs through ATen (MKL / oneDNN, AMX for bfloat16),
-// GELU through ATen's kernel (AVX-512 at run time), residual + LayerNorm
-// through cofi's fused row kernel (benchmarks/test_bench_row_ops.py holds it
-// against eager's add + layer_norm).
+// output projection on. GEMMs through ATen (MKL / oneDNN, AMX for bfloat16)
+// without bias; bias + activation and bias + residual + LayerNorm are one row
+// pass each, in place on the GEMM's output (the end-to-end serving benchmark
+// measures the layer against eager's composition).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 #include <optional>
 
-#include "masked_layer_norm.h"
 #include "varlen_attention.h"
 #include "vec_rows.h"
 
@@ -36,14 +36,106 @@ void check_param(const std::optional<at::Tensor>& t, const char* name, const at:
               at::IntArrayRef(shape), ", got ", t->sizes());
 }
 
+// The GEMM epilogues, one pass over the rows each, in place on the GEMM's output, float32
+// arithmetic (at::vec: AVX2 in this build); they replace addmm's broadcast copy of the bias
+// and eager's separate add / layer_norm / gelu passes.
+
+// y <- LayerNorm(y + bias + residual) * w + b over each row.
+template <typename T>
+void bias_residual_norm_(T* y, const T* res, const T* bias, const T* w, const T* b, int64_t rows, int64_t d,
+                         float eps) {
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(5 * d);
+    float *v = scratch.data(), *cr = v + d;
+    const float* fbias = row_as_float(bias, cr + d, d);
+    const float* fw = row_as_float(w, cr + 2 * d, d);
+    const float* fb = row_as_float(b, cr + 3 * d, d);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* fy = row_as_float(y + r * d, v, d);
+      const float* fr = row_as_float(res + r * d, cr, d);
+      Vec acc(0.0f);
+      for_each_vec(d, [&](int64_t j, int64_t n) {
+        const Vec x = load(fy + j, n) + load(fbias + j, n) + load(fr + j, n);
+        store(x, v + j, n);
+        acc = acc + x;
+      });
+      const Vec mean(reduce_sum(acc) / static_cast<float>(d));
+      Vec sq(0.0f);
+      for_each_vec(d, [&](int64_t j, int64_t n) {
+        Vec c = load(v + j, n) - mean;
+        if (n < Vec::size()) c = Vec::set(Vec(0.0f), c, n);
+        sq = at::vec::fmadd(c, c, sq);
+      });
+      const Vec rstd(1.0f / std::sqrt(reduce_sum(sq) / static_cast<float>(d) + eps));
+      float* out = row_out_float(y + r * d, v);
+      for_each_vec(d, [&](int64_t j, int64_t n) {
+        store(at::vec::fmadd((load(v + j, n) - mean) * rstd, load(fw + j, n), load(fb + j, n)), out + j, n);
+      });
+      store_row(out, y + r * d, d);
+    }
+  });
+}
+
+// y <- act(y + bias) over each row.
+template <typename T>
+void bias_activation_(T* y, const T* bias, int64_t rows, int64_t d, int64_t activation) {
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(2 * d);
+    float* v = scratch.data();
+    const float* fbias = row_as_float(bias, v + d, d);
+    const Vec half(0.5f), one(1.0f), zero(0.0f), inv_sqrt2(static_cast<float>(M_SQRT1_2)),
+        k0(static_cast<float>(M_2_SQRTPI * M_SQRT1_2)), k1(0.044715f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* fy = row_as_float(y + r * d, v, d);
+      float* out = row_out_float(y + r * d, v);
+      for_each_vec(d, [&](int64_t j, int64_t n) {
+        const Vec x = load(fy + j, n) + load(fbias + j, n);
+        Vec a;
+        if (activation == kRelu) {
+          a = at::vec::maximum(x, zero);
+        } else if (activation == kGeluTanh) {
+          a = half * x * (one + (k0 * at::vec::fmadd(k1 * x * x, x, x)).tanh());
+        } else {
+          a = half * x * (one + (x * inv_sqrt2).erf());
+        }
+        store(a, out + j, n);
+      });
+      store_row(out, y + r * d, d);
+    }
+  });
+}
+
+template <typename Fn>
+void for_dtype(const at::Tensor& t, const Fn& fn) {
+  if (t.scalar_type() == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(c10::BFloat16{});
+  }
+}
+
 // LayerNorm(residual + x W^T + bias); x may be undefined (a sublayer with no head / unit left).
-// The bias rides in the GEMM (addmm's broadcast input); residual + LayerNorm is one pass of
-// cofi's masked_layer_norm row kernel (float32 statistics), instead of eager's copy, add and
-// layer_norm passes over the rows.
 at::Tensor project_add_norm(const at::Tensor& x, const std::optional<at::Tensor>& w, const at::Tensor& bias,
                             const at::Tensor& residual, const at::Tensor& ln_w, const at::Tensor& ln_b, double eps) {
-  const at::Tensor y = x.defined() ? at::addmm(bias, x, w->t()) : bias.expand_as(residual).contiguous();
-  return std::get<0>(masked_layer_norm_fwd_cpu(y, residual, ln_w, ln_b, std::nullopt, std::nullopt, eps));
+  at::Tensor y = x.defined() ? at::mm(x, w->t()) : at::zeros_like(residual);
+  const at::Tensor res = residual.contiguous(), bc = bias.contiguous(), wc = ln_w.contiguous(), bb = ln_b.contiguous();
+  for_dtype(y, [&](auto tag) {
+    using T = decltype(tag);
+    bias_residual_norm_<T>(y.data_ptr<T>(), res.const_data_ptr<T>(), bc.const_data_ptr<T>(), wc.const_data_ptr<T>(),
+                           bb.const_data_ptr<T>(), y.size(0), y.size(1), static_cast<float>(eps));
+  });
+  return y;
+}
+
+// act(x W^T + bias) for the FFN's first GEMM.
+at::Tensor project_activate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t activation) {
+  at::Tensor y = at::mm(x, w.t());
+  const at::Tensor bc = bias.contiguous();
+  for_dtype(y, [&](auto tag) {
+    using T = decltype(tag);
+    bias_activation_<T>(y.data_ptr<T>(), bc.const_data_ptr<T>(), y.size(0), y.size(1), activation);
+  });
+  return y;
 }
 
 at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, bool first_only,
@@ -105,12 +197,7 @@ at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, b
       check_param(ffn_in_weight, "ffn_in_weight", h, {width, d});
       check_param(ffn_in_bias, "ffn_in_bias", h, {width});
       check_param(ffn_out_weight, "ffn_out_weight", h, {d, width});
-      act = at::addmm(*ffn_in_bias, x, ffn_in_weight->t());
-      if (activation == kRelu) {
-        act.relu_();
-      } else {
-        act = at::gelu(act, activation == kGeluTanh ? "tanh" : "none");
-      }
+      act = project_activate(x, *ffn_in_weight, *ffn_in_bias, activation);
     }
     x = project_add_norm(act, ffn_out_weight, *ffn_out_bias, x, *ffn_ln_weight, *ffn_ln_bias, eps);
   }
