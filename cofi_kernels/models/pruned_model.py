@@ -180,6 +180,8 @@ class PrunedModel(nn.Module):
         p = self.embeddings.word_embeddings
         if output_hidden_states or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
             return False
+        if getattr(self, "aligned_from", None) is not None:  # padded hidden dims: the reference's masked LayerNorm
+            return False
         if torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters()):
             return False
         return attention_mask is None or bool(attention_mask[:, 0].all())
@@ -193,6 +195,9 @@ class PrunedModel(nn.Module):
         if backend == "engine" and attention_mask is not None and not bool(attention_mask[:, 0].all()):
             raise ValueError("PrunedModel: backend='engine' needs every sequence's first token to be real "
                              "(attention_mask[:, 0] all 1: right padding)")
+        if backend == "engine" and getattr(self, "aligned_from", None) is not None:
+            raise ValueError("PrunedModel: backend='engine' runs unpadded models; this is an aligned copy "
+                             "(serving.aligned_copy): use backend='reference' or the original model")
         return backend == "engine" or (backend == "auto" and self.engine_applies(attention_mask, output_hidden_states))
 
     def _pack(self, input_ids, attention_mask, token_type_ids) -> "_Packed":
@@ -350,6 +355,9 @@ class PrunedModel(nn.Module):
         """Write ``model.safetensors`` (every tensor above) and ``cofi_config.json`` into ``directory``."""
         from safetensors.torch import save_file
 
+        if getattr(self, "aligned_from", None) is not None:
+            raise ValueError("PrunedModel.save_pretrained: this is an aligned copy (serving.aligned_copy) whose "
+                             "padded sizes are not a pruned model's; save the original model")
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "cofi_format": FORMAT})

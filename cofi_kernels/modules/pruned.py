@@ -55,6 +55,23 @@ def _init(module: nn.Module) -> None:
             p.normal_(0.0, INIT_STD)
 
 
+def residual_norm(sub: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``LayerNorm(residual + x)`` with ``sub``'s ``ln_weight``, ``ln_bias`` and ``eps``.
+
+    When ``sub`` carries a ``hidden_mask`` buffer (a model padded to aligned hidden
+    sizes, :func:`cofi_kernels.serving.aligned_copy`), the statistics run over the
+    real dims only and the padded dims come out 0, so padding changes nothing.
+    """
+    mask = getattr(sub, "hidden_mask", None)
+    if mask is None:
+        return functional.layer_norm(x, sub.ln_weight, sub.ln_bias, sub.eps, residual=residual)
+    if residual is None:
+        residual = torch.zeros_like(x)
+    x = x.expand_as(residual)
+    return functional.masked_layer_norm(x, residual, sub.ln_weight, sub.ln_bias, None, mask, sub.eps,
+                                        check_gates=False)
+
+
 class _WithLinears(nn.Module):
     """A sublayer whose linear maps (named in ``LINEARS``: weight ``<name>_weight``, bias
     ``<name>_bias``) run through :meth:`linear`, so that serving can replace any of them by
@@ -94,7 +111,7 @@ class PrunedEmbeddings(nn.Module):
         """``[B, T]`` ids of each kind → ``[B, T, d]``."""
         x = F.embedding(input_ids, self.word_embeddings) + F.embedding(token_type_ids, self.token_type_embeddings)
         x = x + F.embedding(position_ids, self.position_embeddings)
-        return functional.layer_norm(x, self.ln_weight, self.ln_bias, self.eps)
+        return residual_norm(self, x)
 
 
 class PrunedAttention(_WithLinears):
@@ -124,14 +141,14 @@ class PrunedAttention(_WithLinears):
     def forward(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """``h`` ``[B, T, d]``; ``key_padding_mask`` ``[B, T]`` bool (True = attend) or None."""
         if not self.heads:
-            return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=h)
+            return residual_norm(self, self.out_bias, h)
         B, T, _ = h.shape
         dh = self.head_dim
         qkv = self.linear("qkv", h).view(B, T, 3, self.heads, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         ctx = functional.attention(q, k, v, key_padding_mask, scale=dh**-0.5)
         out = self.linear("out", ctx.transpose(1, 2).reshape(B, T, self.heads * dh))
-        return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=h)
+        return residual_norm(self, out, h)
 
     def forward_packed(self, h: torch.Tensor, cu_seqlens: torch.Tensor, first_only: bool = False) -> torch.Tensor:
         """Packed tokens: ``h`` ``[N, d]``, the rows of sequence ``b`` at ``cu_seqlens[b]:cu_seqlens[b+1]``.
@@ -140,11 +157,11 @@ class PrunedAttention(_WithLinears):
         """
         residual = h[cu_seqlens[:-1]] if first_only else h
         if not self.heads:
-            return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=residual)
+            return residual_norm(self, self.out_bias, residual)
         qkv = self.linear("qkv", h)
         ctx = functional.varlen_attention(qkv, cu_seqlens, self.heads, self.head_dim, first_only=first_only)
         out = self.linear("out", ctx)
-        return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=residual)
+        return residual_norm(self, out, residual)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}"
@@ -174,13 +191,13 @@ class PrunedFFN(_WithLinears):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` → ``[..., d]``."""
         if not self.width:
-            return functional.layer_norm(self.out_bias, self.ln_weight, self.ln_bias, self.eps, residual=h)
+            return residual_norm(self, self.out_bias, h)
         if self.linear_overrides:
             out = self.linear("out", ACTIVATIONS[self.activation](self.linear("in", h)))
         else:
             out = functional.ffn(h, self.in_weight, self.in_bias, self.out_weight, self.out_bias,
                                  ACTIVATIONS[self.activation])
-        return functional.layer_norm(out, self.ln_weight, self.ln_bias, self.eps, residual=h)
+        return residual_norm(self, out, h)
 
     def extra_repr(self) -> str:
         return f"width={self.width}"

@@ -3,7 +3,9 @@
 - :func:`load_for_inference`: a saved :class:`~cofi_kernels.models.pruned_model.PrunedModel`
   in the precision it is served in (fp32, bf16, int8);
 - :func:`quantize_int8`: int8 dynamic quantization of the linear layers on the CPU,
-  through torch's own quantized ops (``quantized::linear_dynamic``).
+  through torch's own quantized ops (``quantized::linear_dynamic``);
+- :func:`aligned_copy`: the model padded to aligned hidden and FFN sizes, exactly
+  (LayerNorm statistics over the real dims), the GPU path's first step.
 
 The fast forward itself (token packing, one compiled call per layer) is
 ``PrunedModel.forward(..., backend="engine")``, the default in inference.
@@ -14,6 +16,7 @@ is deprecated, with no replacement for dynamic quantization in torch itself (it
 points to torchao). When torch removes them, int8 here must move with it.
 """
 
+from .aligned import aligned_copy
 from .precision import PRECISIONS, cpu_bf16_support, load_for_inference, quantize_int8
 
-__all__ = ["PRECISIONS", "cpu_bf16_support", "load_for_inference", "quantize_int8"]
+__all__ = ["PRECISIONS", "aligned_copy", "cpu_bf16_support", "load_for_inference", "quantize_int8"]
