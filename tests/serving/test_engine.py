@@ -22,6 +22,11 @@ from tests.compare import FP32_TOL, rel_err
 
 pytestmark = pytest.mark.skipif(not cofi_kernels.extension_available(), reason="extension not built")
 
+# int8 (weights per output channel, activations per call and tensor) on these random-weight models:
+# 2-7% relative error of the logits over 60 seeds (tests/seed_sweep.py); a broken quantization
+# (wrong scales, transposed weights) is off by O(1).
+INT8_TOL = 0.15
+
 SHAPES = {  # heads, ffn widths, hidden, head_dim
     "every_kind": ([3, 0, None, 2, 4, None], [50, 40, 30, 0, None, None], 48, 16),
     "demo": ([7, None, None, 2, 4, 4], [None, None, None, 222, 263, 276], 330, 32),
@@ -167,7 +172,7 @@ def test_int8_dynamic_quantization_stays_close_to_fp32():
         ref = model(ids, mask, types, backend="reference")
     for got in (engine, ref):
         assert torch.isfinite(got).all()
-        assert rel_err(got, fp32) < 0.05  # int8 weights and activations: about 1% here
+        assert rel_err(got, fp32) < INT8_TOL
     assert not torch.equal(engine, fp32)
 
 
@@ -185,7 +190,7 @@ def test_load_for_inference_in_each_precision(tmp_path):
     with torch.inference_mode():
         want = model(ids, mask, types, backend="reference")
         for precision, dtype, tol in (("fp32", torch.float32, FP32_TOL), ("bf16", torch.bfloat16, 0.05),
-                                      ("int8", torch.float32, 0.05)):
+                                      ("int8", torch.float32, INT8_TOL)):
             served = load_for_inference(tmp_path, precision=precision)
             assert served.embeddings.word_embeddings.dtype == dtype
             assert rel_err(served(ids, mask, types), want) <= tol, precision
