@@ -21,19 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional
+from ..ops.reference import LAYER_ACTIVATIONS
 
 __all__ = ["ACTIVATIONS", "ClassificationHead", "PrunedAttention", "PrunedEmbeddings", "PrunedFFN", "PrunedLayer"]
 
-# The FFN activations a pruned model can compute, by their Hugging Face names.
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-# The same activations by the name the compiled layer takes (functional.pruned_layer).
+# The FFN activations a pruned model can compute: Hugging Face's name → the name the compiled
+# layer takes (functional.pruned_layer), whose definition is ops.reference.LAYER_ACTIVATIONS.
 LAYER_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+ACTIVATIONS = {hf: LAYER_ACTIVATIONS[name] for hf, name in LAYER_ACTIVATION.items()}
 
 INIT_STD = 0.02
 

@@ -75,6 +75,17 @@ def check_model_dir(path, what: str, error: type[Exception]) -> str:
     return path
 
 
+def _writable_existing(path: str, kind: str, hint: str, mode: int, what: str, error: type[Exception],
+                       noun: str | None = None) -> str:
+    """An existing ``path`` is of ``kind`` (:func:`describe_kind`'s words) and allows ``mode`` access."""
+    found = describe_kind(path)
+    if found != kind:
+        raise error(f"{what} {path!r} is {found}, not {noun or kind}; {hint}")
+    if not os.access(path, mode):
+        raise error(f"{what} {path!r} is not writable (permission denied)")
+    return path
+
+
 def check_output_dir(path, what: str, error: type[Exception]) -> str:
     """``path`` is a directory that exists or can be created, and can be written; returns it as ``str``.
 
@@ -87,12 +98,7 @@ def check_output_dir(path, what: str, error: type[Exception]) -> str:
     """
     path = _nonempty(path, what, error)
     if os.path.exists(path):
-        kind = describe_kind(path)
-        if kind != "a directory":
-            raise error(f"{what} {path!r} is {kind}, not a directory; give a new or empty directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise error(f"{what} {path!r} is not writable (permission denied)")
-        return path
+        return _writable_existing(path, "a directory", "give a new or empty directory", os.W_OK | os.X_OK, what, error)
     # The nearest existing ancestor decides whether the directory can be created.
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
@@ -117,11 +123,8 @@ def check_output_file(path, what: str, error: type[Exception]) -> str:
     """
     path = _nonempty(path, what, error)
     if os.path.exists(path):
-        kind = describe_kind(path)
-        if kind != "a file":
-            raise error(f"{what} {path!r} is {kind}, not a regular file; give the path of a file to write")
-        if not os.access(path, os.W_OK):
-            raise error(f"{what} {path!r} is not writable (permission denied)")
+        _writable_existing(path, "a file", "give the path of a file to write", os.W_OK, what, error,
+                           noun="a regular file")
     elif path.endswith(("/", os.sep)):
         raise error(f"{what} {path!r} ends with a path separator, so it names a directory; give the path of a file")
     parent = os.path.dirname(os.path.abspath(path))

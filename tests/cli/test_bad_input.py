@@ -398,15 +398,22 @@ def write_broken_config(c) -> str:
     return str(d)
 
 
-def run_cli(argv, capsys):
-    """``(status, stderr lines, warnings that escaped)`` of ``cofi argv`` run in-process."""
+def run_cli_full(argv, capsys):
+    """``(status, stdout lines, stderr lines, warnings that escaped)`` of ``cofi argv`` run in-process."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             status = cli.main(argv)
         except SystemExit as e:  # argparse
             status = e.code
-    return status, capsys.readouterr().err.strip().splitlines(), [str(w.message) for w in caught]
+    out = capsys.readouterr()
+    return status, out.out.strip().splitlines(), out.err.strip().splitlines(), [str(w.message) for w in caught]
+
+
+def run_cli(argv, capsys):
+    """``(status, stderr lines, warnings that escaped)`` of ``cofi argv`` run in-process."""
+    status, _, err, caught = run_cli_full(argv, capsys)
+    return status, err, caught
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 
 import pytest
 import torch
@@ -14,25 +13,16 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from cofi_kernels import cli  # noqa: E402
 from cofi_kernels.models.pruned_model import PrunedModel  # noqa: E402
 from tests.cofi_model_ref import small_model  # noqa: E402
 from tests.models.test_onnx_export import SMALL, pruned_model, random_batch, run_onnx, reference  # noqa: E402
+from tests.cli.test_bad_input import run_cli_full  # noqa: E402
 from tests.training_support import tree_snapshot  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run_cli(argv, capsys):
-    """``(status, stdout lines, stderr lines, warnings that escaped)`` of ``cofi argv`` run in-process."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            status = cli.main(argv)
-        except SystemExit as e:  # argparse
-            status = e.code
-    out = capsys.readouterr()
-    return status, out.out.strip().splitlines(), out.err.strip().splitlines(), [str(w.message) for w in caught]
+run_cli = run_cli_full  # (status, stdout lines, stderr lines, warnings that escaped)
 
 
 @pytest.fixture
