@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...models.plots import write_shapes_png
 from ...models.pruned_model import PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
@@ -171,7 +172,8 @@ def cofi_prune(
         train, eval_data: training data, and the data the best state is chosen on.
         out: the run directory; at the end it holds the pruned model
             (:class:`~cofi_kernels.models.pruned_model.PrunedModel` files, tokenizer,
-            ``cofi_task.json``), the learned gates (``gates.safetensors``),
+            ``cofi_task.json``), ``shapes.png`` (:func:`~cofi_kernels.models.plots.write_shapes_png`),
+            the learned gates (``gates.safetensors``),
             ``log.jsonl`` and ``run.json``.
         config: :class:`PruneConfig`.
         student_dir: start the student from this pre-trained model instead of a
@@ -210,6 +212,7 @@ def cofi_prune(
     pruned = method.pruned
     pruned.requires_grad_(False)
     pruned.save_pretrained(run.out)
+    write_shapes_png(pruned, run.out)
     tokenizer.save_pretrained(run.out)
     write_task(run.out, labels, cfg.max_length, "pruned")
     _save_gates(os.path.join(run.out, GATES_FILE), method.selected_gates)
