@@ -111,13 +111,24 @@ if BUILD_CUDA == "1" and not with_cuda:
 with_avx2 = CPU_AVX2 == "1" or (CPU_AVX2 == "auto" and _cpu_has_avx2())
 
 OPS = ["gelu_gate_fwd", "gelu_gate_bwd", "masked_layer_norm_fwd", "masked_layer_norm_bwd"]
-CPU_ONLY_OPS = ["varlen_attention", "pruned_layer"]  # serving: forward only, CPU kernels so far
+CPU_ONLY_OPS = ["varlen_attention", "pruned_layer", "bias_activation_", "bias_residual_layer_norm_", "packed_embeddings",
+                "serving_cpu_isa"]  # serving: forward only, CPU kernels so far
 cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 
 cxx_flags = ["-O3", "-DNDEBUG", "-Wno-unknown-pragmas", "-fopenmp"]  # at::parallel_for is OpenMP inline
 if with_avx2:
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+# Files built once more per wider instruction set, each with its own flags (as ATen builds its
+# kernels per CPU capability); the code chooses at run time. Only on top of an AVX2 build: without
+# one they are built with the common flags and hold no kernels.
+ISA_SOURCES = {
+    "csrc/cpu/isa/row_kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                                            "-mf16c", "-DCPU_CAPABILITY_AVX512", "-DCOFI_BUILD_AVX512",
+                                            # GCC 12's AVX-512 intrinsics trip these with -Wall
+                                            "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+}
+isa_builds = ["avx512"] if with_avx2 else []
 nvcc_flags = ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr"]
 
 if with_cuda:
@@ -151,6 +162,7 @@ def build_info() -> dict:
         "nvcc": _nvcc_version() if with_cuda else None,
         "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
         "cpu_avx2": with_avx2,
+        "cpu_isa_builds": isa_builds,
         "cpu_ops": OPS + CPU_ONLY_OPS,
         "cuda_ops": OPS if with_cuda else [],
         "sources": cpu_sources + (cuda_sources if with_cuda else []),
@@ -158,7 +170,17 @@ def build_info() -> dict:
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension that also writes ``_build_info.json`` beside ``_C``."""
+    """torch's BuildExtension that also builds ``ISA_SOURCES`` with their own flags (linked after
+    the other objects) and writes ``_build_info.json`` beside ``_C``."""
+
+    def build_extensions(self):
+        for ext in self.extensions:
+            for source in sorted(ISA_SOURCES):
+                flags = [f for f in cxx_flags if f != "-DCPU_CAPABILITY_AVX2"] + (ISA_SOURCES[source] if isa_builds else []) + [
+                    "-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+                ext.extra_objects += self.compiler.compile([source], output_dir=self.build_temp,
+                                                           include_dirs=ext.include_dirs, extra_postargs=flags)
+        super().build_extensions()
 
     def run(self):
         print(

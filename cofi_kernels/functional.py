@@ -21,11 +21,12 @@ from .ops import gated_attention as _gated_attention_op
 from .ops import gated_ffn as _gated_ffn_op
 from .ops import gelu_gate as _gelu_gate_op
 from .ops import masked_layer_norm as _mln_op
+from .ops import packed_embeddings as _packed_embeddings_op
 from .ops import pruned_layer as _pruned_layer_op
 from .ops import varlen_attention as _varlen_attention_op
 
 __all__ = ["attention", "ffn", "gated_attention", "gated_ffn", "gelu_gate", "layer_norm", "masked_layer_norm",
-           "pruned_layer", "varlen_attention"]
+           "packed_embeddings", "pruned_layer", "varlen_attention"]
 
 
 def gelu_gate(
@@ -302,12 +303,12 @@ def _check_packed(op: str, name: str, x: torch.Tensor, cu_seqlens: torch.Tensor)
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but {name} is on {x.device}")
 
 
-def _serving_backend(spec, backend: str, x: torch.Tensor, tensors) -> str:
+def _serving_backend(spec, backend: str, x: torch.Tensor, tensors, head_dim: int | None = None) -> str:
     """The backend of a forward-only serving op: ``auto`` takes the reference when a gradient is wanted."""
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if wants_grad and backends.requested(backend) == "auto":
         return "reference"
-    choice = backends.resolve(spec, backend, Inputs(x.device, x.dtype))
+    choice = backends.resolve(spec, backend, Inputs(x.device, x.dtype, head_dim))
     if wants_grad and choice != "reference":
         raise ValueError(f"{spec.name}: backend {choice!r} is forward only but a gradient is wanted "
                          "(run under torch.no_grad() / inference_mode(), or backend='reference')")
@@ -335,8 +336,10 @@ def varlen_attention(
         scale: multiplies ``q kᵀ``; defaults to ``head_dim ** -0.5``.
         first_only: compute each sequence's first query only (a classification
             head's token); keys and values still span the whole sequence.
-        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (float32 / bfloat16, forward only;
-            ``auto`` takes the reference when a gradient is wanted).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` (float32 / bfloat16, forward only)
+            or ``"triton"`` (CUDA; float32 / float16 / bfloat16, head sizes up to 256,
+            forward only, no device-to-host copy, so CUDA-graph safe); ``auto`` takes
+            the reference when a gradient is wanted.
 
     Returns:
         ``[N, heads·head_dim]`` (``[B, heads·head_dim]`` with ``first_only``) in the dtype
@@ -352,7 +355,7 @@ def varlen_attention(
                          f"got {list(qkv.shape)}")
     scale = head_dim**-0.5 if scale is None else float(scale)
     spec = _varlen_attention_op.SPEC
-    choice = _serving_backend(spec, backend, qkv, (qkv,))
+    choice = _serving_backend(spec, backend, qkv, (qkv,), head_dim)
     return spec.launcher(choice)(qkv, cu_seqlens, heads, head_dim, scale, first_only)
 
 
@@ -399,3 +402,45 @@ def pruned_layer(
     spec = _pruned_layer_op.SPEC
     choice = _serving_backend(spec, backend, h, tensors)
     return spec.launcher(choice)(h, cu_seqlens, first_only, attention, ffn, heads, head_dim, activation, eps)
+
+
+def packed_embeddings(
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    types: torch.Tensor,
+    word: torch.Tensor,
+    position_table: torch.Tensor,
+    type_table: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    *,
+    eps: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The embedding layer of a (pruned) BERT over packed tokens, in one pass on the CPU.
+
+    Args:
+        ids, positions, types: ``[N]`` int64: each real token's word id, position and
+            token type (the rows of a packed batch, see :func:`varlen_attention`).
+        word, position_table, type_table: ``[rows, d]`` embedding tables.
+        ln_weight, ln_bias: ``[d]``, the LayerNorm after the sum; ``eps`` its epsilon.
+        backend: ``"auto"``, ``"reference"`` or ``"cpu"`` (float32 / bfloat16, forward only;
+            ``auto`` takes the reference when a gradient is wanted).
+
+    Returns:
+        ``[N, d]``: ``LN(word[ids] + position_table[positions] + type_table[types])``, as
+        :func:`cofi_kernels.ops.reference.packed_embeddings` defines it. An index outside its
+        table is an error.
+    """
+    op = "packed_embeddings"
+    for name, t in (("ids", ids), ("positions", positions), ("types", types)):
+        if t.dim() != 1 or t.dtype != torch.long or t.shape[0] != ids.shape[0] or t.device != word.device:
+            raise ValueError(f"{op}: {name} must be a 1-d int64 tensor of {ids.shape[0]} indices on {word.device} "
+                             f"(as ids), got {t.dtype} {list(t.shape)} on {t.device}")
+    for name, t in (("word", word), ("position_table", position_table), ("type_table", type_table)):
+        if t.dim() != 2 or t.shape[1] != word.shape[-1]:
+            raise ValueError(f"{op}: {name} must be [rows, {word.shape[-1]}], got {list(t.shape)}")
+    tensors = (word, position_table, type_table, ln_weight, ln_bias)
+    spec = _packed_embeddings_op.SPEC
+    choice = _serving_backend(spec, backend, word, tensors)
+    return spec.launcher(choice)(ids, positions, types, word, position_table, type_table, ln_weight, ln_bias, eps)

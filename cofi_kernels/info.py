@@ -7,9 +7,10 @@ import torch
 from . import __version__
 from .ops import _extension, backends
 from .ops.triton import support as _triton_support
-from .ops import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
+from .ops import gated_attention, gated_ffn, gelu_gate, masked_layer_norm, packed_embeddings, pruned_layer, varlen_attention
 
-OP_SPECS = (gated_attention.SPEC, gated_ffn.SPEC, gelu_gate.SPEC, masked_layer_norm.SPEC)
+OP_SPECS = (gated_attention.SPEC, gated_ffn.SPEC, gelu_gate.SPEC, masked_layer_norm.SPEC,
+            varlen_attention.SPEC, pruned_layer.SPEC, packed_embeddings.SPEC)
 
 
 def report() -> str:
@@ -26,7 +27,7 @@ def report() -> str:
     info = _extension.build_info()
     if info:
         lines.append(f"built {info['built_at']} with torch {info['torch']} (CUDA {info['torch_cuda']})")
-        lines.append(f"  C++ CPU ops: {', '.join(info['cpu_ops'])} (avx2: {info['cpu_avx2']})")
+        lines.append(f"  C++ CPU ops: {', '.join(info['cpu_ops'])} (avx2: {info['cpu_avx2']}, wider builds: {', '.join(info.get('cpu_isa_builds', [])) or 'none'})")
         if info["cuda_built"]:
             lines.append(f"  CUDA ops: {', '.join(info['cuda_ops'])} (nvcc {info['nvcc']}, archs {info['cuda_archs']})")
         else:
@@ -46,6 +47,9 @@ def report() -> str:
     for spec in OP_SPECS:
         picks = ", ".join(f"{d.type} -> {backends.auto_choice(spec, d)}" for d in devices)
         lines.append(f"  {spec.name:<20} {picks}")
+    isa = packed_embeddings.serving_cpu_isa()
+    if isa is not None:
+        lines.append(f"serving row passes on this CPU: {isa} build (ATEN_CPU_CAPABILITY narrows it)")
     return "\n".join(lines)
 
 

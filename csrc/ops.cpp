@@ -40,4 +40,14 @@ TORCH_LIBRARY(cofi, m) {
       " Tensor? attn_out_weight, Tensor? attn_out_bias, Tensor? attn_ln_weight, Tensor? attn_ln_bias,"
       " Tensor? ffn_in_weight, Tensor? ffn_in_bias, Tensor? ffn_out_weight, Tensor? ffn_out_bias,"
       " Tensor? ffn_ln_weight, Tensor? ffn_ln_bias, int heads, int head_dim, int activation, float eps) -> Tensor");
+  // The pruned layer's row passes on their own, in place on y (a GEMM's output).
+  m.def("bias_activation_(Tensor(a!) y, Tensor bias, int activation) -> ()");
+  m.def(
+      "bias_residual_layer_norm_(Tensor(a!) y, Tensor residual, Tensor bias, Tensor ln_weight, Tensor ln_bias,"
+      " float eps) -> ()");
+  m.def(
+      "packed_embeddings(Tensor ids, Tensor positions, Tensor types, Tensor word, Tensor position_table,"
+      " Tensor type_table, Tensor ln_weight, Tensor ln_bias, float eps) -> Tensor");
+  // Which build of the serving engine's row passes runs on this CPU: avx512, avx2 or default.
+  m.def("serving_cpu_isa() -> str");
 }

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..modules.pruned import ACTIVATIONS, ClassificationHead, PrunedAttention, PrunedEmbeddings, PrunedFFN, PrunedLayer
+from ..ops import backends as _backends
+from ..ops import varlen_attention as _varlen_op
 from .arch import ARCHS, UnsupportedModelError
 from .size import encoder_size
 
@@ -72,6 +74,15 @@ class PrunedModel(nn.Module):
     ``head.out_weight`` ``[num_labels, D]``, ``head.out_bias``; and
     ``hidden_index`` (int64 ``[d]``): the original hidden dim of each kept dim.
     ``d`` is the reduced hidden size, ``D`` the original one.
+
+    Initialisation (a model built from a config, before any weights are loaded):
+    BERT's, as Hugging Face's ``BertPreTrainedModel`` draws it: every weight
+    matrix and embedding table normal(0, 0.02), every bias 0, LayerNorm scales 1
+    and shifts 0, and the word-embedding row of ``pad_token_id`` 0; ``hidden_index``
+    is ``0, 1, ..., d − 1``. The draws come from torch's global generator, in
+    module order (seed it first for a reproducible model; scratch training does).
+    :meth:`reset_parameters` draws them again. Under ``torch.device("meta")``
+    nothing is drawn (loading assigns every tensor).
     """
 
     def __init__(self, config: Mapping):
@@ -92,7 +103,22 @@ class PrunedModel(nn.Module):
             self.head = ClassificationHead(d, cfg["original_hidden_size"], cfg["num_labels"])
         else:
             self.head = None
-        self.register_buffer("hidden_index", torch.zeros(d, dtype=torch.long))
+        self.register_buffer("hidden_index", torch.arange(d, dtype=torch.long))
+        self._zero_padding_row()  # the sublayers initialised themselves (modules.pruned._init)
+
+    @torch.no_grad()
+    def _zero_padding_row(self) -> None:
+        pad, table = self.config["pad_token_id"], self.embeddings.word_embeddings
+        if 0 <= pad < table.shape[0]:
+            table[pad].zero_()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw every parameter again with BERT's initialisation (see the class docstring)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self._zero_padding_row()
 
     # ------------------------------------------------------------------ forward
 
@@ -144,7 +170,9 @@ class PrunedModel(nn.Module):
         - ``"engine"``: the serving engine (DESIGN §7), forward only: the real tokens are
           packed (``[N_real, d]``), each sequence attends over its own tokens
           (:func:`~cofi_kernels.functional.varlen_attention`), each layer is one call of
-          :func:`~cofi_kernels.functional.pruned_layer` (compiled on the CPU), and a
+          :func:`~cofi_kernels.functional.pruned_layer` on the CPU (compiled) and runs
+          sublayer by sublayer on CUDA (Triton attention; an aligned copy's masked
+          LayerNorms, see :func:`cofi_kernels.serving.aligned_copy`), and a
           classification head's logits need each sequence's first token only, so from
           the last attention's output projection on only those rows are computed. Needs
           every sequence's first token to be real (right padding); ``ValueError`` otherwise.
@@ -173,18 +201,34 @@ class PrunedModel(nn.Module):
         return B, T
 
     def engine_applies(self, attention_mask=None, output_hidden_states: bool = False) -> bool:
-        """Whether ``backend="auto"`` runs the serving engine for these inputs: on the CPU, in
-        float32 or bfloat16, when no gradient is wanted (``torch.no_grad`` / ``inference_mode``,
-        or parameters without ``requires_grad``), without ``output_hidden_states``, and with
-        every sequence's first token real. Elsewhere (CUDA, float16, training) the reference runs."""
+        """Whether ``backend="auto"`` runs the serving engine for these inputs: when no gradient
+        is wanted (``torch.no_grad`` / ``inference_mode``, or parameters without
+        ``requires_grad``), without ``output_hidden_states``, with every sequence's first token
+        real, and
+
+        - on the CPU: float32 or bfloat16, not an aligned copy (the compiled layer has no
+          masked LayerNorm);
+        - on CUDA: float32, bfloat16 or float16, aligned copy or not, when the ``triton``
+          backend of :func:`~cofi_kernels.functional.varlen_attention` can run there
+          (Triton installed, not under ``TRITON_INTERPRET=1``).
+
+        Elsewhere (other devices, float16 on the CPU, training) the reference runs."""
         p = self.embeddings.word_embeddings
-        if output_hidden_states or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
+        if output_hidden_states or p.dtype not in SERVING_DTYPES.get(p.device.type, ()):
             return False
-        if getattr(self, "aligned_from", None) is not None:  # padded hidden dims: the reference's masked LayerNorm
+        if p.device.type == "cpu" and getattr(self, "aligned_from", None) is not None:
+            return False
+        if p.device.type == "cuda" and not self._triton_attention_runs(p):
             return False
         if torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters()):
             return False
         return attention_mask is None or bool(attention_mask[:, 0].all())
+
+    def _triton_attention_runs(self, p: torch.Tensor) -> bool:
+        """Whether every attention sublayer's varlen attention runs the ``triton`` backend on ``p``'s device."""
+        head_dim = self.config["head_dim"]
+        inputs = _backends.Inputs(p.device, p.dtype, head_dim)
+        return not _varlen_op.SPEC.backend("triton").not_supported_reasons(inputs)
 
     def _use_engine(self, backend: str, attention_mask, output_hidden_states: bool) -> bool:
         if backend not in ("auto", "reference", "engine"):
@@ -195,9 +239,11 @@ class PrunedModel(nn.Module):
         if backend == "engine" and attention_mask is not None and not bool(attention_mask[:, 0].all()):
             raise ValueError("PrunedModel: backend='engine' needs every sequence's first token to be real "
                              "(attention_mask[:, 0] all 1: right padding)")
-        if backend == "engine" and getattr(self, "aligned_from", None) is not None:
-            raise ValueError("PrunedModel: backend='engine' runs unpadded models; this is an aligned copy "
-                             "(serving.aligned_copy): use backend='reference' or the original model")
+        if (backend == "engine" and getattr(self, "aligned_from", None) is not None
+                and self.embeddings.word_embeddings.device.type == "cpu"):
+            raise ValueError("PrunedModel: backend='engine' on the CPU runs unpadded models; this is an aligned "
+                             "copy (serving.aligned_copy, meant for CUDA): use backend='reference' or the "
+                             "original model")
         return backend == "engine" or (backend == "auto" and self.engine_applies(attention_mask, output_hidden_states))
 
     def _pack(self, input_ids, attention_mask, token_type_ids) -> "_Packed":
@@ -217,7 +263,7 @@ class PrunedModel(nn.Module):
             ids, types, positions = input_ids.reshape(-1)[rows], token_type_ids.reshape(-1)[rows], positions.reshape(-1)[rows]
         cu_seqlens = torch.zeros(B + 1, dtype=torch.long, device=input_ids.device)
         torch.cumsum(lengths, 0, out=cu_seqlens[1:])
-        return _Packed(self.embeddings(ids, types, positions), cu_seqlens, rows)
+        return _Packed(self.embeddings.forward_packed(ids, types, positions), cu_seqlens, rows)
 
     def _run_packed(self, packed: "_Packed", *, first_only: bool) -> torch.Tensor:
         """The layers over packed rows; with ``first_only``, each sequence's first row ``[B, d]``."""

@@ -108,6 +108,17 @@ class PrunedEmbeddings(nn.Module):
         x = x + F.embedding(position_ids, self.position_embeddings)
         return residual_norm(self, x)
 
+    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                       position_ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` ids of each kind (packed real tokens) → ``[N, d]``: one pass of
+        :func:`cofi_kernels.functional.packed_embeddings` (the CPU kernel where it runs), or
+        :meth:`forward` when the LayerNorm is masked (an aligned copy's padded dims)."""
+        if getattr(self, "hidden_mask", None) is not None:
+            return self.forward(input_ids, token_type_ids, position_ids)
+        return functional.packed_embeddings(input_ids, position_ids, token_type_ids, self.word_embeddings,
+                                            self.position_embeddings, self.token_type_embeddings,
+                                            self.ln_weight, self.ln_bias, eps=self.eps)
+
 
 class PrunedAttention(_WithLinears):
     """Self-attention with ``heads`` heads (fused QKV), output projection and residual LayerNorm.
@@ -217,10 +228,17 @@ class PrunedLayer(nn.Module):
         """Packed tokens ``[N, d]`` (see :meth:`PrunedAttention.forward_packed`); with ``first_only``
         returns each sequence's first row ``[B, d]``, computing only those rows after the attention.
 
-        One call of :func:`cofi_kernels.functional.pruned_layer` (the compiled layer on the CPU),
-        unless a linear map is overridden (int8 serving): then sublayer by sublayer.
+        On the CPU, one call of :func:`cofi_kernels.functional.pruned_layer` (the compiled
+        layer). Sublayer by sublayer (the module's linear maps, :func:`~cofi_kernels.functional.varlen_attention`,
+        :func:`residual_norm`) on any other device (CUDA: Triton attention, cuBLAS GEMMs; no
+        device-to-host copy, so CUDA-graph safe), when a linear map is overridden (int8
+        serving), or when the sublayers carry a ``hidden_mask`` (an aligned copy: the compiled
+        layer has no masked LayerNorm).
         """
-        if not any(s.linear_overrides for s in (self.attention, self.ffn) if s is not None):
+        subs = [s for s in (self.attention, self.ffn) if s is not None]
+        one_call = (h.device.type == "cpu" and not any(s.linear_overrides for s in subs)
+                    and not any(getattr(s, "hidden_mask", None) is not None for s in subs))
+        if one_call:
             return functional.pruned_layer(h, cu_seqlens, *self._weights(), first_only=first_only,
                                            **self._shape_args())
         if self.attention is not None:

@@ -4,4 +4,12 @@ Importing this package registers them when the extension is loaded; without
 the extension it registers nothing and the reference backend still works.
 """
 
-from . import gated_attention, gated_ffn, gelu_gate, masked_layer_norm, pruned_layer, varlen_attention  # noqa: F401
+from . import (  # noqa: F401
+    gated_attention,
+    gated_ffn,
+    gelu_gate,
+    masked_layer_norm,
+    packed_embeddings,
+    pruned_layer,
+    varlen_attention,
+)

@@ -17,6 +17,7 @@ from .backends import OpSpec, reference_backend
 from .varlen_attention import serving_backend
 
 KERNELS = ("pruned_layer",)
+ROW_KERNELS = ("bias_activation_", "bias_residual_layer_norm_")
 
 # Activation name → the code the C++ op takes (csrc/cpu/pruned_layer.cpp, enum Activation).
 ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
@@ -41,8 +42,22 @@ def _fake(h, cu_seqlens, first_only, *rest):
     return h.new_empty(rows, h.shape[1])
 
 
+def bias_activation_(y, bias, activation: str) -> None:
+    """The layer's FFN epilogue on its own: ``y ← act(y + bias)`` in place (``y`` a contiguous
+    ``[rows, d]`` float32 / bfloat16 CPU tensor); the C++ row pass, for benchmarks and tests."""
+    torch.ops.cofi.bias_activation_(y, bias, ACTIVATION_CODES[activation])
+
+
+def bias_residual_layer_norm_(y, residual, bias, ln_weight, ln_bias, eps: float) -> None:
+    """The layer's other epilogue on its own: ``y ← LN(y + bias + residual)`` in place."""
+    torch.ops.cofi.bias_residual_layer_norm_(y, residual, bias, ln_weight, ln_bias, eps)
+
+
 if _extension.available():
     torch.library.register_fake("cofi::pruned_layer")(_fake)
+    # In place, nothing returned: the fake kernels only have to accept the arguments.
+    torch.library.register_fake("cofi::bias_activation_")(lambda y, bias, activation: None)
+    torch.library.register_fake("cofi::bias_residual_layer_norm_")(lambda y, residual, bias, w, b, eps: None)
 
 
 SPEC = OpSpec(

@@ -276,3 +276,21 @@ def pruned_layer(
             y = y + F.linear(act, ffn["out_weight"])
         h = F.layer_norm(y, (d,), ffn["ln_weight"], ffn["ln_bias"], eps)
     return h
+
+
+def packed_embeddings(
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    types: torch.Tensor,
+    word: torch.Tensor,
+    position_table: torch.Tensor,
+    type_table: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """BERT's embedding layer over packed tokens: ``LN(word[ids] + position_table[positions] +
+    type_table[types])`` with weight ``ln_weight`` and bias ``ln_bias``; ``[N]`` int64 indices
+    each, tables ``[rows, d]`` → ``[N, d]``."""
+    x = F.embedding(ids, word) + F.embedding(positions, position_table) + F.embedding(types, type_table)
+    return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)

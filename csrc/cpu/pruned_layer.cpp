@@ -5,8 +5,8 @@
 // first_only only each sequence's first row computed from the attention's
 // output projection on. GEMMs through ATen (MKL / oneDNN, AMX for bfloat16)
 // without bias; bias + activation and bias + residual + LayerNorm are one row
-// pass each, in place on the GEMM's output (the end-to-end serving benchmark
-// measures the layer against eager's composition).
+// pass each, in place on the GEMM's output, from the instruction set's build
+// of row_kernels.h (benchmarks/test_bench_row_ops.py times them against eager).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -15,6 +15,7 @@
 #include <vector>
 #include <optional>
 
+#include "row_kernels.h"
 #include "varlen_attention.h"
 #include "vec_rows.h"
 
@@ -23,86 +24,14 @@ namespace {
 
 constexpr const char* kLayer = "cofi::pruned_layer";
 
-// Activation codes of cofi::pruned_layer (cofi_kernels/ops/pruned_layer.py holds the names).
-enum Activation : int64_t { kGeluErf = 0, kGeluTanh = 1, kRelu = 2 };
-
-// A parameter of the layer: defined, on the CPU, of h's dtype and of the given shape.
-void check_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& h,
-                 std::initializer_list<int64_t> shape) {
-  TORCH_CHECK(t.has_value(), kLayer, ": ", name, " is required here");
-  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == h.scalar_type(), kLayer, ": ", name, " must be a ",
-              h.scalar_type(), " CPU tensor (as h), got ", t->scalar_type(), " on ", t->device());
-  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), kLayer, ": ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t->sizes());
-}
-
-// The GEMM epilogues, one pass over the rows each, in place on the GEMM's output, float32
-// arithmetic (at::vec: AVX2 in this build); they replace addmm's broadcast copy of the bias
-// and eager's separate add / layer_norm / gelu passes.
-
-// y <- LayerNorm(y + bias + residual) * w + b over each row.
-template <typename T>
-void bias_residual_norm_(T* y, const T* res, const T* bias, const T* w, const T* b, int64_t rows, int64_t d,
-                         float eps) {
-  at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
-    std::vector<float> scratch(5 * d);
-    float *v = scratch.data(), *cr = v + d;
-    const float* fbias = row_as_float(bias, cr + d, d);
-    const float* fw = row_as_float(w, cr + 2 * d, d);
-    const float* fb = row_as_float(b, cr + 3 * d, d);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* fy = row_as_float(y + r * d, v, d);
-      const float* fr = row_as_float(res + r * d, cr, d);
-      Vec acc(0.0f);
-      for_each_vec(d, [&](int64_t j, int64_t n) {
-        const Vec x = load(fy + j, n) + load(fbias + j, n) + load(fr + j, n);
-        store(x, v + j, n);
-        acc = acc + x;
-      });
-      const Vec mean(reduce_sum(acc) / static_cast<float>(d));
-      Vec sq(0.0f);
-      for_each_vec(d, [&](int64_t j, int64_t n) {
-        Vec c = load(v + j, n) - mean;
-        if (n < Vec::size()) c = Vec::set(Vec(0.0f), c, n);
-        sq = at::vec::fmadd(c, c, sq);
-      });
-      const Vec rstd(1.0f / std::sqrt(reduce_sum(sq) / static_cast<float>(d) + eps));
-      float* out = row_out_float(y + r * d, v);
-      for_each_vec(d, [&](int64_t j, int64_t n) {
-        store(at::vec::fmadd((load(v + j, n) - mean) * rstd, load(fw + j, n), load(fb + j, n)), out + j, n);
-      });
-      store_row(out, y + r * d, d);
-    }
-  });
-}
-
-// y <- act(y + bias) over each row.
-template <typename T>
-void bias_activation_(T* y, const T* bias, int64_t rows, int64_t d, int64_t activation) {
-  at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
-    std::vector<float> scratch(2 * d);
-    float* v = scratch.data();
-    const float* fbias = row_as_float(bias, v + d, d);
-    const Vec half(0.5f), one(1.0f), zero(0.0f), inv_sqrt2(static_cast<float>(M_SQRT1_2)),
-        k0(static_cast<float>(M_2_SQRTPI * M_SQRT1_2)), k1(0.044715f);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* fy = row_as_float(y + r * d, v, d);
-      float* out = row_out_float(y + r * d, v);
-      for_each_vec(d, [&](int64_t j, int64_t n) {
-        const Vec x = load(fy + j, n) + load(fbias + j, n);
-        Vec a;
-        if (activation == kRelu) {
-          a = at::vec::maximum(x, zero);
-        } else if (activation == kGeluTanh) {
-          a = half * x * (one + (k0 * at::vec::fmadd(k1 * x * x, x, x)).tanh());
-        } else {
-          a = half * x * (one + (x * inv_sqrt2).erf());
-        }
-        store(a, out + j, n);
-      });
-      store_row(out, y + r * d, d);
-    }
-  });
+// A parameter of op: defined, on the CPU, of the dtype of `like` (named like_name) and of the given shape.
+void check_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
+                 std::initializer_list<int64_t> shape, const char* op = kLayer, const char* like_name = "h") {
+  TORCH_CHECK(t.has_value(), op, ": ", name, " is required here");
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == like.scalar_type(), op, ": ", name, " must be a ",
+              like.scalar_type(), " CPU tensor (as ", like_name, "), got ", t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", at::IntArrayRef(shape),
+              ", got ", t->sizes());
 }
 
 template <typename Fn>
@@ -114,28 +43,68 @@ void for_dtype(const at::Tensor& t, const Fn& fn) {
   }
 }
 
+// y <- LayerNorm(y + bias + residual) in place (y contiguous, of residual's shape and dtype).
+void bias_residual_norm_inplace(at::Tensor& y, const at::Tensor& residual, const at::Tensor& bias,
+                                const at::Tensor& ln_w, const at::Tensor& ln_b, double eps) {
+  const at::Tensor res = residual.contiguous(), bc = bias.contiguous(), wc = ln_w.contiguous(), bb = ln_b.contiguous();
+  for_dtype(y, [&](auto tag) {
+    using T = decltype(tag);
+    row_kernels().of<T>().bias_residual_norm(y.data_ptr<T>(), res.const_data_ptr<T>(), bc.const_data_ptr<T>(),
+                                             wc.const_data_ptr<T>(), bb.const_data_ptr<T>(), y.size(0), y.size(1),
+                                             static_cast<float>(eps));
+  });
+}
+
+// y <- act(y + bias) in place (y contiguous).
+void bias_activation_inplace(at::Tensor& y, const at::Tensor& bias, int64_t activation) {
+  const at::Tensor bc = bias.contiguous();
+  for_dtype(y, [&](auto tag) {
+    using T = decltype(tag);
+    row_kernels().of<T>().bias_activation(y.data_ptr<T>(), bc.const_data_ptr<T>(), y.size(0), y.size(1), activation);
+  });
+}
+
 // LayerNorm(residual + x W^T + bias); x may be undefined (a sublayer with no head / unit left).
 at::Tensor project_add_norm(const at::Tensor& x, const std::optional<at::Tensor>& w, const at::Tensor& bias,
                             const at::Tensor& residual, const at::Tensor& ln_w, const at::Tensor& ln_b, double eps) {
   at::Tensor y = x.defined() ? at::mm(x, w->t()) : at::zeros_like(residual);
-  const at::Tensor res = residual.contiguous(), bc = bias.contiguous(), wc = ln_w.contiguous(), bb = ln_b.contiguous();
-  for_dtype(y, [&](auto tag) {
-    using T = decltype(tag);
-    bias_residual_norm_<T>(y.data_ptr<T>(), res.const_data_ptr<T>(), bc.const_data_ptr<T>(), wc.const_data_ptr<T>(),
-                           bb.const_data_ptr<T>(), y.size(0), y.size(1), static_cast<float>(eps));
-  });
+  bias_residual_norm_inplace(y, residual, bias, ln_w, ln_b, eps);
   return y;
 }
 
 // act(x W^T + bias) for the FFN's first GEMM.
 at::Tensor project_activate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t activation) {
   at::Tensor y = at::mm(x, w.t());
-  const at::Tensor bc = bias.contiguous();
-  for_dtype(y, [&](auto tag) {
-    using T = decltype(tag);
-    bias_activation_<T>(y.data_ptr<T>(), bc.const_data_ptr<T>(), y.size(0), y.size(1), activation);
-  });
+  bias_activation_inplace(y, bias, activation);
   return y;
+}
+
+// The epilogues as ops of their own (cofi::bias_activation_, cofi::bias_residual_layer_norm_), for
+// the per-pass benchmarks against eager: y must be a contiguous 2-d CPU tensor, the rest y's dtype.
+void check_rows(const at::Tensor& y, const char* op) {
+  TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && y.is_contiguous(), op,
+              ": y must be a contiguous 2-d CPU tensor, got shape ", y.sizes(), " on ", y.device());
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, op,
+              ": y must be float32 or bfloat16, got ", y.scalar_type());
+}
+
+void bias_activation_op(at::Tensor y, const at::Tensor& bias, int64_t activation) {
+  constexpr const char* op = "cofi::bias_activation_";
+  check_rows(y, op);
+  check_param(bias, "bias", y, {y.size(1)}, op, "y");
+  TORCH_CHECK(activation >= kGeluErf && activation <= kRelu, op, ": unknown activation code ", activation);
+  bias_activation_inplace(y, bias, activation);
+}
+
+void bias_residual_layer_norm_op(at::Tensor y, const at::Tensor& residual, const at::Tensor& bias,
+                                 const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+  constexpr const char* op = "cofi::bias_residual_layer_norm_";
+  check_rows(y, op);
+  check_param(residual, "residual", y, {y.size(0), y.size(1)}, op, "y");
+  check_param(bias, "bias", y, {y.size(1)}, op, "y");
+  check_param(ln_weight, "ln_weight", y, {y.size(1)}, op, "y");
+  check_param(ln_bias, "ln_bias", y, {y.size(1)}, op, "y");
+  bias_residual_norm_inplace(y, residual, bias, ln_weight, ln_bias, eps);
 }
 
 at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, bool first_only,
@@ -206,6 +175,10 @@ at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, b
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cofi, CPU, m) { m.impl("pruned_layer", &pruned_layer_cpu); }
+TORCH_LIBRARY_IMPL(cofi, CPU, m) {
+  m.impl("pruned_layer", &pruned_layer_cpu);
+  m.impl("bias_activation_", &bias_activation_op);
+  m.impl("bias_residual_layer_norm_", &bias_residual_layer_norm_op);
+}
 
 }  // namespace cofi::cpu

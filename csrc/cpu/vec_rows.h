@@ -1,6 +1,11 @@
 // Row helpers for the CPU kernels: rows are converted to float32 once, the
 // arithmetic runs on at::vec::Vectorized<float> (AVX2 when the build enables
-// it), and results are converted back to the activation dtype.
+// it, AVX-512 in the translation units built for it), and results are
+// converted back to the activation dtype.
+//
+// The helpers live in an inline namespace named by COFI_ISA, so that a
+// translation unit compiled for another instruction set
+// (row_kernels_avx512.cpp) gets its own copies rather than an ODR clash.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,7 +21,12 @@
 #include <cstring>
 #include <type_traits>
 
+#ifndef COFI_ISA
+#define COFI_ISA isa_base
+#endif
+
 namespace cofi::cpu {
+inline namespace COFI_ISA {
 
 using Vec = at::vec::Vectorized<float>;
 
@@ -111,4 +121,5 @@ inline void check_cpu_capability() {
 #endif
 }
 
+}  // namespace COFI_ISA
 }  // namespace cofi::cpu
