@@ -197,3 +197,19 @@ def test_run_loop_records_pass_fail_timeout_and_budget(tmp_path, monkeypatch, ca
     assert gc.main(["--out", str(out), "--budget", "0"]) == 0
     summary = (out / "gpu_check_Fake_GPU_1.md").read_text()
     assert summary.count("the overall budget of 0 s is spent") == 4 and "**PASS**" in summary
+
+
+def test_serving_gpu_tests_and_benchmark_have_their_own_steps(tmp_path):
+    """The serving GPU test files run whole in a step of their own, and the GPU serving benchmark
+    (the serving issue's open GPU figures) runs first of the benchmarks."""
+    steps = gc.plan(str(tmp_path / "out"), str(tmp_path))
+    names = [s.name for s in steps]
+    serving = steps[names.index("tests: serving GPU files whole")]
+    for f in ("tests/serving/test_varlen_triton.py", "tests/serving/test_cuda_serving.py"):
+        assert f in serving.argv
+        kernel_whole = steps[names.index("tests: Triton files whole")].argv
+        assert f not in kernel_whole
+        assert f"--ignore={f}" in steps[names.index('tests: -k "cuda or triton or gpu"')].argv
+    benches = [n for n in names if n.startswith("bench: ") and steps[names.index(n)].argv]
+    assert benches[0] == "bench: test_bench_serving_gpu.py"
+    assert steps[names.index(benches[0])].timeout == gc.BENCH_TIMEOUT["serving_gpu"]

@@ -5,7 +5,9 @@
 - :func:`quantize_int8`: int8 dynamic quantization of the linear layers on the CPU,
   through torch's own quantized ops (``quantized::linear_dynamic``);
 - :func:`aligned_copy`: the model padded to aligned hidden and FFN sizes, exactly
-  (LayerNorm statistics over the real dims), the GPU path's first step.
+  (LayerNorm statistics over the real dims); ``load_for_inference`` applies it on CUDA;
+- :class:`GraphedPrunedModel`: CUDA graphs per (batch, length bucket) for small
+  batches (``load_for_inference(..., cuda_graphs=True)``).
 
 The fast forward itself (token packing, one compiled call per layer) is
 ``PrunedModel.forward(..., backend="engine")``, the default in inference.
@@ -17,6 +19,8 @@ points to torchao). When torch removes them, int8 here must move with it.
 """
 
 from .aligned import aligned_copy
+from .cuda_graphs import GraphedPrunedModel
 from .precision import PRECISIONS, cpu_bf16_support, load_for_inference, quantize_int8
 
-__all__ = ["PRECISIONS", "aligned_copy", "cpu_bf16_support", "load_for_inference", "quantize_int8"]
+__all__ = ["PRECISIONS", "GraphedPrunedModel", "aligned_copy", "cpu_bf16_support", "load_for_inference",
+           "quantize_int8"]

@@ -10,9 +10,12 @@ zero weights and bias (GELU(0) = ReLU(0) = 0) and meet zero output columns,
 padded hidden dims stay 0 through every layer. Head counts need no padding
 (the head size, 32 or 64, is aligned already).
 
-Not yet wired into serving: ``load_for_inference`` does not call it, and CUDA
-graphs per (batch, length bucket) are not built; no GPU has run it. The CPU
-tests check the arithmetic: the padded model in float64 equals the original.
+``load_for_inference(..., device="cuda")`` applies it (multiple 8), and the
+engine runs aligned copies on CUDA (sublayer by sublayer, masked LayerNorms);
+on the CPU the compiled layer has no mask, so an aligned copy runs the
+reference there. The CPU tests check the arithmetic: the padded model in
+float64 equals the original, through the reference and through the packed
+sublayer-by-sublayer path. No GPU has run it yet.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def aligned_copy(model: PrunedModel, multiple: int = 8) -> PrunedModel:
     """A copy of ``model`` whose hidden size and FFN widths are multiples of ``multiple``.
 
     Same logits (and, over the first ``hidden_size`` dims, the same hidden states;
-    the padded dims are 0). The copy runs the reference forward (the CPU engine
-    takes unpadded models) and cannot be saved: save the original.
+    the padded dims are 0). On the CPU the copy runs the reference forward (the CPU
+    engine takes unpadded models), on CUDA the engine; it cannot be saved: save the original.
     """
     if not isinstance(model, PrunedModel):
         raise TypeError(f"aligned_copy: model must be a PrunedModel, got {type(model).__name__}")

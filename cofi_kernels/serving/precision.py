@@ -7,7 +7,8 @@ import warnings
 
 import torch
 
-from ..models.pruned_model import PrunedModel
+from ..models.pruned_model import PrunedModel, check_serving_dtype
+from .aligned import aligned_copy
 
 __all__ = ["PRECISIONS", "cpu_bf16_support", "load_for_inference", "quantize_int8"]
 
@@ -26,20 +27,54 @@ def cpu_bf16_support() -> str | None:
 
 
 def load_for_inference(directory: str | os.PathLike, *, precision: str = "fp32",
-                       device: str | torch.device = "cpu") -> PrunedModel:
+                       device: str | torch.device = "cpu", align: bool | None = None,
+                       cuda_graphs: bool = False):
     """A saved :class:`PrunedModel` ready to serve in ``precision`` on ``device``.
 
     ``precision``: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA only) or ``"int8"`` (CPU only:
-    :func:`quantize_int8`). Raises ``ValueError`` for an unknown precision or one the
-    device cannot run, and what :meth:`PrunedModel.from_pretrained` raises for a bad directory.
+    :func:`quantize_int8`). ``align``: pad the hidden size and FFN widths to multiples of 8
+    (:func:`~cofi_kernels.serving.aligned_copy`, exact; tensor-core GEMMs want aligned
+    sizes); None (default) = on CUDA only. The CPU engine runs unpadded models, so
+    ``align=True`` on the CPU is refused. ``cuda_graphs``: return a
+    :class:`~cofi_kernels.serving.cuda_graphs.GraphedPrunedModel` (CUDA only; one graph per
+    (batch, length bucket), for small batches) instead of the model; its ``.model`` is the model.
+
+    On CUDA the weights are read on the CPU in float32, padded there, and moved to the
+    device in the target dtype (the unpadded copy never occupies GPU memory).
+
+    Raises ``ValueError`` for an unknown precision or one the device cannot run, for
+    ``align=True`` or ``cuda_graphs=True`` on the CPU, and what
+    :meth:`PrunedModel.from_pretrained` raises for a bad directory.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if precision == "int8" and device.type != "cpu":
         raise ValueError(f"precision 'int8' runs on the CPU only (torch's quantized linear), got device {device}")
-    model = PrunedModel.from_pretrained(directory, device=device, dtype=PRECISIONS[precision])
-    return quantize_int8(model) if precision == "int8" else model
+    if align not in (None, True, False):
+        raise ValueError(f"align must be None, True or False, got {align!r}")
+    if align and device.type == "cpu":
+        raise ValueError("align=True pads the model for GPU GEMMs; the CPU engine runs unpadded models "
+                         "(use align=None or False on the CPU)")
+    if cuda_graphs not in (True, False):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs device='cuda', got device {device}")
+    if align is None:
+        align = device.type == "cuda"
+    if align:
+        check_serving_dtype(PRECISIONS[precision], device)
+        model = aligned_copy(PrunedModel.from_pretrained(directory, device="cpu", dtype=torch.float32), 8)
+        model = model.to(device=device, dtype=PRECISIONS[precision])
+    else:
+        model = PrunedModel.from_pretrained(directory, device=device, dtype=PRECISIONS[precision])
+    if precision == "int8":
+        return quantize_int8(model)
+    if cuda_graphs:
+        from .cuda_graphs import GraphedPrunedModel
+
+        return GraphedPrunedModel(model)
+    return model
 
 
 def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None):
