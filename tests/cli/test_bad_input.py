@@ -66,6 +66,21 @@ def prune(c, *extra, teacher=None, data=None, eval_data=None, out=None):
     return argv + ["--quiet", *extra]
 
 
+def scratch(c, *extra, architecture=None, data=None, budget=("--budget", "E")):
+    """`cofi prune --method scratch` of the pruned model's architecture (``budget``: its budget flags)."""
+    return ["prune", "--method", "scratch", "--architecture", architecture or c.pruned, "--data", data or c.train,
+            "--eval-data", c.eval, "--out", str(c.out), "--batch-size", "8", "--max-length", "16", "--quiet",
+            *budget, *extra]
+
+
+def without(c, source: str, name: str) -> str:
+    """A copy of the model directory ``source`` without its file ``name``."""
+    copy = c.tmp / "model_without"
+    shutil.copytree(source, copy)
+    os.remove(copy / name)
+    return str(copy)
+
+
 def evaluate(c, *extra, model=None, data=None):
     return ["eval", "--model", model or c.teacher, "--data", data or c.eval, *extra]
 
@@ -388,6 +403,38 @@ CASES = [
     Case("eval-int8-dense", lambda c: evaluate(c, "--precision", "int8"), r"precision 'int8' needs a pruned model"),
     Case("eval-fp16-on-cpu", lambda c: evaluate(c, "--precision", "fp16", model=c.pruned),
          r"'fp16' runs on a CUDA GPU only"),
+    # `cofi prune --method scratch` (issue 13): the architecture's files, the budget, the two starts.
+    Case("scratch-architecture-missing", lambda c: scratch(c, architecture=str(c.tmp / "nope")),
+         r"--architecture '.*nope' does not exist"),
+    Case("scratch-architecture-flag-missing", lambda c: ["prune", "--method", "scratch", "--out", str(c.out),
+                                                         "--budget", "E"], r"required: --architecture"),
+    Case("scratch-architecture-dense", lambda c: scratch(c, architecture=c.teacher),
+         r"--architecture .* has no cofi_config\.json, so it is not a pruned model"),
+    Case("scratch-architecture-without-run-json", lambda c: scratch(c, architecture=without(c, c.pruned, "run.json")),
+         r"--architecture .* has no run\.json; the scratch budget is the pruning run's epochs"),
+    Case("scratch-run-json-without-epochs",
+         lambda c: scratch(c, architecture=edited(c, c.pruned, "run.json", lambda r: r.update(config={"max_length": 16}))),
+         r"run\.json: records no epochs of the pruning run"),
+    Case("scratch-budget-missing", lambda c: scratch(c, budget=()), r"required: --budget"),
+    Case("scratch-budget-unknown", lambda c: scratch(c, budget=("--budget", "C")),
+         r"--budget: must be one of E, B, got 'C'"),
+    Case("scratch-init-unknown", lambda c: scratch(c, "--init", "zeros"),
+         r"--init: must be one of random, pretrained-slice, got 'zeros'"),
+    Case("scratch-slice-without-pretrained", lambda c: scratch(c, "--init", "pretrained-slice"),
+         r"prune: --init pretrained-slice needs --pretrained DIR"),
+    Case("scratch-pretrained-with-random-init", lambda c: scratch(c, "--pretrained", c.base),
+         r"prune: --pretrained is used with --init pretrained-slice only"),
+    Case("scratch-pretrained-fine-tuned", lambda c: scratch(c, "--init", "pretrained-slice", "--pretrained", c.teacher),
+         r"--pretrained .* holds a model written by `cofi finetune` or `cofi prune`"),
+    Case("scratch-slice-without-gates",
+         lambda c: scratch(c, "--init", "pretrained-slice", "--pretrained", c.base,
+                           architecture=without(c, c.pruned, "gates.safetensors")),
+         r"--architecture .* has no gates\.safetensors, which names the kept heads"),
+    Case("scratch-max-length", lambda c: scratch(c, "--max-length", "100"),
+         rf"prune: max_length must be in \[8, {TINY_POSITIONS}\].*got 100"),
+    Case("scratch-unknown-training-label", lambda c: scratch(c, data=labelled(c, "odd.jsonl", "weather")),
+         r"label 'weather' \(example 4\) is not one of the classes"),
+    Case("scratch-lr-0", lambda c: scratch(c, "--lr", "0"), r"prune: lr must be > 0"),
 ]
 
 
