@@ -66,6 +66,29 @@ def prune(c, *extra, teacher=None, data=None, eval_data=None, out=None):
     return argv + ["--quiet", *extra]
 
 
+def theseus(c, *extra, layers="2"):
+    """`cofi prune --method theseus` of the 4-layer tiny teacher (no --layers when ``layers`` is None)."""
+    argv = ["prune", "--method", "theseus", "--teacher", c.teacher, "--data", c.train, "--eval-data", c.eval,
+            "--out", str(c.out), "--batch-size", "8", "--max-length", "16", "--replace-epochs", "1", "--quiet"]
+    return argv + ([] if layers is None else ["--layers", layers]) + list(extra)
+
+
+def smp(c, *extra, model=None, structure=("--structured",)):
+    """`cofi prune --method smp` of the tiny pre-trained model (``structure``: its structure flags)."""
+    return ["prune", "--method", "smp", "--model", model or c.base, "--data", c.train, "--eval-data", c.eval,
+            "--out", str(c.out), "--remaining", "0.5", "--batch-size", "8", "--max-length", "16", "--epochs", "1",
+            "--schedule-epochs", "0.5", "--quiet", *structure, *extra]
+
+
+def other_vocabulary(c) -> str:
+    """A copy of the teacher whose tokenizer maps one word to another id."""
+    def swap(t):
+        vocab = t["model"]["vocab"]
+        vocab["money"], vocab["music"] = vocab["music"], vocab["money"]
+
+    return edited(c, c.teacher, "tokenizer.json", swap)
+
+
 def scratch(c, *extra, architecture=None, data=None, budget=("--budget", "E")):
     """`cofi prune --method scratch` of the pruned model's architecture (``budget``: its budget flags)."""
     return ["prune", "--method", "scratch", "--architecture", architecture or c.pruned, "--data", data or c.train,
@@ -403,6 +426,45 @@ CASES = [
     Case("eval-int8-dense", lambda c: evaluate(c, "--precision", "int8"), r"precision 'int8' needs a pruned model"),
     Case("eval-fp16-on-cpu", lambda c: evaluate(c, "--precision", "fp16", model=c.pruned),
          r"'fp16' runs on a CUDA GPU only"),
+    # `cofi prune --method theseus` (issue 13): the successor's depth and the replacing schedule.
+    Case("theseus-layers-not-a-divisor", lambda c: theseus(c, layers="3"),
+         r"theseus: --layers 3 does not divide the 4 layers of the teacher .*divisor of 4 \(1, 2, 4\)"),
+    Case("theseus-layers-0", lambda c: theseus(c, layers="0"), r"theseus: layers \(--layers\) must be >= 1"),
+    Case("theseus-layers-negative", lambda c: theseus(c, layers="-2"), r"layers \(--layers\) must be >= 1"),
+    Case("theseus-layers-deeper-than-teacher", lambda c: theseus(c, layers="8"),
+         r"theseus: --layers 8 is more than the 4 layers of the teacher"),
+    Case("theseus-layers-missing", lambda c: theseus(c, layers=None), r"required: --layers"),
+    Case("theseus-schedule-unknown", lambda c: theseus(c, "--schedule", "cosine"),
+         r"schedule \(--schedule\) must be one of linear, constant, got 'cosine'"),
+    Case("theseus-replace-rate-above-1", lambda c: theseus(c, "--replace-rate", "1.5"),
+         r"replace_rate \(--replace-rate\) must be in \[0, 1\], got 1.5"),
+    Case("theseus-slope-negative", lambda c: theseus(c, "--slope", "-0.01"), r"slope \(--slope\) must be >= 0"),
+    Case("theseus-constant-steps-negative", lambda c: theseus(c, "--schedule", "constant", "--constant-steps", "-3"),
+         r"constant_steps \(--constant-steps\) must be >= 0"),
+    Case("theseus-slope-with-constant-schedule", lambda c: theseus(c, "--schedule", "constant", "--slope", "0.1"),
+         r"slope \(--slope\) belongs to the linear schedule"),
+    Case("theseus-rate-full-at-0", lambda c: theseus(c, "--rate-full-at", "0"),
+         r"rate_full_at \(--rate-full-at\) must be in \(0, 1\]"),
+    # `cofi prune --method smp` (issue 13).
+    Case("smp-no-structure", lambda c: smp(c, structure=()),
+         r"--method smp needs exactly one of --structured .* or --unstructured"),
+    Case("smp-both-structures", lambda c: smp(c, structure=("--structured", "--unstructured")),
+         r"--method smp needs exactly one of --structured"),
+    Case("smp-model-flag-missing", lambda c: ["prune", "--method", "smp", "--out", str(c.out), "--remaining", "0.5",
+                                              "--structured"], r"required: --model"),
+    Case("smp-model-missing", lambda c: smp(c, model=str(c.tmp / "nope")), r"--model '.*nope' does not exist"),
+    Case("smp-model-without-config", lambda c: smp(c, model=str(c.empty_dir)), r"has no config\.json"),
+    *[Case(f"smp-remaining-{v}", lambda c, v=v: smp(c, "--remaining", v), r"--remaining.*(\(0, 1\)|number)")
+      for v in ("0", "1", "1.5", "nan")],
+    Case("smp-schedule-longer-than-run", lambda c: smp(c, "--schedule-epochs", "2"),
+         r"prune: schedule_epochs must be in \(0, epochs = 1.0\], got 2.0"),
+    Case("smp-lr-0", lambda c: smp(c, "--lr", "0"), r"prune: lr must be > 0, got 0.0"),
+    Case("smp-lambda-negative", lambda c: smp(c, "--lambda-max", "-1"), r"prune: lambda_max must be >= 0"),
+    Case("smp-max-length", lambda c: smp(c, "--max-length", "100"),
+         rf"prune: max_length must be in \[8, {TINY_POSITIONS}\].*got 100"),
+    Case("smp-teacher-other-vocabulary", lambda c: smp(c, "--teacher", other_vocabulary(c)),
+         r"--teacher .* has another vocabulary than --model"),
+    Case("smp-teacher-without-task-file", lambda c: smp(c, "--teacher", c.base), r"has no cofi_task\.json"),
     # `cofi prune --method scratch` (issue 13): the architecture's files, the budget, the two starts.
     Case("scratch-architecture-missing", lambda c: scratch(c, architecture=str(c.tmp / "nope")),
          r"--architecture '.*nope' does not exist"),

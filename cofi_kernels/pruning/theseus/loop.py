@@ -1,0 +1,366 @@
+"""BERT-of-Theseus (Xu et al., EMNLP 2020; DESIGN §8) on the one trainer.
+
+:func:`theseus_prune` compresses a fine-tuned n-layer classifier (the
+predecessor) into m layers (the successor) in two phases on one global step
+counter:
+
+1. **replace**: every step draws, for each of the m modules, one
+   Bernoulli(p_t) for the whole batch from the step's seeded generator; 1 runs
+   the module's successor layer, 0 its n/m predecessor layers. p_t follows the
+   linear schedule ``min(1, k·t + b)`` or the constant one (``b`` for S steps,
+   then 1) of :mod:`.schedule`; by default it reaches 1 at 60% of the phase.
+   The learning rate decays linearly from ``lr`` to 0 over the phase.
+2. **finetune**: the successor alone (p = 1) with its own AdamW, ``finetune_lr``
+   with a 10% warm-up then linear decay; the best evaluation's weights are kept.
+
+Only the successor layers train: embeddings, predecessor layers and the
+classification head have ``requires_grad`` off and never change. The loss is
+the task's cross-entropy (MSE for regression); ``distill`` adds
+``alpha_pred · KL(p_pred ‖ p_succ; T)·T²`` against the predecessor's
+predictions (computed once, in eval mode). Evaluation runs the successor only.
+
+The output directory holds a :class:`~cofi_kernels.models.pruned_model.PrunedModel`
+of m full layers (from the generic builder; realised sparsity counted against
+the predecessor), the tokenizer, ``cofi_task.json``, ``log.jsonl``,
+``run.json`` and ``shapes.png``. Runs resume exactly after a kill, as every
+run of :mod:`cofi_kernels.training.trainer`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...training.config import RunSettings, check_run_settings, documented, setting
+from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...training.distill import prediction_loss, task_loss
+from ...training.evaluation import autocast, evaluate, model_outputs
+from ...training.model_io import (
+    TASK_FILE,
+    check_max_length,
+    load_classifier,
+    load_tokenizer,
+    model_limits,
+    read_model_config,
+    read_task,
+    write_task,
+)
+from ...training.optim import decay_groups, linear_schedule, set_lr
+from ...training.trainer import (
+    Evaluation,
+    Phase,
+    RunDirectory,
+    RunError,
+    RunResult,
+    Trainer,
+    TrainerHooks,
+    clone_state,
+    run_fingerprint,
+)
+from .model import TheseusModel, successor_pruned_model
+from .schedule import SCHEDULES, ReplaceSchedule
+
+__all__ = ["TheseusConfig", "check_theseus_config", "check_layers", "theseus_prune"]
+
+WHERE = "theseus"
+
+
+@documented
+@dataclass
+class TheseusConfig(RunSettings):
+    """Settings of :func:`theseus_prune` (``cofi prune --method theseus``)."""
+
+    layers: int = setting(0, "m, the successor's depth: the teacher's n layers are cut into m modules of n/m "
+                             "consecutive layers (m must divide n)", required=True)
+    replace_epochs: float = setting(3.0, "the replacing phase (modules drawn between successor and predecessor)")
+    finetune_epochs: float = setting(2.0, "fine-tuning of the successor alone (p = 1) after the replacing phase")
+    schedule: str = setting("linear", "replacing-rate schedule: linear (p_t = min(1, k*t + b)) or constant "
+                                      "(p = b for S steps, then 1)", choices=SCHEDULES)
+    replace_rate: float = setting(0.3, "b in [0, 1]: the probability that a module runs its successor at the "
+                                       "first replacing step")
+    slope: float = setting(0.0, "k >= 0 of the linear schedule, per optimizer step (0: p reaches 1 after "
+                                "rate_full_at of the replacing steps)")
+    constant_steps: int = setting(0, "S >= 0 of the constant schedule (0: rate_full_at of the replacing steps)")
+    rate_full_at: float = setting(0.6, "in (0, 1]: where slope or constant_steps is 0, p reaches 1 after this "
+                                       "fraction of the replacing phase's steps")
+    lr: float = setting(1e-4, "AdamW learning rate of the successor in the replacing phase (linear decay to 0)")
+    finetune_lr: float = setting(1e-4, "peak AdamW learning rate of the successor-only fine-tuning (linear warm-up "
+                                       "over 10%, then linear decay)")
+    weight_decay: float = setting(0.0, "AdamW weight decay of the successor (not biases, LayerNorms)")
+    eval_every: int = setting(0, "evaluate the successor every N steps (0: twice per epoch) and at the end of each "
+                                 "phase; the fine-tuning phase keeps its best evaluation's weights")
+    distill: bool = setting(False, "add prediction distillation from the predecessor to the cross-entropy")
+    alpha_pred: float = setting(1.0, "weight of the prediction distillation (with --distill)")
+    temperature: float = setting(2.0, "temperature T of the prediction distillation (with --distill)")
+
+
+def check_theseus_config(cfg: TheseusConfig) -> None:
+    """Refuse bad settings (:class:`RunError` naming the setting): the shared checks, then Theseus' ranges.
+    The depth is checked against the teacher by :func:`check_layers`."""
+    check_run_settings(cfg, WHERE)
+    if cfg.layers < 1:
+        raise RunError(f"{WHERE}: layers (--layers) must be >= 1 (the successor's depth), got {cfg.layers}")
+    if cfg.schedule not in SCHEDULES:
+        raise RunError(f"{WHERE}: schedule (--schedule) must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if not 0.0 <= cfg.replace_rate <= 1.0:
+        raise RunError(f"{WHERE}: replace_rate (--replace-rate) must be in [0, 1], got {cfg.replace_rate}")
+    if cfg.slope < 0:
+        raise RunError(f"{WHERE}: slope (--slope) must be >= 0, got {cfg.slope}")
+    if cfg.constant_steps < 0:
+        raise RunError(f"{WHERE}: constant_steps (--constant-steps) must be >= 0, got {cfg.constant_steps}")
+    if cfg.schedule == "constant" and cfg.slope > 0:
+        raise RunError(f"{WHERE}: slope (--slope) belongs to the linear schedule; the constant schedule takes "
+                       "--constant-steps")
+    if cfg.schedule == "linear" and cfg.constant_steps > 0:
+        raise RunError(f"{WHERE}: constant_steps (--constant-steps) belongs to the constant schedule; the linear "
+                       "schedule takes --slope")
+    if not 0.0 < cfg.rate_full_at <= 1.0:
+        raise RunError(f"{WHERE}: rate_full_at (--rate-full-at) must be in (0, 1], got {cfg.rate_full_at}")
+    if not cfg.replace_epochs > 0:
+        raise RunError(f"{WHERE}: replace_epochs must be > 0, got {cfg.replace_epochs}")
+    if not cfg.finetune_epochs >= 0:
+        raise RunError(f"{WHERE}: finetune_epochs must be >= 0, got {cfg.finetune_epochs}")
+    for name in ("lr", "finetune_lr", "temperature"):
+        if not getattr(cfg, name) > 0:
+            raise RunError(f"{WHERE}: {name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "alpha_pred"):
+        if getattr(cfg, name) < 0:
+            raise RunError(f"{WHERE}: {name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def check_layers(layers: int, depth: int, teacher_dir: str) -> None:
+    """``layers`` (m) divides the teacher's ``depth`` (n): :class:`RunError` listing the divisors otherwise."""
+    divisors = ", ".join(str(d) for d in range(1, depth + 1) if depth % d == 0)
+    if layers > depth:
+        raise RunError(f"{WHERE}: --layers {layers} is more than the {depth} layers of the teacher {teacher_dir!r}; "
+                       f"choose a divisor of {depth} ({divisors})")
+    if depth % layers:
+        raise RunError(f"{WHERE}: --layers {layers} does not divide the {depth} layers of the teacher "
+                       f"{teacher_dir!r}; choose a divisor of {depth} ({divisors})")
+
+
+class _Plan:
+    """Step boundaries of the two phases (one global step counter) and the resolved schedule."""
+
+    def __init__(self, cfg: TheseusConfig, n: int):
+        spe = steps_per_epoch(n, cfg.batch_size)
+        self.replace_steps = max(1, math.ceil(cfg.replace_epochs * spe))
+        self.finetune_steps = math.ceil(cfg.finetune_epochs * spe)
+        self.total = self.replace_steps + self.finetune_steps
+        self.eval_every = cfg.eval_every or max(1, spe // 2)
+        self.schedule = ReplaceSchedule.resolve(cfg.schedule, cfg.replace_rate, cfg.slope, cfg.constant_steps,
+                                                cfg.rate_full_at, self.replace_steps)
+
+    def phases(self) -> list[Phase]:
+        phases = [Phase("replace", self.replace_steps, self.eval_every)]
+        if self.finetune_steps:
+            phases.append(Phase("finetune", self.finetune_steps, self.eval_every))
+        return phases
+
+
+def theseus_prune(
+    teacher_dir: str,
+    train: TextDataset,
+    eval_data: TextDataset,
+    out: str,
+    config: TheseusConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Compress the fine-tuned model in ``teacher_dir`` to ``config.layers`` layers by module replacing.
+
+    Args:
+        teacher_dir: a directory written by :func:`~cofi_kernels.training.finetune.finetune`
+            (a BERT/RoBERTa classifier with a ``cofi_task.json``): the predecessor.
+        train, eval_data: training data, and the data the successor is evaluated on
+            (the fine-tuning phase keeps its best state on it).
+        out: the run directory; at the end it holds the successor as a
+            :class:`~cofi_kernels.models.pruned_model.PrunedModel` (with the tokenizer
+            and ``cofi_task.json``), ``log.jsonl``, ``run.json`` and ``shapes.png``.
+        config: :class:`TheseusConfig` (``layers`` must be given).
+        resume: continue the unfinished run in ``out`` from its checkpoint.
+        progress: show a progress bar (loss, replacing rate p).
+
+    Returns:
+        The :class:`RunResult`: ``metrics`` is the fine-tuning phase's best
+        evaluation (without fine-tuning: the final successor's), ``extra`` holds
+        the realised ``sparsity``.
+
+    Raises:
+        DataError: unusable data.
+        RunError: bad settings (a ``layers`` that does not divide the teacher's
+            depth among them), an unusable teacher directory, ``out`` not empty
+            (without ``resume``), or a checkpoint of another run. Nothing is
+            written before these checks pass.
+    """
+    cfg = config or TheseusConfig()
+    check_theseus_config(cfg)
+    task = read_task(teacher_dir)
+    labels: LabelSpace = task["label_space"]
+    depth = read_model_config(teacher_dir).num_hidden_layers
+    check_layers(cfg.layers, depth, teacher_dir)
+    check_max_length(cfg.max_length, model_limits(teacher_dir)[1], WHERE)
+    tokenizer = load_tokenizer(teacher_dir)
+    train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
+    eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
+    fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir}, data={"train": train, "eval": eval_data},
+                                  method="theseus")
+    run = RunDirectory(out, fingerprint, resume, "prune")
+    device = torch.device(cfg.device)
+    model = _build_model(cfg, teacher_dir, labels, device)
+
+    plan = _Plan(cfg, len(train_enc))
+    hooks = _TheseusRun(cfg, plan, run, model, labels, train_enc, eval_enc, device)
+    trainer = Trainer(run, hooks, plan.phases(), train_enc, seed=cfg.seed, batch_size=cfg.batch_size,
+                      device=device, checkpoint_every=cfg.checkpoint_every, description="theseus")
+    trainer.fit(progress)
+
+    best = trainer.best.get("finetune")
+    metrics = best
+    if metrics is None:  # no fine-tuning phase: the replacing phase's last state is the model
+        metrics = evaluate(model, eval_enc, labels, device=device, bf16=cfg.bf16)
+    pruned = successor_pruned_model(model)
+    pruned.save_pretrained(run.out)
+    tokenizer.save_pretrained(run.out)
+    write_task(run.out, labels, cfg.max_length, "pruned")
+    _write_shapes(pruned, run.out)
+    summary = {
+        "kind": "prune",
+        "method": "theseus",
+        "best": best,
+        "metrics": metrics,
+        "modules": [list(range(j * model.ratio, (j + 1) * model.ratio)) for j in range(model.num_modules)],
+        "schedule": {**plan.schedule.to_json(), "full_at_step": plan.schedule.full_at_step(),
+                     "replace_steps": plan.replace_steps},
+        "sparsity": pruned.sparsity,
+        "parameters": pruned.num_parameters(),
+        "layer_shapes": pruned.layer_shapes(),
+        "steps": plan.total,
+        "seconds": trainer.seconds,
+        "config": fingerprint["config"],
+    }
+    run.finish(summary)
+    return RunResult(run.out, metrics, plan.total, trainer.seconds, {"sparsity": pruned.sparsity})
+
+
+def _write_shapes(pruned, out: str) -> None:
+    from ...models.plots import write_shapes_png
+
+    write_shapes_png(pruned, out)
+
+
+def _build_model(cfg: TheseusConfig, teacher_dir: str, labels: LabelSpace, device) -> TheseusModel:
+    """The predecessor (frozen) with its successor layers (trainable) on ``device``."""
+    net = load_classifier(teacher_dir)
+    if net.config.num_labels != labels.num_labels:
+        raise RunError(f"teacher {teacher_dir!r}: its head has {net.config.num_labels} output(s) but its "
+                       f"{TASK_FILE} lists {labels.num_labels}")
+    model = TheseusModel(net, cfg.layers).to(device)
+    # Only the successor trains: embeddings, predecessor layers and the head stay as fine-tuned.
+    model.requires_grad_(False)
+    model.successor.requires_grad_(True)
+    model.train()
+    return model
+
+
+class _TheseusRun(TrainerHooks):
+    """Theseus' hooks of the trainer: replacing and fine-tuning steps, successor-only evaluation."""
+
+    def __init__(self, cfg, plan: _Plan, run, model: TheseusModel, labels, train_enc, eval_enc, device):
+        self.cfg, self.plan, self.run, self.model = cfg, plan, run, model
+        self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
+        self.teacher_logits = None
+        # One optimizer per phase: the successor-only fine-tuning starts afresh, as the paper's separate run.
+        self.opt_replace = torch.optim.AdamW(decay_groups(model.successor, cfg.weight_decay), lr=cfg.lr)
+        self.opt_finetune = torch.optim.AdamW(decay_groups(model.successor, cfg.weight_decay), lr=cfg.finetune_lr)
+
+    def on_start(self, step: int) -> None:
+        """With ``distill``: the predecessor's logits for every training example, once (eval mode,
+        in index order with a fixed batch size, so a resumed run recomputes the same values)."""
+        if not self.cfg.distill:
+            return
+        rows = []
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.cfg.bf16):
+            for index in self.train_enc.in_order(64):
+                b = self.train_enc.batch(index, self.device)
+                rows.append(self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                       predecessor=True).logits.float().cpu())
+        self.model.train()
+        self.teacher_logits = torch.cat(rows)
+
+    # -- checkpoint: only the successor and the optimizers change -------------
+
+    def state_dict(self) -> dict:
+        return {"successor": self.model.successor.state_dict(), "opt_replace": self.opt_replace.state_dict(),
+                "opt_finetune": self.opt_finetune.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.successor.load_state_dict(state["successor"])
+        self.opt_replace.load_state_dict(state["opt_replace"])
+        self.opt_finetune.load_state_dict(state["opt_finetune"])
+
+    # -- steps ---------------------------------------------------------------
+
+    def rate(self, step: int) -> float:
+        """p of global step ``step`` (1 in the fine-tuning phase)."""
+        return self.plan.schedule.rate(step) if step < self.plan.replace_steps else 1.0
+
+    def train_step(self, phase: str, step: int, b: dict, index: list[int]) -> dict:
+        cfg, plan = self.cfg, self.plan
+        rec: dict = {}
+        if phase == "replace":
+            opt = self.opt_replace
+            set_lr(opt, cfg.lr * linear_schedule(step, plan.replace_steps, 0))
+            p = self.rate(step)
+            # One draw per module for the whole batch, from the generator the trainer seeded for this step.
+            use = torch.bernoulli(torch.full((self.model.num_modules,), p)).bool()
+            rec.update(replace_rate=p, successor=[int(x) for x in use.tolist()])
+        else:
+            opt = self.opt_finetune
+            k = step - plan.replace_steps
+            set_lr(opt, cfg.finetune_lr * linear_schedule(k, plan.finetune_steps, int(0.1 * plan.finetune_steps)))
+            use = None
+            rec["replace_rate"] = 1.0
+        self.model.train()
+        with autocast(self.device, cfg.bf16):
+            logits = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], use_successor=use).logits
+            loss = task_loss(logits, b["labels"])
+            rec["task"] = loss.item()
+            if cfg.distill:
+                t_logits = self.teacher_logits[index].to(self.device)
+                kd = prediction_loss(logits, t_logits, cfg.temperature)
+                rec["distill_pred"] = kd.item()
+                loss = loss + cfg.alpha_pred * kd
+        if loss.requires_grad:
+            loss.backward()
+        # else every module ran its (frozen) predecessor: nothing to train on this batch; AdamW skips
+        # parameters without a gradient, so the step changes nothing.
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec["loss"] = loss.item()
+        rec["lr"] = opt.param_groups[0]["lr"]
+        return rec
+
+    def postfix(self, phase: str, rec: dict) -> dict:
+        return {"loss": f"{rec['loss']:.4f}", "p": f"{rec['replace_rate']:.3f}"}
+
+    # -- evaluation and best state -------------------------------------------
+
+    def evaluate(self, phase: str, step: int) -> Evaluation:
+        m = evaluate(self.model, self.eval_enc, self.labels, device=self.device, bf16=self.cfg.bf16)
+        self.model.train()
+        # The replacing phase's evaluations are a record; the model kept is the fine-tuning phase's best.
+        return Evaluation({**m, "replace_rate": self.rate(step - 1)}, m, eligible=phase == "finetune")
+
+    def snapshot(self, phase: str) -> dict:
+        return clone_state(self.model.successor)
+
+    def end_phase(self, phase: str, best: dict | None, best_state: dict | None) -> bool:
+        if phase == "finetune" and best_state is not None:
+            self.model.successor.load_state_dict(best_state)
+            return True
+        return False
