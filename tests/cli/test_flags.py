@@ -66,6 +66,9 @@ def _changed_value(f):
         return d + 3, [str(d + 3)]
     if f.name == "target_sparsity":
         return 0.75, ["0.75"]
+    if isinstance(d, str) and f.metadata.get("choices"):  # a named choice (e.g. theseus' --schedule)
+        other = next(c for c in f.metadata["choices"] if c != d)
+        return other, [other]
     return d * 0.5 + 0.125, [repr(d * 0.5 + 0.125)]
 
 
