@@ -235,10 +235,16 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     else:
         from .models.arch import encoder_dims
         from .models.size import dense_encoder_size
+        from .training.model_io import weight_mask_counts
 
         d = encoder_dims(model.config)
         sparsity = 0.0
         encoder = dense_encoder_size(d.num_layers, d.num_heads, d.head_dim, d.intermediate_size, d.hidden_size)
+        counts = weight_mask_counts(model_dir)  # unstructured masks (smp), applied when the model was loaded
+        if counts is not None:
+            kind, dense = "masked", encoder
+            encoder -= counts[1] - counts[0]
+            sparsity = 1.0 - encoder / dense
     return {
         "model": model_dir,
         "kind": kind,

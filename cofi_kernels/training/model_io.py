@@ -6,6 +6,10 @@ weights file's header against the config (so a hand-edited config never makes
 us allocate a model it does not describe), and only then the weights. Weights
 are read from safetensors only; a directory holding only a pickle
 (``pytorch_model.bin``) is refused before anything is unpickled.
+
+A dense model directory may hold unstructured weight masks beside its weights
+(:data:`MASKS_FILE`, packed bits, written by ``cofi prune --method smp
+--unstructured``); :func:`load_classifier` applies them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from .paths import check_model_dir
 from .trainer import RunError, first_line, write_json
 
 TASK_FILE = "cofi_task.json"
+MASKS_FILE = "weight_masks.safetensors"  # unstructured masks beside a dense model (`cofi prune --method smp`)
+MASKS_FORMAT = "cofi-weight-masks"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -158,6 +164,8 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
         supported_model(model)
     except UnsupportedModelError as e:
         raise RunError(f"model directory {model_dir!r}: {e}") from None
+    if os.path.isfile(os.path.join(model_dir, MASKS_FILE)):
+        apply_weight_masks(model, read_weight_masks(model_dir))
     return model
 
 
@@ -218,3 +226,90 @@ def read_task(model_dir: str) -> dict:
 
 def write_task(directory: str, labels: LabelSpace, max_length: int, kind: str) -> None:
     write_json(os.path.join(directory, TASK_FILE), {**labels.to_json(), "max_length": max_length, "kind": kind})
+
+
+# ---------------------------------------------------------------------- weight masks (packed bits)
+
+
+def pack_bits(mask) -> "torch.Tensor":
+    """A bool tensor → uint8 ``[ceil(n/8)]``: its row-major entries 8 to a byte, the first in the
+    highest bit, the last byte padded with 0 bits (``numpy.packbits(mask.ravel())``'s layout)."""
+    import torch
+
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, shape) -> "torch.Tensor":
+    """The inverse of :func:`pack_bits`: a bool tensor of ``shape`` (``ValueError`` when ``packed`` is
+    not a 1-D uint8 tensor of ``ceil(n/8)`` bytes or its padding bits are not 0)."""
+    import torch
+
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"expected {(n + 7) // 8} packed bytes (uint8, 1-D) for shape {list(shape)}, got "
+                         f"{packed.dtype} of shape {list(packed.shape)}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = ((packed[:, None] >> shifts) & 1).reshape(-1)
+    if bool(bits[n:].any()):
+        raise ValueError("the padding bits after the last mask entry are not 0")
+    return bits[:n].bool().view(*shape)
+
+
+def write_weight_masks(path: str, masks: dict) -> None:
+    """Save ``{parameter name: bool mask}`` to ``path`` as packed bits (safetensors, no pickle):
+    one uint8 tensor per name (:func:`pack_bits`), the shapes in the file's metadata."""
+    from safetensors.torch import save_file
+
+    shapes = {name: list(m.shape) for name, m in masks.items()}
+    tensors = {name: pack_bits(m.detach().cpu()) for name, m in masks.items()}
+    save_file(tensors, path, metadata={"format": MASKS_FORMAT, "version": "1", "shapes": json.dumps(shapes)})
+
+
+def read_weight_masks(model_dir: str) -> dict:
+    """``{parameter name: bool mask}`` from the :data:`MASKS_FILE` of ``model_dir`` (:class:`RunError`
+    naming the file when it is not such a file)."""
+    from safetensors import safe_open
+
+    path = os.path.join(model_dir, MASKS_FILE)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != MASKS_FORMAT:
+                raise ValueError(f"its metadata does not name the format {MASKS_FORMAT!r}")
+            shapes = json.loads(meta["shapes"])
+            if set(shapes) != set(f.keys()):
+                raise ValueError("its metadata's shapes do not list exactly its tensors")
+            return {name: unpack_bits(f.get_tensor(name), shapes[name]) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own types for a truncated or foreign file
+        raise RunError(f"{path}: not a weight-mask file ({first_line(e)})") from None
+
+
+def apply_weight_masks(model, masks: dict) -> None:
+    """Zero the entries of ``model``'s parameters where ``masks`` (name → bool mask of the
+    parameter's shape) is False (:class:`RunError` for a name or shape the model does not have)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, m in masks.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(m.shape):
+                got = "no such parameter" if p is None else f"the parameter has shape {list(p.shape)}"
+                raise RunError(f"{MASKS_FILE}: mask {name!r} of shape {list(m.shape)} does not fit the model "
+                               f"({got})")
+            p.mul_(m.to(device=p.device, dtype=p.dtype))
+
+
+def weight_mask_counts(model_dir: str) -> tuple[int, int] | None:
+    """``(kept, total)`` entries of the masked weights of ``model_dir``, or None without a :data:`MASKS_FILE`."""
+    if not os.path.isfile(os.path.join(model_dir, MASKS_FILE)):
+        return None
+    masks = read_weight_masks(model_dir)
+    return sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())

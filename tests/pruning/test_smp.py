@@ -1,0 +1,380 @@
+"""Static model pruning (SMP) on tiny random models: the straight-through gradient, exact kept counts,
+frozen weights, the exact structured compaction, packed-bit masks, resume, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cofi_kernels import cli
+from cofi_kernels.models.pruned_model import PrunedModel
+from cofi_kernels.pruning.static import loop as sl
+from cofi_kernels.pruning.static import scores as sc
+from cofi_kernels.training import model_io
+from cofi_kernels.training import trainer as tr
+from cofi_kernels.training.data import Encoded, LabelSpace
+from tests.training_support import Killed, files_equal_tensors, kill_at, read_log, strip_times
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# 48 examples, batch 8: 6 steps an epoch; the schedule reaches v_f after 6 steps, the run ends after 12.
+FAST_SMP = dict(remaining=0.3, epochs=2.0, schedule_epochs=1.0, batch_size=8, max_length=16, checkpoint_every=3,
+                eval_every=2, lr=5e-2, head_lr=1e-2, lambda_max=2.0)
+LABELS = LabelSpace.from_labels(["money", "music", "sport"])
+
+
+def _masked(base_dir, structured: bool) -> sc.MaskedClassifier:
+    model = model_io.load_classifier(base_dir, LABELS)
+    return sc.MaskedClassifier(model, structured=structured)
+
+
+def _random_scores(masked: sc.MaskedClassifier) -> None:
+    with torch.no_grad():
+        for s in masked.scores:
+            s.normal_()
+
+
+def _batch(vocab: int = 30000, B: int = 5, T: int = 12) -> dict:
+    ids = torch.randint(1000, vocab, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 7:] = 0  # padding in one row
+    mask[3, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, base_dir, toy):
+    """One finished structured and one unstructured run on the toy data."""
+    root = tmp_path_factory.mktemp("smp")
+    out = {}
+    for structured in (True, False):
+        d = str(root / ("structured" if structured else "unstructured"))
+        sl.smp_prune(base_dir, *toy, d, sl.SMPConfig(**FAST_SMP), structured=structured, progress=False)
+        out[structured] = d
+    return out
+
+
+# ---------------------------------------------------------------------- masks and the estimator
+
+
+def test_top_count_mask_keeps_exactly_k_largest_with_ties_to_the_lower_index():
+    for trial in range(20):
+        n = random.randint(1, 300)
+        # Few distinct values: many ties.
+        s = torch.randint(-3, 4, (n,)).float() if trial % 2 else torch.randn(n)
+        for k in {0, 1, n // 3, n // 2, n - 1, n}:
+            got = sc.top_count_mask(s.view(1, n), k).view(n)
+            order = sorted(range(n), key=lambda i: (-float(s[i]), i))  # largest first, lower index first
+            want = torch.zeros(n, dtype=torch.bool)
+            want[order[:k]] = True
+            assert torch.equal(got, want), (n, k)
+
+
+def test_kept_count_rounds_half_up_without_float_trouble():
+    assert sc.kept_count(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996
+    assert sc.kept_count(0.1, 12) == 1 and sc.kept_count(0.125, 12) == 2 and sc.kept_count(0.1, 4) == 0
+    assert sc.kept_count(1.0, 7) == 7
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_straight_through_gradient_is_the_masked_products_gradient_times_w(base_dir, structured):
+    """∂L/∂S = (∂L/∂W') ⊙ W, with ∂L/∂W' from autograd of the model run on W' = M ⊙ W as leaves."""
+    masked = _masked(base_dir, structured)
+    _random_scores(masked)
+    masked.remaining = 0.4
+    masked.eval()  # no dropout: both passes see the same function
+    b = _batch(masked.model.config.vocab_size)
+    upstream = torch.randn(b["input_ids"].shape[0], LABELS.num_labels)
+    (masked(**b).logits * upstream).sum().backward()
+    masks = masked.masks()
+    leaves = {t.name: (m * w).detach().requires_grad_(True)
+              for t, m, w in zip(masked.targets, masks, masked.weights())}
+    out = torch.func.functional_call(masked.model, leaves, args=(), kwargs=b).logits
+    (out * upstream).sum().backward()
+    for t, s, w in zip(masked.targets, masked.scores, masked.weights()):
+        want = leaves[t.name].grad * w
+        assert want.abs().max() > 0, t.name  # the comparison has something to compare
+        torch.testing.assert_close(s.grad, want, rtol=1e-5, atol=1e-8, msg=t.name)
+        assert w.grad is None
+
+
+def test_straight_through_function_alone():
+    s = torch.zeros(6, 5, requires_grad=True)
+    w, m = torch.randn(6, 5), (torch.rand(6, 5) > 0.5).float()
+    g = torch.randn(6, 5)
+    out = sc.StraightThroughMask.apply(s, w, m)
+    assert torch.equal(out, w * m)
+    out.backward(g)
+    assert torch.equal(s.grad, g * w)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_kept_count_per_matrix_is_exactly_the_scheduled_one(base_dir, structured):
+    masked = _masked(base_dir, structured)
+    _random_scores(masked)
+    H, dh, I = masked.num_heads, masked.head_dim, masked.intermediate_size
+    T_s = 10
+    for step in (0, 1, 3, 6, 9, 10, 15):
+        v = sc.remaining_fraction(step, 0.2, T_s)
+        assert v == pytest.approx(0.2 + 0.8 * (1 - min(step, T_s) / T_s) ** 3)
+        for t, m in zip(masked.targets, masked.masks(v)):
+            if not structured:
+                assert int(m.sum()) == sc.kept_count(v, m.numel()), (step, t)
+                continue
+            heads, units = sc.kept_count(v, H), sc.kept_count(v, I)
+            per_row = {"query": heads * dh * m.shape[1], "key": heads * dh * m.shape[1],
+                       "value": heads * dh * m.shape[1], "attn_out": heads * dh * m.shape[0],
+                       "ffn_in": units * m.shape[1], "ffn_out": units * m.shape[0]}[t.kind]
+            assert int(m.sum()) == per_row, (step, t)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_the_run_masks_every_step_at_its_scheduled_count(tmp_path, monkeypatch, base_dir, toy, structured):
+    """Inside a real run: each training forward's masks hold exactly kept_count(v(t), n) entries
+    (per matrix, or per layer's heads and units) with v(t) of the cubic schedule."""
+    seen = []
+    original = sc.MaskedClassifier.masks
+
+    def spy(self, v=None):
+        out = original(self, v)
+        if self.training:
+            seen.append((self.remaining, [int(m.sum()) for m in out]))
+        return out
+
+    monkeypatch.setattr(sc.MaskedClassifier, "masks", spy)
+    cfg = sl.SMPConfig(**FAST_SMP)
+    sl.smp_prune(base_dir, *toy, str(tmp_path / "run"), cfg, structured=structured, progress=False)
+    monkeypatch.undo()
+    plan = sl.SMPPlan(cfg, len(toy[0]))
+    assert len(seen) == plan.total
+    masked = _masked(base_dir, structured)
+    for step, (v, counts) in enumerate(seen):
+        assert v == sc.remaining_fraction(step, cfg.remaining, plan.schedule_steps)
+        _random_scores(masked)
+        assert counts == [int(m.sum()) for m in masked.masks(v)], step  # counts depend on v only
+    steps = [r for r in read_log(str(tmp_path / "run")) if r["event"] == "step"]
+    assert [r["remaining"] for r in steps] == [v for v, _ in seen]
+    assert [r["lambda"] for r in steps] == [sc.regulariser_weight(t, cfg.lambda_max, plan.total)
+                                           for t in range(plan.total)]
+
+
+def test_schedules_start_and_end_where_the_formulas_say():
+    assert sc.remaining_fraction(0, 0.1, 50) == 1.0
+    assert sc.remaining_fraction(50, 0.1, 50) == pytest.approx(0.1)
+    assert sc.remaining_fraction(80, 0.1, 50) == pytest.approx(0.1)
+    assert sc.remaining_fraction(25, 0.1, 50) == pytest.approx(0.1 + 0.9 * 0.125)
+    assert sc.regulariser_weight(0, 400.0, 100) == 0.0
+    assert sc.regulariser_weight(100, 400.0, 100) == pytest.approx(400.0)
+    assert sc.regulariser_weight(50, 400.0, 100) == pytest.approx(400.0 * (1 - 0.125))
+
+
+# ---------------------------------------------------------------------- runs
+
+
+def test_frozen_weights_are_bitwise_unchanged_and_scores_and_head_train(runs, base_dir):
+    from safetensors.torch import load_file
+
+    base = load_file(os.path.join(base_dir, "model.safetensors"))
+    saved = load_file(os.path.join(runs[False], "model.safetensors"))
+    encoder = {k: v for k, v in saved.items() if not k.startswith("classifier.")}
+    compared = 0
+    for k, v in encoder.items():
+        ref = base.get(k.removeprefix("bert."))
+        if ref is not None:
+            assert torch.equal(v, ref), k
+            compared += 1
+    assert compared == len(base)  # every pre-trained tensor is in the output, unchanged
+    # The head did train (it starts from a seeded random init) and the masks are not the all-first entries.
+    torch.manual_seed(FAST_SMP.get("seed", 0))
+    fresh = model_io.load_classifier(base_dir, LABELS)
+    assert not torch.equal(fresh.classifier.weight, saved["classifier.weight"])
+    masks = model_io.read_weight_masks(runs[False])
+    m = masks["bert.encoder.layer.0.attention.self.query.weight"].reshape(-1)
+    k = int(m.sum())
+    assert not bool(m[:k].all())  # 0-scores would keep the first k entries (ties to the lower index)
+
+
+def test_in_memory_training_leaves_the_models_tensors_alone(base_dir, toy):
+    """The model's own parameters (not just the saved file) are bitwise the same after steps."""
+    masked = _masked(base_dir, structured=False)
+    before = {k: v.clone() for k, v in masked.model.state_dict().items() if not k.startswith("classifier.")}
+    plan = sl.SMPPlan(sl.SMPConfig(**FAST_SMP), 48)
+    enc = Encoded(toy[0], LABELS, model_io.load_tokenizer(base_dir), 16)
+    hooks = sl._SMPRun(sl.SMPConfig(**FAST_SMP), plan, None, masked, None, LABELS, enc, enc, torch.device("cpu"))
+    for step in range(4):
+        index = list(range(step * 8, step * 8 + 8))
+        hooks.train_step("prune", step, enc.batch(index), index)
+    after = masked.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(float(s.detach().abs().max()) > 0 for s in masked.scores)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("v", [0.5, 0.1])
+def test_structured_compaction_equals_the_masked_model(tmp_path, kind, v):
+    """Logits of the PrunedModel built from the kept heads and units equal the masked model's (≤ 1e-5);
+    v = 0.1 keeps 0 of 4 heads per layer (a sublayer of bias + LayerNorm)."""
+    from tests.training_support import tiny_bert_dir
+
+    d = tiny_bert_dir(tmp_path / "m", seed=3, kind=kind)
+    masked = _masked(d, structured=True)
+    _random_scores(masked)
+    with torch.no_grad():
+        for p in masked.model.classifier.parameters():
+            p.normal_()
+    masked.remaining = v
+    masked.eval()
+    pruned = sl._compact(masked)
+    heads, units = masked.kept_units()
+    assert [s["heads"] for s in pruned.layer_shapes()] == heads.sum(1).tolist()
+    assert [s["ffn_width"] for s in pruned.layer_shapes()] == units.sum(1).tolist()
+    b = _batch(masked.model.config.vocab_size)
+    with torch.no_grad():
+        want = masked(**b).logits
+        for backend in ("reference", "auto"):
+            got = pruned(b["input_ids"], b["attention_mask"], b["token_type_ids"], backend=backend)
+            assert (got - want).abs().max() <= 1e-5, backend
+    # And the masked model is not the dense one (the comparison is not vacuous).
+    with torch.no_grad():
+        dense = masked.model(**b).logits
+    assert (dense - want).abs().max() > 1e-3
+
+
+def test_structured_output_loads_evaluates_and_predicts(runs, toy, tmp_path, capsys):
+    out = runs[True]
+    run = json.load(open(os.path.join(out, tr.RUN_FILE)))
+    model = PrunedModel.from_pretrained(out)
+    assert run["sparsity"] == pytest.approx(model.sparsity)
+    assert [s["heads"] for s in model.layer_shapes()] == [sc.kept_count(0.3, 4)] * 4
+    assert [s["ffn_width"] for s in model.layer_shapes()] == [sc.kept_count(0.3, 64)] * 4
+    with open(os.path.join(out, "shapes.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The run's best evaluation (on toy[1]) is what `cofi eval` measures on the saved model.
+    result = cli.evaluate_dir(out, toy[1], repeats=1)
+    assert result["kind"] == "pruned"
+    assert result["accuracy"] == pytest.approx(run["best"]["accuracy"])
+    assert result["sparsity"] == pytest.approx(run["sparsity"])
+    from tests.training_support import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in toy[1].texts])
+    assert cli.main(["predict", "--model", out, "--data", data, "--out", str(tmp_path / "p.jsonl"), "--quiet"]) == 0
+    assert len(open(tmp_path / "p.jsonl").readlines()) == len(toy[1])
+
+
+def test_unstructured_output_is_evaluated_with_its_masks(runs, toy, base_dir):
+    out = runs[False]
+    run = json.load(open(os.path.join(out, tr.RUN_FILE)))
+    masks = model_io.read_weight_masks(out)
+    assert len(masks) == 6 * 4
+    for name, m in masks.items():
+        assert int(m.sum()) == sc.kept_count(0.3, m.numel()) == run["kept_per_matrix"][name]
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert run["sparsity"] == pytest.approx(1 - kept / sum(m.numel() for m in masks.values()))
+    # load_classifier applies them: the loaded weights are zero exactly where the masks are.
+    model = model_io.load_classifier(out)
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        assert torch.equal(params[name] != 0, m), name
+    result = cli.evaluate_dir(out, toy[1], repeats=1)
+    assert result["kind"] == "masked"
+    assert result["accuracy"] == pytest.approx(run["best"]["accuracy"])
+    assert result["sparsity"] == pytest.approx(run["sparsity"])
+    assert result["encoder_parameters"] == kept
+
+
+# ---------------------------------------------------------------------- packed bits
+
+
+@pytest.mark.parametrize("shape", [(1,), (8,), (9,), (7, 13), (3, 8), (2, 3, 5)])
+def test_packed_bits_match_numpy_packbits_and_round_trip(shape):
+    m = torch.rand(shape) > 0.5
+    packed = model_io.pack_bits(m)
+    assert packed.dtype == torch.uint8
+    assert np.array_equal(packed.numpy(), np.packbits(m.numpy().ravel()))
+    assert torch.equal(model_io.unpack_bits(packed, shape), m)
+
+
+def test_mask_file_round_trip_and_refusals(tmp_path):
+    masks = {"a.weight": torch.rand(5, 11) > 0.3, "b.weight": torch.rand(16, 3) > 0.7}
+    model_io.write_weight_masks(str(tmp_path / model_io.MASKS_FILE), masks)
+    back = model_io.read_weight_masks(str(tmp_path))
+    assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) for k in masks)
+    assert model_io.weight_mask_counts(str(tmp_path)) == (sum(int(m.sum()) for m in masks.values()), 55 + 48)
+    # A padding bit set: refused, naming the file.
+    from safetensors.torch import save_file
+
+    bad = model_io.pack_bits(torch.ones(5, 11, dtype=torch.bool))
+    bad[-1] = 255
+    save_file({"a.weight": bad}, str(tmp_path / model_io.MASKS_FILE),
+              metadata={"format": model_io.MASKS_FORMAT, "version": "1", "shapes": json.dumps({"a.weight": [5, 11]})})
+    with pytest.raises(tr.RunError, match=r"weight_masks\.safetensors: not a weight-mask file .*padding bits"):
+        model_io.read_weight_masks(str(tmp_path))
+    save_file({"a.weight": bad}, str(tmp_path / model_io.MASKS_FILE))
+    with pytest.raises(tr.RunError, match="not a weight-mask file"):
+        model_io.read_weight_masks(str(tmp_path))
+    with pytest.raises(tr.RunError, match="does not fit the model"):
+        model_io.apply_weight_masks(torch.nn.Linear(3, 4), {"weight": torch.ones(4, 4, dtype=torch.bool)})
+
+
+# ---------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("structured, at", [(False, 4), (True, 8)])
+def test_killed_run_resumes_to_a_bitwise_identical_result(tmp_path, monkeypatch, runs, base_dir, toy, structured, at):
+    out = str(tmp_path / "run")
+    cfg = sl.SMPConfig(**FAST_SMP)
+    with monkeypatch.context() as m:
+        kill_at(m, sl._SMPRun, "train_step", at)
+        with pytest.raises(Killed):
+            sl.smp_prune(base_dir, *toy, out, cfg, structured=structured, progress=False)
+    assert os.path.isfile(os.path.join(out, tr.CHECKPOINT_DIR, tr.CHECKPOINT_FILE))
+    assert not os.path.exists(os.path.join(out, tr.RUN_FILE))
+    sl.smp_prune(base_dir, *toy, out, cfg, structured=structured, resume=True, progress=False)
+    ref = runs[structured]
+    names = [sl.STRUCTURE_FILE, "model.safetensors"] if structured else [model_io.MASKS_FILE, "model.safetensors"]
+    for name in names:
+        assert files_equal_tensors(os.path.join(ref, name), os.path.join(out, name)), name
+    a, b = (json.load(open(os.path.join(d, tr.RUN_FILE))) for d in (ref, out))
+    assert a["best"] == b["best"] and a["sparsity"] == b["sparsity"]
+    assert strip_times(read_log(ref)) == strip_times(read_log(out))
+
+
+def test_resume_refuses_another_structure(tmp_path, monkeypatch, base_dir, toy):
+    out = str(tmp_path / "run")
+    cfg = sl.SMPConfig(**FAST_SMP)
+    with monkeypatch.context() as m:
+        kill_at(m, sl._SMPRun, "train_step", 5)
+        with pytest.raises(Killed):
+            sl.smp_prune(base_dir, *toy, out, cfg, structured=False, progress=False)
+    with pytest.raises(tr.RunError, match="another run.*structured"):
+        sl.smp_prune(base_dir, *toy, out, cfg, structured=True, resume=True, progress=False)
+
+
+# ---------------------------------------------------------------------- teacher and command line
+
+
+def test_teacher_distillation_mixes_ce_and_kl(tmp_path, base_dir, teacher_dir, toy):
+    out = str(tmp_path / "kd")
+    cfg = sl.SMPConfig(**{**FAST_SMP, "epochs": 0.5, "schedule_epochs": 0.5})
+    sl.smp_prune(base_dir, *toy, out, cfg, structured=True, teacher_dir=teacher_dir, progress=False)
+    steps = [r for r in read_log(out) if r["event"] == "step"]
+    for r in steps:
+        want = 0.5 * r["task"] + 0.5 * r["distill"] + r["lambda"] * r["regulariser"]
+        assert r["loss"] == pytest.approx(want, rel=1e-5)
+    assert any(r["distill"] > 0 for r in steps)
+
+
+def test_help_lists_smps_flags_only(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--method", "smp", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--teacher", "--structured", "--unstructured", "--remaining", "--schedule-epochs",
+                 "--lambda-max", "--head-lr", "--alpha-ce", "--alpha-distil"):
+        assert flag in text, flag
+    for flag in ("--target-sparsity", "--student", "--no-distill", "--prune-epochs", "--finetune-lr", "--reg-lr"):
+        assert flag not in text, flag
