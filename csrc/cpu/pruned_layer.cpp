@@ -9,7 +9,11 @@
 // of row_kernels.h (benchmarks/test_bench_row_ops.py times them against eager).
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include <cmath>
 #include <vector>
@@ -107,6 +111,94 @@ void bias_residual_layer_norm_op(at::Tensor y, const at::Tensor& residual, const
   bias_residual_norm_inplace(y, residual, bias, ln_weight, ln_bias, eps);
 }
 
+// The weights of one layer (checked by pruned_layer_cpu) and its settings.
+struct LayerArgs {
+  const std::optional<at::Tensor>&qkv_weight, &qkv_bias, &attn_out_weight, &attn_out_bias, &attn_ln_weight,
+      &attn_ln_bias, &ffn_in_weight, &ffn_in_bias, &ffn_out_weight, &ffn_out_bias, &ffn_ln_weight, &ffn_ln_bias;
+  int64_t heads, head_dim, activation;
+  double eps;
+};
+
+void check_layer(const at::Tensor& h, const LayerArgs& a) {
+  const int64_t d = h.size(1);
+  if (a.attn_out_bias.has_value()) {
+    for (const auto& [t, name] : {std::pair{&a.attn_out_bias, "attn_out_bias"}, {&a.attn_ln_weight, "attn_ln_weight"},
+                                  {&a.attn_ln_bias, "attn_ln_bias"}}) {
+      check_param(*t, name, h, {d});
+    }
+    if (a.heads > 0) {
+      check_param(a.qkv_weight, "qkv_weight", h, {3 * a.heads * a.head_dim, d});
+      check_param(a.qkv_bias, "qkv_bias", h, {3 * a.heads * a.head_dim});
+      check_param(a.attn_out_weight, "attn_out_weight", h, {d, a.heads * a.head_dim});
+    } else {
+      TORCH_CHECK(!a.qkv_weight.has_value() && !a.attn_out_weight.has_value(), kLayer,
+                  ": heads is 0 but qkv_weight / attn_out_weight are given");
+    }
+  }
+  if (a.ffn_out_bias.has_value()) {
+    for (const auto& [t, name] : {std::pair{&a.ffn_out_bias, "ffn_out_bias"}, {&a.ffn_ln_weight, "ffn_ln_weight"},
+                                  {&a.ffn_ln_bias, "ffn_ln_bias"}}) {
+      check_param(*t, name, h, {d});
+    }
+    if (a.ffn_in_weight.has_value()) {
+      const int64_t width = a.ffn_in_weight->size(0);
+      check_param(a.ffn_in_weight, "ffn_in_weight", h, {width, d});
+      check_param(a.ffn_in_bias, "ffn_in_bias", h, {width});
+      check_param(a.ffn_out_weight, "ffn_out_weight", h, {d, width});
+    }
+  }
+}
+
+// The layer over packed rows x [cu.back(), d] (offsets cu from 0); [batch, d] with first_only.
+at::Tensor layer_rows(const at::Tensor& x_in, const std::vector<int64_t>& cu, bool first_only, const LayerArgs& a) {
+  const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
+  at::Tensor x = x_in;
+  auto first_rows = [&](const at::Tensor& t) {
+    const at::Tensor firsts = at::tensor(at::ArrayRef<int64_t>(cu.data(), batch), at::kLong);
+    return t.index_select(0, firsts);
+  };
+  bool reduced = false;
+  if (a.attn_out_bias.has_value()) {  // the attention sublayer is there
+    at::Tensor ctx;
+    if (a.heads > 0) {
+      const at::Tensor qkv = at::addmm(*a.qkv_bias, x, a.qkv_weight->t());
+      ctx = varlen_attention_impl(qkv, cu, a.heads, a.head_dim, 1.0 / std::sqrt(static_cast<double>(a.head_dim)),
+                                  first_only);
+    }
+    const at::Tensor residual = first_only ? first_rows(x) : x;
+    x = project_add_norm(ctx, a.attn_out_weight, *a.attn_out_bias, residual, *a.attn_ln_weight, *a.attn_ln_bias,
+                         a.eps);
+    reduced = first_only;
+  }
+  if (first_only && !reduced) x = first_rows(x);
+  if (a.ffn_out_bias.has_value()) {  // the FFN sublayer is there
+    at::Tensor act;
+    if (a.ffn_in_weight.has_value()) act = project_activate(x, *a.ffn_in_weight, *a.ffn_in_bias, a.activation);
+    x = project_add_norm(act, a.ffn_out_weight, *a.ffn_out_bias, x, *a.ffn_ln_weight, *a.ffn_ln_bias, a.eps);
+  }
+  return x;
+}
+
+// Splits the sequences into `parts` contiguous groups of about equal token counts: the
+// sequence index where each group starts, then batch. Empty when the split would be uneven
+// (a group over 5/4 of an even share: one long sequence among short ones), where one group
+// at a time with every thread inside each op does better.
+std::vector<int64_t> sequence_groups(const std::vector<int64_t>& cu, int64_t parts) {
+  const int64_t batch = static_cast<int64_t>(cu.size()) - 1, rows = cu.back();
+  std::vector<int64_t> starts{0};
+  for (int64_t g = 1; g < parts; ++g) {
+    const int64_t target = rows * g / parts;
+    auto b = std::lower_bound(cu.begin(), cu.end(), target) - cu.begin();  // first sequence starting at or after
+    if (b > 0 && target - cu[b - 1] < cu[b] - target) --b;                  // or the boundary just before, if nearer
+    if (b > starts.back() && b < batch) starts.push_back(b);
+  }
+  starts.push_back(batch);
+  for (size_t g = 0; g + 1 < starts.size(); ++g) {
+    if (4 * (cu[starts[g + 1]] - cu[starts[g]]) * parts > 5 * rows) return {};
+  }
+  return starts.size() > 2 ? starts : std::vector<int64_t>{};
+}
+
 at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, bool first_only,
                             const std::optional<at::Tensor>& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
                             const std::optional<at::Tensor>& attn_out_weight,
@@ -125,52 +217,32 @@ at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, b
   TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16, kLayer,
               ": h must be float32 or bfloat16, got ", h.scalar_type());
   TORCH_CHECK(activation >= kGeluErf && activation <= kRelu, kLayer, ": unknown activation code ", activation);
-  const int64_t d = h.size(1);
+  const LayerArgs args{qkv_weight,   qkv_bias,     attn_out_weight, attn_out_bias, attn_ln_weight, attn_ln_bias,
+                       ffn_in_weight, ffn_in_bias, ffn_out_weight,  ffn_out_bias,  ffn_ln_weight,  ffn_ln_bias,
+                       heads,         head_dim,    activation,      eps};
+  check_layer(h, args);
   const auto cu = read_offsets(cu_seqlens, h.size(0), kLayer);
-  const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
-  at::Tensor x = h.contiguous();
-  at::Tensor firsts;  // rows of each sequence's first token, once needed
-  auto first_rows = [&](const at::Tensor& t) {
-    if (!firsts.defined()) firsts = cu_seqlens.narrow(0, 0, batch).contiguous();
-    return t.index_select(0, firsts);
-  };
-  bool reduced = false;
-  if (attn_out_bias.has_value()) {  // the attention sublayer is there
-    check_param(attn_out_bias, "attn_out_bias", h, {d});
-    check_param(attn_ln_weight, "attn_ln_weight", h, {d});
-    check_param(attn_ln_bias, "attn_ln_bias", h, {d});
-    at::Tensor ctx;
-    if (heads > 0) {
-      check_param(qkv_weight, "qkv_weight", h, {3 * heads * head_dim, d});
-      check_param(qkv_bias, "qkv_bias", h, {3 * heads * head_dim});
-      check_param(attn_out_weight, "attn_out_weight", h, {d, heads * head_dim});
-      const at::Tensor qkv = at::addmm(*qkv_bias, x, qkv_weight->t());
-      ctx = varlen_attention_impl(qkv, cu, heads, head_dim, 1.0 / std::sqrt(static_cast<double>(head_dim)),
-                                  first_only);
-    } else {
-      TORCH_CHECK(!qkv_weight.has_value() && !attn_out_weight.has_value(), kLayer,
-                  ": heads is 0 but qkv_weight / attn_out_weight are given");
+  const at::Tensor x = h.contiguous();
+  const int64_t threads = at::get_num_threads();
+  const auto starts = threads > 1 && !at::in_parallel_region() ? sequence_groups(cu, threads) : std::vector<int64_t>{};
+  if (starts.empty()) return layer_rows(x, cu, first_only, args);
+  // Groups of whole sequences, one thread each, every op inside single-threaded: no
+  // synchronisation between threads inside the layer (GEMM blocks, row passes), which for a
+  // pruned layer's small GEMMs costs more than it shares.
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
+  at::Tensor out = at::empty({first_only ? static_cast<int64_t>(cu.size()) - 1 : x.size(0), x.size(1)}, x.options());
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t s0 = starts[g], s1 = starts[g + 1], r0 = cu[s0];
+      std::vector<int64_t> local(cu.begin() + s0, cu.begin() + s1 + 1);
+      for (auto& o : local) o -= r0;
+      const at::Tensor y = layer_rows(x.narrow(0, r0, local.back()), local, first_only, args);
+      out.narrow(0, first_only ? s0 : r0, y.size(0)).copy_(y);
     }
-    const at::Tensor residual = first_only ? first_rows(x) : x;
-    x = project_add_norm(ctx, attn_out_weight, *attn_out_bias, residual, *attn_ln_weight, *attn_ln_bias, eps);
-    reduced = first_only;
-  }
-  if (first_only && !reduced) x = first_rows(x);
-  if (ffn_out_bias.has_value()) {  // the FFN sublayer is there
-    check_param(ffn_out_bias, "ffn_out_bias", h, {d});
-    check_param(ffn_ln_weight, "ffn_ln_weight", h, {d});
-    check_param(ffn_ln_bias, "ffn_ln_bias", h, {d});
-    at::Tensor act;
-    if (ffn_in_weight.has_value()) {
-      const int64_t width = ffn_in_weight->size(0);
-      check_param(ffn_in_weight, "ffn_in_weight", h, {width, d});
-      check_param(ffn_in_bias, "ffn_in_bias", h, {width});
-      check_param(ffn_out_weight, "ffn_out_weight", h, {d, width});
-      act = project_activate(x, *ffn_in_weight, *ffn_in_bias, activation);
-    }
-    x = project_add_norm(act, ffn_out_weight, *ffn_out_bias, x, *ffn_ln_weight, *ffn_ln_bias, eps);
-  }
-  return x;
+  });
+  return out;
 }
 
 }  // namespace

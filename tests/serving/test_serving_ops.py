@@ -122,6 +122,38 @@ def test_pruned_layer_matches_reference(dtype, first_only, att_kind, heads, ffn_
     _check(got, ref(h, torch.float64), ref(h, dtype), dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("lengths", [[9, 7, 8, 9, 1, 8, 6, 8], [60, 1, 2], [1, 1, 1, 1, 1, 1], [33]],
+                         ids=["balanced", "one-long", "all-length-1", "one-sequence"])
+@pytest.mark.parametrize("first_only", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pruned_layer_groups_of_sequences(threads, lengths, first_only, dtype):
+    """With several threads the layer runs groups of whole sequences in parallel when their
+    token counts are even (balanced, all-length-1), else every thread inside each op (one-long,
+    one-sequence): both ways, and on one thread, it equals the reference."""
+    d, heads, head_dim = 48, 3, 16
+    cu = _cu(torch.tensor(lengths))
+    h = torch.randn(int(cu[-1]), d)
+    att = _sublayer("attention", d, heads, head_dim, 0, torch.float32)
+    ffn = _sublayer("ffn", d, 0, head_dim, 40, torch.float32)
+
+    def ref(dt):
+        return reference.pruned_layer(h.to(dt), cu, first_only, _cast(att, dt), _cast(ffn, dt), heads, head_dim,
+                                      "gelu", 1e-5)
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = functional.pruned_layer(h.to(dtype), cu, _cast(att, dtype), _cast(ffn, dtype), heads=heads,
+                                          head_dim=head_dim, activation="gelu", eps=1e-5, first_only=first_only,
+                                          backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert got.shape == (len(lengths) if first_only else int(cu[-1]), d)
+    _check(got, ref(torch.float64), ref(dtype), dtype)
+
+
 def test_opcheck_varlen_attention():
     cu = _cu(_lengths(4, 11))
     qkv = torch.randn(int(cu[-1]), 3 * 2 * 16)
