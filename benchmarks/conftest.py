@@ -16,6 +16,8 @@ import platform
 import pytest
 import torch
 
+from tables import speedup_table
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -58,27 +60,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 def _write_summary(suite: str, device: str, groups: dict[str, dict[str, tuple[float, dict]]]) -> None:
     name = device_name(device)
-    with_flops = any("flops" in info for variants in groups.values() for _, info in variants.values())
-    head = "| group | variant | median (ms) | speed-up vs baseline |"
-    rule = "|---|---|---|---|"
-    if with_flops:
-        head += " TFLOP/s | % of measured peak |"
-        rule += "---|---|"
     lines = [f"# {suite} microbenchmarks on {name}", "",
-             "Medians from pytest-benchmark; speed-up = baseline median / this median, same run.", "",
-             head, rule]
-    for group, variants in sorted(groups.items()):
-        base = next((m for v, (m, info) in variants.items() if info.get("baseline")), None)
-        base = base if base is not None else variants.get("eager", (None, {}))[0]
-        for variant, (median, info) in sorted(variants.items()):
-            ratio = f"{base / median:.2f}x" if base else ""
-            row = f"| {group} | {variant} | {median * 1e3:.3f} | {ratio} |"
-            if with_flops:
-                tflops = info["flops"] / median / 1e12 if "flops" in info else None
-                peak = info.get("peak_tflops")
-                row += f" {tflops:.1f} |" if tflops else " |"
-                row += f" {100 * tflops / peak:.0f}% |" if tflops and peak else " |"
-            lines.append(row)
+             "Medians from pytest-benchmark; speed-up = baseline median / this median, same run.", ""]
+    lines += speedup_table({g: [(v, {"median": m}, info) for v, (m, info) in variants.items()]
+                            for g, variants in groups.items()})
     path = os.path.join(RESULTS, f"{suite}_{device}_{_slug(name)}.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -79,6 +79,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from tables import speedup_table  # noqa: E402 - benchmarks/tables.py, beside this script
 DEFAULT_OUT = os.path.join(HERE, "results")
 
 BUDGET_S = 480  # the whole run: 8 minutes of the lent machine's 15
@@ -360,41 +362,18 @@ def summary_markdown(device: str, results: list[Result], *, started: str, commit
 
 def bench_markdown(data: dict, suite: str, device: str, command: str) -> str:
     """A pytest-benchmark JSON report as a markdown table: medians, spread, speed-up against each group's baseline."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list] = {}
     for bench in data.get("benchmarks", []):
-        groups.setdefault(bench.get("group") or bench["name"], []).append(bench)
-    with_flops = any("flops" in b.get("extra_info", {}) for bs in groups.values() for b in bs)
-    head = "| group | variant | median (ms) | IQR (ms) | min (ms) | rounds | speed-up vs baseline |"
-    rule = "|---|---|---|---|---|---|---|"
-    if with_flops:
-        head += " TFLOP/s | % of peak |"
-        rule += "---|---|"
+        info = bench.get("extra_info", {})
+        groups.setdefault(bench.get("group") or bench["name"], []).append(
+            (str(info.get("variant", bench["name"])), bench["stats"], info))
     lines = [f"# {suite} benchmarks on {device} (gpu_check)", "",
              f"pytest-benchmark {data.get('version', '?')}, {data.get('datetime', '?')}; rounds as each benchmark's "
              "`pedantic` call sets them; speed-up = the group's baseline median / this median (baseline: the "
-             "variant with `baseline: True`, else `eager`).", "", f"Command: `{command}`", "", head, rule]
-    for group in sorted(groups):
-        benches = groups[group]
-
-        def variant(b):
-            return str(b.get("extra_info", {}).get("variant", b["name"]))
-
-        base = next((b["stats"]["median"] for b in benches if b.get("extra_info", {}).get("baseline")), None)
-        if base is None:
-            base = next((b["stats"]["median"] for b in benches if variant(b) == "eager"), None)
-        for b in sorted(benches, key=variant):
-            s, info = b["stats"], b.get("extra_info", {})
-            ratio = f"{base / s['median']:.2f}x" if base and s["median"] else ""
-            row = (f"| {_cell(group)} | {_cell(variant(b))} | {s['median'] * 1e3:.3f} | {s['iqr'] * 1e3:.3f} "
-                   f"| {s['min'] * 1e3:.3f} | {s['rounds']} | {ratio} |")
-            if with_flops:
-                tflops = info["flops"] / s["median"] / 1e12 if "flops" in info and s["median"] else None
-                peak = info.get("peak_tflops")
-                row += f" {tflops:.1f} |" if tflops else " |"
-                row += f" {100 * tflops / peak:.0f}% |" if tflops and peak else " |"
-            lines.append(row)
+             "variant with `baseline: True`, else `eager`).", "", f"Command: `{command}`", ""]
+    lines += speedup_table(groups, ("median", "iqr", "min", "rounds"))
     if not groups:
-        lines.append("| (no benchmark finished) | | | | | | |" + (" | |" if with_flops else ""))
+        lines.append("| (no benchmark finished) | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
