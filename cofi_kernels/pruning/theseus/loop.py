@@ -85,8 +85,8 @@ class TheseusConfig(RunSettings):
     constant_steps: int = setting(0, "S >= 0 of the constant schedule (0: rate_full_at of the replacing steps)")
     rate_full_at: float = setting(0.6, "in (0, 1]: where slope or constant_steps is 0, p reaches 1 after this "
                                        "fraction of the replacing phase's steps")
-    lr: float = setting(1e-4, "AdamW learning rate of the successor in the replacing phase (linear decay to 0)")
-    finetune_lr: float = setting(1e-4, "peak AdamW learning rate of the successor-only fine-tuning (linear warm-up "
+    lr: float = setting(5e-4, "AdamW learning rate of the successor in the replacing phase (linear decay to 0)")
+    finetune_lr: float = setting(2e-4, "peak AdamW learning rate of the successor-only fine-tuning (linear warm-up "
                                        "over 10%, then linear decay)")
     weight_decay: float = setting(0.0, "AdamW weight decay of the successor (not biases, LayerNorms)")
     eval_every: int = setting(0, "evaluate the successor every N steps (0: twice per epoch) and at the end of each "
