@@ -76,7 +76,7 @@ def write_shapes_png(model: PrunedModel, directory: str | os.PathLike) -> str:
     axes[-1].set_xlim(-0.6, n - 0.4 if n else 0.6)
     fig.suptitle(
         f"{cfg['model_type']} pruned: hidden {cfg['hidden_size']}/{cfg['original_hidden_size']}, "
-        f"sparsity {100 * model.sparsity:.1f}% "
+        f"sparsity {100 * model.sparsity:.1f}%\n"  # two lines: a shallow model's figure is narrow
         f"(encoder weights {model.encoder_size:,} of {cfg['original_size']:,})",
         fontsize=10,
     )
