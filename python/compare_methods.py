@@ -32,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from cofi_kernels import cli
 from cofi_kernels.training.data import read_examples, split_held_out
@@ -113,22 +112,19 @@ def write_parts(out: str, data_file: str | None) -> None:
 
 
 def run_row(out: str, name: str, args: list[str]) -> float:
-    """Runs one row's `cofi` command unless its run finished before; its training wall time in seconds."""
-    record = f"{out}/{name}/compare_time.json"
-    if os.path.isfile(f"{out}/{name}/run.json") and os.path.isfile(record):
-        with open(record) as fh:
-            return json.load(fh)["seconds"]
-    resume = ["--resume"] if os.path.isdir(f"{out}/{name}") else []
-    cmd = [os.path.join(os.path.dirname(sys.executable), "cofi"), *args, "--out", f"{out}/{name}", *resume]
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd)
-    if done.returncode != 0:
-        raise SystemExit(f"compare_methods: row {name} failed (exit {done.returncode}); rerun to resume it")
-    seconds = time.perf_counter() - t0
-    with open(record, "w") as fh:
-        json.dump({"seconds": seconds, "command": cmd}, fh)
-    return seconds
+    """Runs one row's `cofi` command unless its run finished before (an unfinished one resumes);
+    its training time in seconds: the trainer's own count in run.json, which adds up the parts of a
+    resumed run (set-up and loading excluded)."""
+    run_file = f"{out}/{name}/run.json"
+    if not os.path.isfile(run_file):
+        resume = ["--resume"] if os.path.isdir(f"{out}/{name}") else []
+        cmd = [os.path.join(os.path.dirname(sys.executable), "cofi"), *args, "--out", f"{out}/{name}", *resume]
+        print(f"[{name}] {' '.join(cmd)}", flush=True)
+        done = subprocess.run(cmd)
+        if done.returncode != 0:
+            raise SystemExit(f"compare_methods: row {name} failed (exit {done.returncode}); rerun to resume it")
+    with open(run_file) as fh:
+        return float(json.load(fh)["seconds"])
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
