@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", help="comma-separated row names (default: all, in order)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
-    table = rows(out, cli.default_model_dir())
+    table = rows(out, str(cli.default_model_dir()))
     names = list(table) if args.rows is None else args.rows.split(",")
     unknown = [n for n in names if n not in table]
     if unknown:
