@@ -135,12 +135,19 @@ def plot(results: list[dict], path: str, title: str) -> None:
     fig = Figure(figsize=(9, 6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in results:
+    order = sorted(range(len(results)), key=lambda j: results[j]["examples_per_second"])
+    fast = max(r["examples_per_second"] for r in results)
+    for i, r in enumerate(results):
         teacher = r["row"] == "teacher"
         ax.scatter(r["examples_per_second"], 100 * r["score"], s=60 if teacher else 40,
                    marker="*" if teacher else "o", color="black" if teacher else "tab:blue", zorder=3)
+        # Labels left of the point at the fast end (the axis ends there), staggered in height in
+        # order of speed, so that neighbours of similar speed stay apart.
+        k = order.index(i)
+        right_end = r["examples_per_second"] > fast / 2
         ax.annotate(r["row"], (r["examples_per_second"], 100 * r["score"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+                    xytext=(-6 if right_end else 6, (6, -12, 16, -22)[k % 4]), fontsize=8,
+                    ha="right" if right_end else "left")
         if teacher:
             ax.axhline(100 * r["score"], color="gray", linestyle="--", linewidth=1, label="dense teacher")
     ax.set_xscale("log")
@@ -148,7 +155,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     ax.set_ylabel(f"held-out {results[0]['metric']} (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
 
