@@ -91,7 +91,7 @@ def finetune(
         freeze_embeddings(model)
     spe = steps_per_epoch(len(train_enc), cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * spe))
-    hooks = _Finetune(model, cfg, eval_enc, labels, total)
+    hooks = FinetuneHooks(model, cfg, eval_enc, labels, total)
     trainer = Trainer(run, hooks, [Phase("finetune", total, cfg.eval_every or spe)], train_enc, seed=cfg.seed,
                       batch_size=cfg.batch_size, device=cfg.device, checkpoint_every=cfg.checkpoint_every,
                       description="finetune")
@@ -106,8 +106,12 @@ def finetune(
     return RunResult(run.out, best, total, trainer.seconds)
 
 
-class _Finetune(TrainerHooks):
-    """Task loss, AdamW with linear warm-up and decay; the best evaluation's weights are kept."""
+class FinetuneHooks(TrainerHooks):
+    """Task loss, AdamW with linear warm-up and decay; the best evaluation's weights are kept.
+
+    ``cfg`` needs the fields ``lr``, ``warmup_fraction``, ``weight_decay``, ``device`` and ``bf16``
+    (:class:`FinetuneConfig`'s; the scratch method's config has them too).
+    """
 
     def __init__(self, model, cfg: FinetuneConfig, eval_enc: Encoded, labels: LabelSpace, total: int):
         self.model, self.cfg, self.eval_enc, self.labels, self.total = model, cfg, eval_enc, labels, total

@@ -42,8 +42,7 @@ from ...models.plots import write_shapes_png
 from ...models.pruned_model import CONFIG_NAME, PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
-from ...training.distill import task_loss
-from ...training.evaluation import autocast, evaluate, model_outputs
+from ...training.finetune import FinetuneHooks
 from ...training.model_io import (
     TASK_FILE,
     check_max_length,
@@ -53,18 +52,8 @@ from ...training.model_io import (
     read_task,
     write_task,
 )
-from ...training.optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
-from ...training.trainer import (
-    Evaluation,
-    Phase,
-    RunDirectory,
-    RunError,
-    RunResult,
-    Trainer,
-    TrainerHooks,
-    clone_state,
-    run_fingerprint,
-)
+from ...training.optim import freeze_embeddings
+from ...training.trainer import Phase, RunDirectory, RunError, RunResult, Trainer, run_fingerprint
 from .budget import BUDGETS, pruning_run_record, scratch_budget
 
 __all__ = ["GATES_FILE", "INITS", "ScratchConfig", "check_scratch_config", "kept_indices", "scratch_model",
@@ -325,41 +314,7 @@ def scratch_train(
     return RunResult(run.out, best, total, trainer.seconds, {"sparsity": model.sparsity, "budget": budget})
 
 
-class _Scratch(TrainerHooks):
-    """Task loss, AdamW with linear warm-up and decay; the best evaluation's weights are kept."""
-
-    def __init__(self, model: PrunedModel, cfg: ScratchConfig, eval_enc: Encoded, labels: LabelSpace, total: int):
-        self.model, self.cfg, self.eval_enc, self.labels, self.total = model, cfg, eval_enc, labels, total
-        self.warmup = int(cfg.warmup_fraction * total)
-        self.opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-        model.train()
-
-    def train_step(self, phase, step, batch, index):
-        cfg = self.cfg
-        set_lr(self.opt, cfg.lr * linear_schedule(step, self.total, self.warmup))
-        with autocast(cfg.device, cfg.bf16):
-            loss = task_loss(model_outputs(self.model, batch), batch["labels"])
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
-
-    def evaluate(self, phase, step):
-        m = evaluate(self.model, self.eval_enc, self.labels, device=self.cfg.device, bf16=self.cfg.bf16)
-        self.model.train()
-        return Evaluation(m, m)
-
-    def snapshot(self, phase):
-        return clone_state(self.model)
-
-    def end_phase(self, phase, best, best_state):
-        self.model.load_state_dict(best_state)
-        return True
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+class _Scratch(FinetuneHooks):
+    """Fine-tuning's hooks (task loss, AdamW with linear warm-up and decay, best evaluation kept) on
+    the freshly initialised model."""
 
