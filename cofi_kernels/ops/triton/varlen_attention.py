@@ -32,15 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_M_INIT = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _load(ptrs, mask, UPCAST: tl.constexpr):
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+# The masked load (upcast under the interpreter) and the running-max start of the training kernels.
+from .gated_attention import _M_INIT, _load
 
 
 @triton.jit
