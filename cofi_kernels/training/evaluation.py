@@ -11,25 +11,31 @@ from torch import nn
 from ..models.pruned_model import PrunedModel
 from .data import Encoded, LabelSpace
 from .distill import task_loss
+from .distributed import World, current_world
 
 
 def evaluate(model: nn.Module, data: Encoded, labels: LabelSpace, *, batch_size: int = 64,
-             device: str | torch.device = "cpu", bf16: bool = False) -> dict[str, float]:
+             device: str | torch.device = "cpu", bf16: bool = False, world: World | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``data`` (eval mode, no gradients).
 
     Returns ``{"metric": name, name: value, "loss": ...}`` with ``accuracy`` for
     classification and ``pearson`` (plus ``mse``) for regression.
+
+    With several processes (``world``, default the current one) each process runs
+    every ``size``-th batch of ``batch_size`` examples in index order and the logits
+    are summed over the processes, so every process gets exactly the metrics one
+    process computes (the same batches, the same numbers).
     """
+    world = world or current_world()
     was_training = model.training
     model.eval()
-    preds = []
+    logits = torch.zeros(len(data), labels.num_labels)
     with torch.no_grad(), autocast(device, bf16):
-        for index in data.in_order(batch_size):
-            b = data.batch(index, device)
-            preds.append(model_outputs(model, b).float().cpu())
+        for c, index in enumerate(data.in_order(batch_size)):
+            if c % world.size == world.rank:
+                logits[index] = model_outputs(model, data.batch(index, device)).float().cpu()
     model.train(was_training)
-    logits = torch.cat(preds)
-    return metrics_of(logits, data.targets, labels)
+    return metrics_of(world.sum(logits), data.targets, labels)
 
 
 def metrics_of(logits: torch.Tensor, targets: torch.Tensor, labels: LabelSpace) -> dict:

@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .config import RunSettings, check_run_settings, documented, setting
 from .data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from .distill import task_loss
+from .distributed import BatchPart, World, local_device
 from .evaluation import autocast, evaluate, model_outputs
 from .model_io import check_max_length, hf_token_limit, load_classifier, load_tokenizer, read_model_config, write_task
 from .optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
@@ -56,16 +58,21 @@ def finetune(
     out: str,
     config: FinetuneConfig | None = None,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
     task: str | None = None,
+    stop_at: int | None = None,
 ) -> RunResult:
     """Fine-tune the BERT/RoBERTa model in ``model_dir`` on ``train``; keep the best on ``eval_data``.
 
     Writes a Hugging Face model directory to ``out`` (``config.json``,
     ``model.safetensors``, the tokenizer, ``cofi_task.json``) plus
     ``log.jsonl`` and ``run.json``. ``task`` forces ``"classification"`` or
-    ``"regression"`` (default: inferred from the labels).
+    ``"regression"`` (default: inferred from the labels). ``resume`` continues the
+    unfinished run in ``out`` (``"any-world-size"``: also one written by another number
+    of processes); ``stop_at`` stops after that many steps, with a checkpoint
+    (:class:`~cofi_kernels.training.trainer.RunStopped`). Under torchrun every process
+    calls this with the same arguments (:mod:`~cofi_kernels.training.distributed`).
 
     Raises:
         DataError: unusable data (missing columns, labels of the evaluation
@@ -85,52 +92,77 @@ def finetune(
     fingerprint = run_fingerprint(cfg, models={"model": model_dir}, data={"train": train, "eval": eval_data},
                                   labels=labels.to_json())
     run = RunDirectory(out, fingerprint, resume, "finetune")
+    device = local_device(cfg.device, run.world)
     torch.manual_seed(cfg.seed)  # the new classification head's initialisation
-    model = load_classifier(model_dir, labels).to(torch.device(cfg.device))
+    model = load_classifier(model_dir, labels).to(device)
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
     spe = steps_per_epoch(len(train_enc), cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * spe))
-    hooks = FinetuneHooks(model, cfg, eval_enc, labels, total)
+    hooks = FinetuneHooks(model, cfg, eval_enc, labels, total, device, run.world)
     trainer = Trainer(run, hooks, [Phase("finetune", total, cfg.eval_every or spe)], train_enc, seed=cfg.seed,
-                      batch_size=cfg.batch_size, device=cfg.device, checkpoint_every=cfg.checkpoint_every,
+                      batch_size=cfg.batch_size, device=device, checkpoint_every=cfg.checkpoint_every,
                       description="finetune")
-    trainer.fit(progress)
+    trainer.fit(progress, stop_at)
     best = trainer.best["finetune"]
-    model.save_pretrained(run.out)
-    tokenizer.save_pretrained(run.out)
-    write_task(run.out, labels, cfg.max_length, "finetuned")
+
+    def write():
+        model.save_pretrained(run.out)
+        tokenizer.save_pretrained(run.out)
+        write_task(run.out, labels, cfg.max_length, "finetuned")
+
+    run.write(write)
     summary = {"kind": "finetune", "best": best, "steps": total, "seconds": trainer.seconds,
                "config": fingerprint["config"]}
     run.finish(summary)
     return RunResult(run.out, best, total, trainer.seconds)
 
 
+class TaskLoss(nn.Module):
+    """The task loss of a classifier as one module (what DDP wraps): ``forward(batch, part)``
+    returns ``(loss to backpropagate, this process's share of the global batch's loss)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, part: BatchPart):
+        part.local_noise()
+        share = part.share(task_loss(model_outputs(self.model, batch), batch["labels"], "sum"))
+        return part.backward_loss(share), share.detach()
+
+
 class FinetuneHooks(TrainerHooks):
     """Task loss, AdamW with linear warm-up and decay; the best evaluation's weights are kept.
 
-    ``cfg`` needs the fields ``lr``, ``warmup_fraction``, ``weight_decay``, ``device`` and ``bf16``
-    (:class:`FinetuneConfig`'s; the scratch method's config has them too).
+    ``cfg`` needs the fields ``lr``, ``warmup_fraction``, ``weight_decay`` and ``bf16``
+    (:class:`FinetuneConfig`'s; the scratch method's config has them too). ``device``: where
+    ``model`` is; ``world``: the processes (DDP-wrapped loss when several).
     """
 
-    def __init__(self, model, cfg: FinetuneConfig, eval_enc: Encoded, labels: LabelSpace, total: int):
+    def __init__(self, model, cfg: FinetuneConfig, eval_enc: Encoded, labels: LabelSpace, total: int, device,
+                 world: World):
         self.model, self.cfg, self.eval_enc, self.labels, self.total = model, cfg, eval_enc, labels, total
+        self.device = device
         self.warmup = int(cfg.warmup_fraction * total)
         self.opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+        # Every trainable weight of a classifier gets a gradient at every step (measured in
+        # tests/training/test_distributed.py).
+        self.loss_fn = world.wrap(TaskLoss(model), varying=False)
         model.train()
 
-    def train_step(self, phase, step, batch, index):
+    def train_step(self, phase, step, batch, part):
         cfg = self.cfg
         set_lr(self.opt, cfg.lr * linear_schedule(step, self.total, self.warmup))
-        with autocast(cfg.device, cfg.bf16):
-            loss = task_loss(model_outputs(self.model, batch), batch["labels"])
+        with autocast(self.device, cfg.bf16):
+            loss, share = self.loss_fn(batch, part)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"]}
+        return {**part.totals({"loss": share}), "lr": self.opt.param_groups[0]["lr"]}
 
     def evaluate(self, phase, step):
-        m = evaluate(self.model, self.eval_enc, self.labels, device=self.cfg.device, bf16=self.cfg.bf16)
+        m = evaluate(self.model, self.eval_enc, self.labels, device=self.device, bf16=self.cfg.bf16)
         self.model.train()
         return Evaluation(m, m)
 

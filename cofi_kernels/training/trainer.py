@@ -17,6 +17,11 @@ random number generators from ``(seed, step)`` and draws its batch from a
 permutation that is a pure function of ``(seed, epoch)``. A checkpoint
 records a fingerprint of the settings, the model files and the data, and a
 run with a different fingerprint refuses to resume it.
+
+Under torchrun (:mod:`.distributed`) every process runs this loop on its part
+of each global batch; rank 0 alone writes the directory, and a checkpoint
+records the number of processes, which a resume must match unless asked
+otherwise (:data:`ANY_WORLD_SIZE`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import torch
 from torch import nn
 
 from .data import Encoded, TextDataset, epoch_order, steps_per_epoch
+from .distributed import BatchPart, World, init_distributed
+from .errors import RunError
 from .paths import check_output_dir
 
 CHECKPOINT_DIR = "checkpoint"
@@ -41,11 +48,16 @@ CHECKPOINT_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 RUN_FILE = "run.json"
 CHECKPOINT_FORMAT = 2  # 2: the trainer's state and the method's state in separate entries
+ANY_WORLD_SIZE = "any-world-size"  # resume=ANY_WORLD_SIZE: continue a checkpoint of another number of processes
 
 
-class RunError(ValueError):
-    """A run cannot start or resume (bad setting, output directory in use, foreign checkpoint,
-    unusable model directory); the message says what to do."""
+class RunStopped(Exception):
+    """The run stopped where it was asked to (``stop_at``), with a checkpoint written there;
+    continue it with ``resume=True``. ``step`` is the number of steps done."""
+
+    def __init__(self, step: int, out: str):
+        super().__init__(f"stopped after step {step} as asked; continue the run in {out!r} with --resume")
+        self.step, self.out = step, out
 
 
 def first_line(e: BaseException) -> str:
@@ -86,20 +98,38 @@ def model_digest(model_dir: str) -> str:
 
 
 class RunDirectory:
-    """The output directory of one run: log, checkpoint, final files."""
+    """The output directory of one run: log, checkpoint, final files.
 
-    def __init__(self, out: str, fingerprint: dict, resume: bool, kind: str):
+    ``resume``: False for a fresh run, True to continue the checkpoint in ``out``
+    (written by as many processes as this run has), or :data:`ANY_WORLD_SIZE` to
+    continue it whatever the number of processes that wrote it (the global batch
+    must still be the same). With several processes only rank 0 reads and writes
+    here; the others receive the checkpoint from it, and any error is raised on
+    every process.
+    """
+
+    def __init__(self, out: str, fingerprint: dict, resume: bool | str, kind: str, world: World | None = None):
         self.out = check_output_dir(out, "output directory", RunError)
         self.fingerprint = fingerprint
         self.kind = kind
+        # A run under torchrun joins its process group here, whoever called it.
+        self.world = world or init_distributed(fingerprint.get("config", {}).get("device", "cpu"))
+        self.any_world_size = resume == ANY_WORLD_SIZE
+        if not isinstance(resume, bool) and not self.any_world_size:
+            raise RunError(f"resume must be True, False or {ANY_WORLD_SIZE!r}, got {resume!r}")
         self.ckpt_path = os.path.join(self.out, CHECKPOINT_DIR, CHECKPOINT_FILE)
         self.log_path = os.path.join(self.out, LOG_FILE)
         self.log_lines = 0
         self.resumed = None
         if resume:
-            self.resumed = self._load_for_resume()
+            self.resumed = self.world.on_main(self._load_for_resume)
         else:
-            self._check_fresh()
+            self.world.on_main(self._check_fresh)
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes this directory (rank 0)."""
+        return self.world.is_main
 
     def _check_fresh(self) -> None:
         if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
@@ -119,16 +149,31 @@ class RunDirectory:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"--resume: {self.ckpt_path!r} is not a checkpoint of this version of cofi_kernels")
         theirs = state.get("fingerprint", {})
+        batch, their_batch = (f.get("config", {}).get("batch_size") for f in (self.fingerprint, theirs))
+        if state.get("kind") == self.kind and batch != their_batch:
+            raise RunError(f"--resume: the checkpoint in {self.out!r} was written with a global batch of "
+                           f"{their_batch} examples, this run has {batch}; rerun with --batch-size {their_batch}")
         if state.get("kind") != self.kind or theirs != self.fingerprint:
             diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
             raise RunError(
                 f"--resume: the checkpoint in {self.out!r} is from another run (kind {state.get('kind')!r}; "
                 f"differs in: {', '.join(diff) or 'kind'}); rerun with that run's arguments or choose another --out"
             )
+        theirs_n = state.get("world_size", 1)
+        if theirs_n != self.world.size and not self.any_world_size:
+            raise RunError(
+                f"--resume: the checkpoint in {self.out!r} was written by {theirs_n} process(es), this run has "
+                f"{self.world.size}; start as many, or add --allow-world-size-change (same global batch, results "
+                "equal up to the order of floating-point sums)")
         return state
 
     def start(self) -> None:
         """Create the directory (fresh run) or cut the log back to the checkpoint (resume)."""
+        self.world.on_main(self._start_checked)
+        if self.resumed is not None:
+            self.log_lines = int(self.resumed["log_lines"])
+
+    def _start_checked(self) -> None:
         try:
             self._start()
         except OSError as e:
@@ -148,13 +193,18 @@ class RunDirectory:
             f.writelines(lines)
 
     def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.log_lines += 1
 
     def save_checkpoint(self, state: dict) -> None:
+        """Write ``state`` atomically (rank 0 only)."""
+        if not self.is_main:
+            return
         state = {"format": CHECKPOINT_FORMAT, "kind": self.kind, "fingerprint": self.fingerprint,
-                 "log_lines": self.log_lines, **state}
+                 "log_lines": self.log_lines, "world_size": self.world.size, **state}
         tmp = self.ckpt_path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -162,9 +212,22 @@ class RunDirectory:
             os.fsync(f.fileno())
         os.replace(tmp, self.ckpt_path)
 
+    def write(self, fn) -> None:
+        """Run ``fn()`` (which writes outputs into the directory) on rank 0; every process returns
+        once it is done (or raises its error)."""
+        self.world.on_main(fn)
+
     def finish(self, summary: dict) -> None:
-        write_json(os.path.join(self.out, RUN_FILE), summary)
-        shutil.rmtree(os.path.join(self.out, CHECKPOINT_DIR), ignore_errors=True)
+        """Write ``run.json`` (``summary`` plus the number of processes and the global batch) and drop the
+        checkpoint; every process returns once that is done."""
+        batch = self.fingerprint.get("config", {}).get("batch_size")
+        summary = {**summary, "world_size": self.world.size, "global_batch": batch}
+
+        def _finish():
+            write_json(os.path.join(self.out, RUN_FILE), summary)
+            shutil.rmtree(os.path.join(self.out, CHECKPOINT_DIR), ignore_errors=True)
+
+        self.world.on_main(_finish)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -272,14 +335,22 @@ class TrainerHooks:
 
     Only :meth:`train_step` is required. Steps are counted over the whole run
     (all phases); ``step`` is the number of steps done before the call.
+
+    With several processes every process calls the same hooks in the same order;
+    ``train_step`` sees this process's part of the global batch, and what it
+    returns must already be the global values (:meth:`BatchPart.totals`), as
+    only rank 0's record is logged.
     """
 
-    def on_start(self, step: int) -> None:
-        """Before the first step this process runs (after a resume, at the restored step)."""
+    def on_start(self, step: int, examples: list[int]) -> None:
+        """Before the first step this process runs (after a resume, at the restored step);
+        ``examples``: the training examples this process will train on from ``step`` to the
+        end, ascending (what a cache of teacher outputs needs)."""
 
-    def train_step(self, phase: str, step: int, batch: dict, index: list[int]) -> dict:
-        """One optimizer step on ``batch`` (examples ``index``); returns the step's record
-        (``"loss"`` at least), logged and shown on the progress bar."""
+    def train_step(self, phase: str, step: int, batch: dict, part: BatchPart) -> dict:
+        """One optimizer step on ``batch``, this process's part (``part.index``) of the
+        step's global batch; returns the step's record (``"loss"`` at least), logged and
+        shown on the progress bar."""
         raise NotImplementedError
 
     def evaluate(self, phase: str, step: int) -> Evaluation:
@@ -312,7 +383,9 @@ class Trainer:
 
     Every step reseeds torch from ``(seed, step)`` and draws its batch from the
     permutation of ``(seed, epoch)`` (:func:`batch_at`), so a run resumed from
-    any checkpoint repeats the uninterrupted run exactly (same thread count).
+    any checkpoint repeats the uninterrupted run exactly (same thread count
+    and number of processes). Each process trains on its part of that global
+    batch (:meth:`~.distributed.World.part`).
     A checkpoint is written at step 0, every ``checkpoint_every`` steps, at
     the last step and after a phase end that changed the state; each write is
     atomic. The best evaluation of each phase (by its metric, among eligible
@@ -334,6 +407,11 @@ class Trainer:
         self.run, self.hooks, self.phases, self.data = run, hooks, list(phases), data
         self.seed, self.batch_size, self.device = seed, batch_size, torch.device(device)
         self.checkpoint_every, self.description = checkpoint_every, description
+        self.world = run.world
+        if batch_size < self.world.size:
+            raise RunError(f"batch_size (the global batch) is {batch_size} but {self.world.size} processes run; "
+                           "give each process at least one example per step (--batch-size >= the processes)")
+        self.lengths = [len(ids) for ids in data.input_ids]
         self.total = sum(p.steps for p in self.phases)
         self.step = 0
         self.seconds = 0.0
@@ -365,12 +443,28 @@ class Trainer:
         self.hooks.load_state_dict(state["method"])
 
     def checkpoint(self) -> None:
-        self.run.save_checkpoint(self.state_dict())
+        if self.run.is_main:
+            self.run.save_checkpoint(self.state_dict())
+
+    def examples_ahead(self, step: int) -> list[int]:
+        """The training examples this process takes from ``step`` to the end, ascending."""
+        n, seen = len(self.data), set()
+        for s in range(step, self.total):
+            seen.update(self.world.part(batch_at(s, n, self.batch_size, self.seed), self.lengths,
+                                        seed=self.seed, step=s).index)
+        return sorted(seen)
 
     # -- the loop -----------------------------------------------------------
 
-    def fit(self, progress: bool = True) -> None:
-        """Run (or, from the run directory's checkpoint, continue) every phase to its end."""
+    def fit(self, progress: bool = True, stop_at: int | None = None) -> None:
+        """Run (or, from the run directory's checkpoint, continue) every phase to its end.
+
+        ``stop_at``: stop once that many steps (counted over the whole run) are done, with a
+        checkpoint written there, by raising :class:`RunStopped` (a job with a time limit
+        continues later with ``resume``); None or a step at or past the end runs to the end.
+        """
+        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
+            raise RunError(f"stop_at (--stop-at-step) must be a whole number >= 1, got {stop_at!r}")
         self.run.start()
         if self.run.resumed is not None:
             self.load_state_dict(self.run.resumed)
@@ -378,22 +472,26 @@ class Trainer:
         else:
             self.checkpoint()  # a run killed before its first interval still resumes
         if self.step < self.total:
-            self.hooks.on_start(self.step)
-        bar = progress_bar(self.total, self.step, self.description, progress)
+            self.hooks.on_start(self.step, self.examples_ahead(self.step))
+        bar = progress_bar(self.total, self.step, self.description, progress and self.run.is_main)
         try:
-            self._steps(bar)
+            self._steps(bar, stop_at)
         finally:
             if bar is not None:
                 bar.close()
 
-    def _steps(self, bar) -> None:
+    def _steps(self, bar, stop_at: int | None) -> None:
         t0 = time.perf_counter() - self.seconds
         n = len(self.data)
         while self.step < self.total:
+            if stop_at is not None and self.step >= stop_at:
+                self.checkpoint()
+                raise RunStopped(self.step, self.run.out)
             phase, start = self._phase_at(self.step)
             seed_step(self.seed, self.step)
-            index = batch_at(self.step, n, self.batch_size, self.seed)
-            record = self.hooks.train_step(phase.name, self.step, self.data.batch(index, self.device), index)
+            part = self.world.part(batch_at(self.step, n, self.batch_size, self.seed), self.lengths,
+                                   seed=self.seed, step=self.step)
+            record = self.hooks.train_step(phase.name, self.step, self.data.batch(part.index, self.device), part)
             self.step += 1
             self.seconds = time.perf_counter() - t0
             if bar is not None:

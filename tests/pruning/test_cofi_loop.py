@@ -12,6 +12,7 @@ from cofi_kernels.pruning.cofi import loop as pl
 from cofi_kernels.training import evaluation, model_io
 from cofi_kernels.training import finetune as ft
 from cofi_kernels.training import trainer as tr
+from cofi_kernels.training.teacher import TeacherCache
 from tests.training_support import (
     FAST_FINETUNE,
     FAST_PRUNE,
@@ -196,8 +197,13 @@ def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
     task = model_io.read_task(teacher_dir)
     enc = Encoded(toy[0], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_PRUNE["max_length"])
     teacher = model_io.load_classifier(teacher_dir).eval()
-    cache = pl._TeacherCache(teacher, enc, [1, 3], batch_size=5, device="cpu", bf16=False)
     index = [7, 0, 31, 12, 44, 3]
+
+    def outputs(b):
+        return evaluation.model_outputs(teacher, b, output_hidden_states=True)
+
+    cache = TeacherCache(outputs, enc, index, [1, 3], "cpu", False, chunk=5)
+    assert sorted(cache.logits) == sorted(index)  # the examples asked for, no others
     b = enc.batch(index)
     with torch.no_grad():
         out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

@@ -18,7 +18,15 @@ from cofi_kernels.pruning.static import scores as sc
 from cofi_kernels.training import model_io
 from cofi_kernels.training import trainer as tr
 from cofi_kernels.training.data import Encoded, LabelSpace
-from tests.training_support import Killed, files_equal_tensors, kill_at, read_log, strip_times
+from tests.training_support import (
+    Killed,
+    files_equal_tensors,
+    kill_at,
+    one_process_part,
+    read_log,
+    strip_times,
+    stub_run,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -205,10 +213,11 @@ def test_in_memory_training_leaves_the_models_tensors_alone(base_dir, toy):
     before = {k: v.clone() for k, v in masked.model.state_dict().items() if not k.startswith("classifier.")}
     plan = sl.SMPPlan(sl.SMPConfig(**FAST_SMP), 48)
     enc = Encoded(toy[0], LABELS, model_io.load_tokenizer(base_dir), 16)
-    hooks = sl._SMPRun(sl.SMPConfig(**FAST_SMP), plan, None, masked, None, LABELS, enc, enc, torch.device("cpu"))
+    hooks = sl._SMPRun(sl.SMPConfig(**FAST_SMP), plan, stub_run(), masked, None, LABELS, enc, enc,
+                       torch.device("cpu"))
     for step in range(4):
         index = list(range(step * 8, step * 8 + 8))
-        hooks.train_step("prune", step, enc.batch(index), index)
+        hooks.train_step("prune", step, enc.batch(index), one_process_part(enc, index, step))
     after = masked.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(float(s.detach().abs().max()) > 0 for s in masked.scores)

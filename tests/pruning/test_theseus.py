@@ -17,7 +17,16 @@ from cofi_kernels.pruning.theseus.model import TheseusModel
 from cofi_kernels.pruning.theseus.schedule import ReplaceSchedule
 from cofi_kernels.training import model_io
 from cofi_kernels.training import trainer as tr
-from tests.training_support import Killed, files_equal_tensors, kill_at, read_log, strip_times, write_jsonl, toy_rows
+from tests.training_support import (
+    Killed,
+    files_equal_tensors,
+    kill_at,
+    read_log,
+    strip_times,
+    stub_run,
+    toy_rows,
+    write_jsonl,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -280,9 +289,10 @@ def test_distill_adds_prediction_distillation_from_the_predecessor(reference_dis
         want = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        token_type_ids=b["token_type_ids"]).logits
     hooks = tl._TheseusRun(tl.TheseusConfig(**{**FAST, "distill": True}), tl._Plan(tl.TheseusConfig(**FAST), 48),
-                           None, model, task["label_space"], enc, enc, torch.device("cpu"))
-    hooks.on_start(0)
-    torch.testing.assert_close(hooks.teacher_logits[[3, 17, 40]], want, rtol=1e-5, atol=1e-5)
+                           stub_run(), model, task["label_space"], enc, enc, torch.device("cpu"))
+    hooks.on_start(0, [3, 17, 40])
+    torch.testing.assert_close(hooks.teacher.batch_logits([3, 17, 40], "cpu"), want, rtol=1e-5, atol=1e-5)
+    assert sorted(hooks.teacher.logits) == [3, 17, 40]  # only this process's examples are kept
 
 
 @pytest.mark.parametrize("distill, at", [(False, 5), (False, 12), (False, 16), (True, 7)],

@@ -15,6 +15,8 @@ from cofi_kernels.training.trainer import Evaluation, Phase, Trainer, TrainerHoo
 class _Data:
     """Stands in for encoded data: 10 examples, a batch is their indices."""
 
+    input_ids = [[0]] * 10  # one token each (the trainer counts a global batch's tokens)
+
     def __len__(self):
         return 10
 
@@ -36,7 +38,8 @@ class _Toy(TrainerHooks):
         self.kill_at = kill_at
         self.ended = []
 
-    def train_step(self, phase, step, batch, index):
+    def train_step(self, phase, step, batch, part):
+        index = part.index
         if step == self.kill_at:
             raise _Killed()
         noise = float(torch.randn(()))  # reseeded from (seed, step) by the trainer

@@ -8,9 +8,10 @@ from ..registry import MethodArgument, PruningMethod, register_method
 from .loop import PruneConfig, cofi_prune
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, teacher, student=None, no_distill=False):
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, teacher, student=None,
+         no_distill=False):
     return cofi_prune(teacher, train, eval_data, out, config, student_dir=student, distill=not no_distill,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, stop_at=stop_at)
 
 
 register_method(PruningMethod(

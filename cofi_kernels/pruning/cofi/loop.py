@@ -22,12 +22,14 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...models.plots import write_shapes_png
 from ...models.pruned_model import PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import LayerDistiller, prediction_loss, task_loss
+from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate, model_outputs
 from ...training.model_io import (
     TASK_FILE,
@@ -52,6 +54,7 @@ from ...training.trainer import (
     clone_state,
     run_fingerprint,
 )
+from ...training.teacher import TeacherCache
 from .fold import prune
 from .gates import TYPES
 from .patch import apply_cofi
@@ -161,8 +164,9 @@ def cofi_prune(
     *,
     student_dir: str | None = None,
     distill: bool = True,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> RunResult:
     """CoFi-prune the fine-tuned model in ``teacher_dir`` to ``config.target_sparsity``.
 
@@ -180,7 +184,10 @@ def cofi_prune(
             copy of the teacher (same hidden size).
         distill: False trains the student with plain cross-entropy (MSE for
             regression) and no teacher.
-        resume: continue the unfinished run in ``out`` from its checkpoint.
+        resume: continue the unfinished run in ``out`` from its checkpoint (``"any-world-size"``:
+            also one written by another number of processes).
+        stop_at: stop after that many steps, with a checkpoint
+            (:class:`~cofi_kernels.training.trainer.RunStopped`).
         progress: show a progress bar (loss, expected sparsity ŝ, target, λ).
 
     Raises:
@@ -200,22 +207,26 @@ def cofi_prune(
     fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir, "student": student_dir},
                                   data={"train": train, "eval": eval_data}, distill=bool(distill))
     run = RunDirectory(out, fingerprint, resume, "prune")
-    device = torch.device(cfg.device)
+    device = local_device(cfg.device, run.world)
     teacher, student, gates, distiller = _build_models(cfg, teacher_dir, student_dir, distill, labels, device)
 
     plan = _PrunePlan(cfg, len(train_enc))
     method = _CoFiRun(cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device)
     trainer = Trainer(run, method, plan.phases(), train_enc, seed=cfg.seed, batch_size=cfg.batch_size,
                       device=device, checkpoint_every=cfg.checkpoint_every, description="cofi prune")
-    trainer.fit(progress)
+    trainer.fit(progress, stop_at)
 
     pruned = method.pruned
     pruned.requires_grad_(False)
-    pruned.save_pretrained(run.out)
-    write_shapes_png(pruned, run.out)
-    tokenizer.save_pretrained(run.out)
-    write_task(run.out, labels, cfg.max_length, "pruned")
-    _save_gates(os.path.join(run.out, GATES_FILE), method.selected_gates)
+
+    def write():
+        pruned.save_pretrained(run.out)
+        write_shapes_png(pruned, run.out)
+        tokenizer.save_pretrained(run.out)
+        write_task(run.out, labels, cfg.max_length, "pruned")
+        _save_gates(os.path.join(run.out, GATES_FILE), method.selected_gates)
+
+    run.write(write)
     best = trainer.best.get("finetune")
     summary = {
         "kind": "prune",
@@ -278,44 +289,62 @@ def _save_gates(path: str, selected: dict) -> None:
     save_file(tensors, path)
 
 
-class _TeacherCache:
-    """The teacher's logits and matched layer outputs for every training example.
+class CoFiLoss(nn.Module):
+    """A CoFi step's whole loss as one module, the one DDP wraps (DESIGN §9): the student (gated,
+    or the compact model after pruning), its gates (log α, λ1, λ2) and the layer map ``W``.
+    The frozen teacher stays outside; its outputs come in as an argument.
 
-    Computed once, in index order with a fixed batch size, so a resumed run
-    recomputes exactly the same values; padding positions are not stored.
+    ``forward(batch, part, teacher_out, target, sample)`` draws the step's gates (``sample``;
+    else every gate is 1) from the seed every process shares, then this process's dropout
+    noise, and returns ``(loss to backpropagate, {name: share}, {name: whole value}, match)``
+    (:class:`~cofi_kernels.training.distributed.BatchPart`): the distillation terms are the
+    part's shares, the Lagrangian (when ``target`` is given) is whole.
     """
 
-    def __init__(self, teacher, enc: Encoded, layers: list[int], batch_size: int, device, bf16: bool):
-        self.layers = layers
-        self.logits: list[torch.Tensor] = []
-        self.hidden: list[dict[int, torch.Tensor]] = []
-        with torch.no_grad(), autocast(device, bf16):
-            for index in enc.in_order(batch_size):
-                b = enc.batch(index, device)
-                out = model_outputs(teacher, b, output_hidden_states=bool(layers))
-                logits, hidden = out if layers else (out, None)
-                for r, i in enumerate(index):
-                    n = len(enc.input_ids[i])
-                    self.logits.append(logits[r].float().cpu())
-                    self.hidden.append({t: hidden[t][r, :n].float().cpu() for t in layers} if layers else {})
+    def __init__(self, cfg: PruneConfig, model: nn.Module, gates, distiller):
+        super().__init__()
+        self.cfg, self.model, self.gates, self.distiller = cfg, model, gates, distiller
 
-    @staticmethod
-    def size_mb(enc: Encoded, num_layers: int, hidden_size: int) -> float:
-        """Memory the cache of ``num_layers`` matched layers would take."""
-        tokens = sum(len(ids) for ids in enc.input_ids)
-        return tokens * num_layers * hidden_size * 4 / 2**20
+    def forward(self, b: dict, part: BatchPart, teacher_out, target: float | None, sample: bool):
+        z = None
+        if self.gates is not None:
+            z = self.gates.sample() if sample else {}
+            self.gates.fix(z)
+        part.local_noise()
+        whole: dict = {}
+        try:
+            shares, match = self._data_loss(b, part, teacher_out, z)
+            loss = part.backward_loss(shares["loss"])
+            if target is not None:
+                lag = self.gates.lagrangian(target)
+                loss = loss + lag
+                whole.update(lagrangian=lag.item(), target=target)
+        finally:
+            if self.gates is not None:
+                self.gates.unfix()
+        return loss, {k: v.detach() for k, v in shares.items()}, whole, match
 
-    def batch(self, index: list[int], seq_len: int, device):
-        """``(logits [B, C], {layer: [B, T, D]})`` for the examples ``index`` padded to ``seq_len``."""
-        logits = torch.stack([self.logits[i] for i in index]).to(device)
-        hidden = {}
-        for t in self.layers:
-            rows = [self.hidden[i][t] for i in index]
-            h = rows[0].new_zeros(len(index), seq_len, rows[0].shape[-1])
-            for r, x in enumerate(rows):
-                h[r, : x.shape[0]] = x
-            hidden[t] = h.to(device)
-        return logits, hidden
+    def _data_loss(self, b, part: BatchPart, teacher_out, z):
+        cfg, model = self.cfg, self.model
+        if teacher_out is None:
+            task = part.share(task_loss(model_outputs(model, b), b["labels"], "sum"))
+            return {"loss": task, "task": task}, None
+        t_logits, t_hidden = teacher_out
+        need_layers = self.distiller is not None
+        s_out = model_outputs(model, b, output_hidden_states=need_layers)
+        s_logits, s_hidden = s_out if need_layers else (s_out, None)
+        pred = cfg.alpha_pred * part.share(prediction_loss(s_logits, t_logits, cfg.temperature, "sum"))
+        shares = {"loss": pred, "distill_pred": pred}
+        if not need_layers:
+            return shares, None
+        if isinstance(model, PrunedModel):
+            alive, hidden_index = model.layer_alive(), model.hidden_index
+        else:
+            alive, hidden_index = _alive_layers(z or None, self.gates.num_layers), None
+        layer, match = self.distiller(s_hidden, t_hidden, b["attention_mask"] * part.weight, alive, hidden_index,
+                                      tokens=part.tokens, reduce=part.world.sum)
+        shares.update(loss=pred + cfg.alpha_layer * layer, distill_layer=layer)
+        return shares, match
 
 
 class _CoFiRun(TrainerHooks):
@@ -330,17 +359,26 @@ class _CoFiRun(TrainerHooks):
         self.selected = None
         self.selected_gates = None
         self.cache = None
+        self.world = run.world
         self._make_optimizers()
 
-    def on_start(self, step: int) -> None:
-        """Run the teacher over the training set once when its outputs fit in ``teacher_cache_mb``."""
+    def on_start(self, step: int, examples: list[int]) -> None:
+        """Run the teacher over this process's training examples once when its outputs fit in
+        ``teacher_cache_mb``."""
         if self.teacher is None or self.cfg.teacher_cache_mb <= 0:
             return
         layers = [] if self.distiller is None else self.distiller.teacher_layers
-        size = _TeacherCache.size_mb(self.train_enc, len(layers), self.teacher.config.hidden_size)
+        size = TeacherCache.size_mb(self.train_enc, examples, len(layers), self.teacher.config.hidden_size)
         if size <= self.cfg.teacher_cache_mb:
-            self.cache = _TeacherCache(self.teacher, self.train_enc, layers, 64, self.device, self.cfg.bf16)
-            self.run.log({"event": "teacher_cache", "examples": len(self.train_enc), "megabytes": round(size, 1)})
+            self.cache = TeacherCache(self._teacher_outputs, self.train_enc, examples, layers, self.device,
+                                      self.cfg.bf16)
+            self.run.log({"event": "teacher_cache", "examples": len(examples), "megabytes": round(size, 1)})
+
+    def _teacher_outputs(self, b: dict):
+        """``(logits, hidden states or None)`` of the frozen teacher on ``b``."""
+        with torch.no_grad():
+            out = model_outputs(self.teacher, b, output_hidden_states=self.distiller is not None)
+        return out if self.distiller is not None else (out, None)
 
     # -- optimisers --------------------------------------------------------
 
@@ -353,12 +391,18 @@ class _CoFiRun(TrainerHooks):
 
     def _make_optimizers(self):
         cfg = self.cfg
+        # Distill and prune phases: the gates and λ get no gradient in the distill phase, and live-only
+        # compute skips the weights of heads, units and sublayers whose sampled gate is 0.
+        self.loss_fn = self.world.wrap(CoFiLoss(cfg, self.student, self.gates, self.distiller), varying=True)
         self.opt_model = torch.optim.AdamW(self._model_groups(self.student), lr=cfg.lr)
         self.opt_gates = torch.optim.AdamW(list(self.gates.log_alpha.values()), lr=cfg.reg_lr, weight_decay=0.0)
         self.opt_lambda = torch.optim.AdamW([self.gates.lambda_1, self.gates.lambda_2], lr=cfg.lambda_lr,
                                             weight_decay=0.0)
 
     def _make_finetune_optimizer(self):
+        # The compact model computes every weight it has at every step (tests/training/test_distributed.py
+        # measures the set of parameters with a gradient, step after step).
+        self.loss_fn = self.world.wrap(CoFiLoss(self.cfg, self.pruned, None, self.distiller), varying=False)
         self.opt_model = torch.optim.AdamW(self._model_groups(self.pruned), lr=self.cfg.finetune_lr)
         self.opt_gates = self.opt_lambda = None
 
@@ -394,33 +438,18 @@ class _CoFiRun(TrainerHooks):
 
     # -- steps -------------------------------------------------------------
 
-    def train_step(self, phase: str, step: int, b: dict, index: list[int]) -> dict:
+    def train_step(self, phase: str, step: int, b: dict, part: BatchPart) -> dict:
         cfg, plan = self.cfg, self.plan
-        model = self.pruned if phase == "finetune" else self.student
         if phase == "finetune":
             total_ft = plan.total - plan.prune_end
             k = step - plan.prune_end
             set_lr(self.opt_model, cfg.finetune_lr * linear_schedule(k, total_ft, int(0.1 * total_ft)))
-        rec: dict = {}
-        z = None
-        if phase == "prune":
-            z = self.gates.sample()
-            self.gates.fix(z)
-        elif phase == "distill":
-            self.gates.fix({})
-        model.train()
-        try:
-            with autocast(self.device, cfg.bf16):
-                loss = self._loss(model, b, index, z, rec)
-                if phase == "prune":
-                    target = plan.target(step, cfg.target_sparsity)
-                    lag = self.gates.lagrangian(target)
-                    loss = loss + lag
-                    rec.update(lagrangian=lag.item(), target=target)
-            loss.backward()
-        finally:
-            if self.pruned is None:
-                self.gates.unfix()
+        target = plan.target(step, cfg.target_sparsity) if phase == "prune" else None
+        self.loss_fn.train()
+        with autocast(self.device, cfg.bf16):
+            loss, shares, whole, match = self.loss_fn(b, part, self._teacher_batch(b, part), target,
+                                                      phase == "prune")
+        loss.backward()
         self.opt_model.step()
         self.opt_model.zero_grad(set_to_none=True)
         if phase == "prune":
@@ -432,41 +461,25 @@ class _CoFiRun(TrainerHooks):
             self.gates.clamp_()
             self.opt_gates.zero_grad(set_to_none=True)
             self.opt_lambda.zero_grad(set_to_none=True)
+        rec = part.totals(shares)
+        rec["loss"] += whole.get("lagrangian", 0.0)
+        rec.update(whole)
+        if match is not None:
+            rec["match"] = match
         if self.pruned is None:
             with torch.no_grad():
                 rec["expected_sparsity"] = float(self.gates.expected_sparsity())
             rec["lambda_1"] = self.gates.lambda_1.item()
             rec["lambda_2"] = self.gates.lambda_2.item()
-        rec["loss"] = loss.item()
         return rec
 
-    def _loss(self, model, b, index, z, rec: dict) -> torch.Tensor:
-        cfg = self.cfg
+    def _teacher_batch(self, b: dict, part: BatchPart):
+        """The teacher's outputs for this process's part (from the cache when there is one)."""
         if self.teacher is None:
-            loss = task_loss(model_outputs(model, b), b["labels"])
-            rec["task"] = loss.item()
-            return loss
-        need_layers = self.distiller is not None
+            return None
         if self.cache is not None:
-            t_logits, t_hidden = self.cache.batch(index, b["input_ids"].shape[1], self.device)
-        else:
-            with torch.no_grad():
-                t_out = model_outputs(self.teacher, b, output_hidden_states=need_layers)
-            t_logits, t_hidden = t_out if need_layers else (t_out, None)
-        s_out = model_outputs(model, b, output_hidden_states=need_layers)
-        s_logits, s_hidden = s_out if need_layers else (s_out, None)
-        loss = cfg.alpha_pred * prediction_loss(s_logits, t_logits, cfg.temperature)
-        rec["distill_pred"] = loss.item()
-        if need_layers:
-            if self.pruned is not None:
-                alive, hidden_index = self.pruned.layer_alive(), self.pruned.hidden_index
-            else:
-                alive, hidden_index = _alive_layers(z, self.gates.num_layers), None
-            layer, match = self.distiller(s_hidden, t_hidden, b["attention_mask"], alive, hidden_index)
-            loss = loss + cfg.alpha_layer * layer
-            rec["distill_layer"] = layer.item()
-            rec["match"] = match
-        return loss
+            return self.cache.batch(part.index, b["input_ids"].shape[1], self.device)
+        return self._teacher_outputs(b)
 
     def postfix(self, phase: str, rec: dict) -> dict:
         return _postfix(phase, rec)

@@ -11,9 +11,10 @@ from .budget import B_CAP, BUDGETS, Budget, pruning_run_record, scratch_budget
 from .loop import INITS, ScratchConfig, scratch_train
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, architecture, pretrained=None):
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, architecture,
+         pretrained=None):
     return scratch_train(architecture, train, eval_data, out, config, pretrained_dir=pretrained, resume=resume,
-                         progress=progress)
+                         progress=progress, stop_at=stop_at)
 
 
 register_method(PruningMethod(

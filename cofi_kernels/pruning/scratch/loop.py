@@ -42,6 +42,7 @@ from ...models.plots import write_shapes_png
 from ...models.pruned_model import CONFIG_NAME, PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...training.distributed import local_device
 from ...training.finetune import FinetuneHooks
 from ...training.model_io import (
     TASK_FILE,
@@ -222,8 +223,9 @@ def scratch_train(
     config: ScratchConfig | None = None,
     *,
     pretrained_dir: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> RunResult:
     """Train the architecture of the pruned model in ``architecture_dir`` from scratch.
 
@@ -238,7 +240,10 @@ def scratch_train(
         config: :class:`ScratchConfig`.
         pretrained_dir: with ``init="pretrained-slice"`` (required there, refused otherwise):
             the pretrained model before fine-tuning.
-        resume: continue the unfinished run in ``out`` from its checkpoint.
+        resume: continue the unfinished run in ``out`` from its checkpoint (``"any-world-size"``:
+            also one written by another number of processes).
+        stop_at: stop after that many steps, with a checkpoint
+            (:class:`~cofi_kernels.training.trainer.RunStopped`).
         progress: show a progress bar.
 
     Raises:
@@ -273,7 +278,7 @@ def scratch_train(
     fingerprint = run_fingerprint(cfg, models={"architecture": architecture_dir, "pretrained": pretrained_dir},
                                   data={"train": train, "eval": eval_data}, method="scratch")
     run = RunDirectory(out, fingerprint, resume, "prune")
-    device = torch.device(cfg.device)
+    device = local_device(cfg.device, run.world)
     model = scratch_model(architecture, cfg.init, cfg.seed, labels, pretrained_dir, kept).to(device)
     model.requires_grad_(True)
     if cfg.freeze_embeddings:
@@ -281,18 +286,22 @@ def scratch_train(
 
     spe = steps_per_epoch(len(train_enc), cfg.batch_size)
     total = max(1, math.ceil(budget.epochs * spe))
-    hooks = _Scratch(model, cfg, eval_enc, labels, total)
+    hooks = _Scratch(model, cfg, eval_enc, labels, total, device, run.world)
     trainer = Trainer(run, hooks, [Phase("scratch", total, cfg.eval_every or spe)], train_enc, seed=cfg.seed,
                       batch_size=cfg.batch_size, device=device, checkpoint_every=cfg.checkpoint_every,
                       description=f"scratch-{cfg.budget}")
-    trainer.fit(progress)
+    trainer.fit(progress, stop_at)
 
     model.requires_grad_(False)
     model.eval()
-    model.save_pretrained(run.out)
-    write_shapes_png(model, run.out)
-    tokenizer.save_pretrained(run.out)
-    write_task(run.out, labels, cfg.max_length, "pruned")
+
+    def write():
+        model.save_pretrained(run.out)
+        write_shapes_png(model, run.out)
+        tokenizer.save_pretrained(run.out)
+        write_task(run.out, labels, cfg.max_length, "pruned")
+
+    run.write(write)
     best = trainer.best["scratch"]
     summary = {
         "kind": "prune",

@@ -12,13 +12,13 @@ from .loop import SMPConfig, smp_prune
 __all__ = ["SMPConfig", "smp_prune"]
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, model, teacher=None, structured=False,
-         unstructured=False):
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, model, teacher=None,
+         structured=False, unstructured=False):
     if structured == unstructured:  # both or neither
         raise RunError("prune: --method smp needs exactly one of --structured (whole heads and FFN units: a compact, "
                        "faster model) or --unstructured (per-weight masks: no speed-up on dense hardware)")
     return smp_prune(model, train, eval_data, out, config, structured=structured, teacher_dir=teacher,
-                     resume=resume, progress=progress)
+                     resume=resume, progress=progress, stop_at=stop_at)
 
 
 register_method(PruningMethod(

@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...models.builder import KeptLayer, build_pruned_model
 from ...models.plots import write_shapes_png
@@ -45,6 +46,7 @@ from ...models.size import dense_encoder_size, encoder_size
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import prediction_loss, task_loss
+from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate, model_outputs
 from ...training.model_io import (
     MASKS_FILE,
@@ -70,6 +72,7 @@ from ...training.trainer import (
     clone_state,
     run_fingerprint,
 )
+from ...training.teacher import TeacherCache
 from .scores import MaskedClassifier, kept_count, regulariser_weight, remaining_fraction
 
 STRUCTURE_FILE = "smp_structure.safetensors"
@@ -134,8 +137,9 @@ def smp_prune(
     *,
     structured: bool,
     teacher_dir: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> RunResult:
     """Prune the pre-trained BERT/RoBERTa encoder in ``model_dir`` by SMP to ``config.remaining``.
 
@@ -148,7 +152,10 @@ def smp_prune(
             keeps per-matrix unstructured masks beside the dense model.
         teacher_dir: a fine-tuned model (``cofi finetune``) to distil from; its label space is used,
             and it must read the same tokens (same vocabulary) as ``model_dir``.
-        resume: continue the unfinished run in ``out`` from its checkpoint.
+        resume: continue the unfinished run in ``out`` from its checkpoint (``"any-world-size"``:
+            also one written by another number of processes).
+        stop_at: stop after that many steps, with a checkpoint
+            (:class:`~cofi_kernels.training.trainer.RunStopped`).
         progress: show a progress bar.
 
     Raises:
@@ -176,7 +183,7 @@ def smp_prune(
                                   data={"train": train, "eval": eval_data}, structured=structured,
                                   labels=labels.to_json())
     run = RunDirectory(out, fingerprint, resume, "smp")
-    device = torch.device(cfg.device)
+    device = local_device(cfg.device, run.world)
     teacher = None
     if teacher_dir is not None:
         teacher = load_classifier(teacher_dir).to(device).eval()
@@ -193,7 +200,7 @@ def smp_prune(
     trainer = Trainer(run, hooks, [Phase("prune", plan.total, plan.eval_every)], train_enc, seed=cfg.seed,
                       batch_size=cfg.batch_size, device=device, checkpoint_every=cfg.checkpoint_every,
                       description=f"smp prune ({'structured' if structured else 'unstructured'})")
-    trainer.fit(progress)
+    trainer.fit(progress, stop_at)
 
     best = trainer.best["prune"]
     masked.remaining = cfg.remaining
@@ -205,23 +212,31 @@ def smp_prune(
     masked.cpu()
     if structured:
         pruned = _compact(masked)
-        pruned.save_pretrained(run.out)
-        write_task(run.out, labels, cfg.max_length, "pruned")
-        write_shapes_png(pruned, run.out)
-        _save_structure(os.path.join(run.out, STRUCTURE_FILE), masked)
+
+        def write():
+            pruned.save_pretrained(run.out)
+            write_task(run.out, labels, cfg.max_length, "pruned")
+            write_shapes_png(pruned, run.out)
+            _save_structure(os.path.join(run.out, STRUCTURE_FILE), masked)
+            tokenizer.save_pretrained(run.out)
+
         sparsity = pruned.sparsity
         summary.update(sparsity=sparsity, parameters=pruned.num_parameters(), encoder_weights=pruned.encoder_size,
                        layer_shapes=pruned.layer_shapes())
     else:
         masks = masked.masks(cfg.remaining)
-        model.save_pretrained(run.out)
-        write_task(run.out, labels, cfg.max_length, "masked")
-        write_weight_masks(os.path.join(run.out, MASKS_FILE), {t.name: m for t, m in zip(masked.targets, masks)})
+
+        def write():
+            model.save_pretrained(run.out)
+            write_task(run.out, labels, cfg.max_length, "masked")
+            write_weight_masks(os.path.join(run.out, MASKS_FILE), {t.name: m for t, m in zip(masked.targets, masks)})
+            tokenizer.save_pretrained(run.out)
+
         kept = sum(int(m.sum()) for m in masks)
         sparsity = 1.0 - kept / _dense_size(masked)
         summary.update(sparsity=sparsity, encoder_weights=kept,
                        kept_per_matrix={t.name: int(m.sum()) for t, m in zip(masked.targets, masks)})
-    tokenizer.save_pretrained(run.out)
+    run.write(write)
     run.finish(summary)
     return RunResult(run.out, best, plan.total, trainer.seconds, {"sparsity": sparsity})
 
@@ -263,18 +278,27 @@ def _save_structure(path: str, masked: MaskedClassifier) -> None:
                "heads_kept": heads.to(torch.uint8), "units_kept": units.to(torch.uint8)}, path)
 
 
-class _TeacherLogits:
-    """The teacher's logits for every training example, computed once in index order."""
+class SMPLoss(nn.Module):
+    """An SMP step's whole loss as one module, the one DDP wraps: the scores and the classification
+    head (the encoder's weights are frozen). ``forward(batch, part, teacher_logits, lam)`` returns
+    ``(loss to backpropagate, {name: this process's share}, regulariser)``: cross-entropy (and the
+    distillation against ``teacher_logits``) as shares, ``lam · mean σ(S)`` whole."""
 
-    def __init__(self, teacher, enc: Encoded, device, bf16: bool):
-        rows = []
-        with torch.no_grad(), autocast(device, bf16):
-            for index in enc.in_order(64):
-                rows.append(model_outputs(teacher, enc.batch(index, device)).float().cpu())
-        self.logits = torch.cat(rows)
+    def __init__(self, cfg: SMPConfig, masked: MaskedClassifier):
+        super().__init__()
+        self.cfg, self.masked = cfg, masked
 
-    def batch(self, index: list[int], device) -> torch.Tensor:
-        return self.logits[index].to(device)
+    def forward(self, b: dict, part: BatchPart, teacher_logits, lam: float):
+        cfg = self.cfg
+        part.local_noise()
+        logits = model_outputs(self.masked, b)
+        task = part.share(task_loss(logits, b["labels"], "sum"))
+        shares = {"task": task, "loss": task}
+        if teacher_logits is not None:
+            kd = part.share(prediction_loss(logits, teacher_logits, cfg.temperature, "sum"))
+            shares.update(distill=kd, loss=cfg.alpha_ce * task + cfg.alpha_distil * kd)
+        reg = self.masked.regulariser()
+        return part.backward_loss(shares["loss"], lam * reg), {k: v.detach() for k, v in shares.items()}, reg
 
 
 class _SMPRun(TrainerHooks):
@@ -285,16 +309,19 @@ class _SMPRun(TrainerHooks):
         self.cfg, self.plan, self.run, self.masked, self.teacher = cfg, plan, run, masked, teacher
         self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
         self.cache = None
+        # Every score gets a gradient through the straight-through mask, and the head is always used.
+        self.loss_fn = run.world.wrap(SMPLoss(cfg, masked), varying=False)
         self.opt = torch.optim.AdamW(
             [{"params": list(masked.scores), "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
              {"params": masked.head_parameters(), "lr": cfg.head_lr, "weight_decay": 0.0, "base_lr": cfg.head_lr}])
 
-    def on_start(self, step: int) -> None:
+    def on_start(self, step: int, examples: list[int]) -> None:
         if self.teacher is not None:
-            self.cache = _TeacherLogits(self.teacher, self.train_enc, self.device, self.cfg.bf16)
-            self.run.log({"event": "teacher_cache", "examples": len(self.train_enc)})
+            self.cache = TeacherCache(lambda b: (model_outputs(self.teacher, b), None), self.train_enc, examples, [],
+                                      self.device, self.cfg.bf16)
+            self.run.log({"event": "teacher_cache", "examples": len(examples)})
 
-    def train_step(self, phase: str, step: int, b: dict, index: list[int]) -> dict:
+    def train_step(self, phase: str, step: int, b: dict, part: BatchPart) -> dict:
         cfg, plan, masked = self.cfg, self.plan, self.masked
         v = remaining_fraction(step, cfg.remaining, plan.schedule_steps)
         lam = regulariser_weight(step, cfg.lambda_max, plan.total)
@@ -304,20 +331,14 @@ class _SMPRun(TrainerHooks):
         masked.remaining = v
         masked.train()
         rec: dict = {"remaining": v, "lambda": lam}
+        teacher = None if self.cache is None else self.cache.batch_logits(part.index, self.device)
         with autocast(self.device, cfg.bf16):
-            logits = model_outputs(masked, b)
-            loss = task_loss(logits, b["labels"])
-            rec["task"] = loss.item()
-            if self.cache is not None:
-                kd = prediction_loss(logits, self.cache.batch(index, self.device), cfg.temperature)
-                rec["distill"] = kd.item()
-                loss = cfg.alpha_ce * loss + cfg.alpha_distil * kd
-            reg = masked.regulariser()
-            loss = loss + lam * reg
+            loss, shares, reg = self.loss_fn(b, part, teacher, lam)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        rec.update(regulariser=reg.item(), loss=loss.item())
+        rec.update(part.totals(shares), regulariser=reg.item())
+        rec["loss"] += lam * rec["regulariser"]
         return rec
 
     def postfix(self, phase: str, rec: dict) -> dict:

@@ -15,8 +15,8 @@ __all__ = ["ReplaceSchedule", "TheseusConfig", "TheseusModel", "check_theseus_co
            "theseus_prune"]
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, teacher):
-    return theseus_prune(teacher, train, eval_data, out, config, resume=resume, progress=progress)
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, teacher):
+    return theseus_prune(teacher, train, eval_data, out, config, resume=resume, progress=progress, stop_at=stop_at)
 
 
 register_method(PruningMethod(

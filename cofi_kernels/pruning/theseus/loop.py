@@ -32,11 +32,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...training.config import RunSettings, check_run_settings, documented, setting
 from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import prediction_loss, task_loss
-from ...training.evaluation import autocast, evaluate, model_outputs
+from ...training.distributed import BatchPart, local_device
+from ...training.evaluation import autocast, evaluate
 from ...training.model_io import (
     TASK_FILE,
     check_max_length,
@@ -59,6 +61,7 @@ from ...training.trainer import (
     clone_state,
     run_fingerprint,
 )
+from ...training.teacher import TeacherCache
 from .model import TheseusModel, successor_pruned_model
 from .schedule import SCHEDULES, ReplaceSchedule
 
@@ -167,8 +170,9 @@ def theseus_prune(
     out: str,
     config: TheseusConfig | None = None,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> RunResult:
     """Compress the fine-tuned model in ``teacher_dir`` to ``config.layers`` layers by module replacing.
 
@@ -181,7 +185,10 @@ def theseus_prune(
             :class:`~cofi_kernels.models.pruned_model.PrunedModel` (with the tokenizer
             and ``cofi_task.json``), ``log.jsonl``, ``run.json`` and ``shapes.png``.
         config: :class:`TheseusConfig` (``layers`` must be given).
-        resume: continue the unfinished run in ``out`` from its checkpoint.
+        resume: continue the unfinished run in ``out`` from its checkpoint (``"any-world-size"``:
+            also one written by another number of processes).
+        stop_at: stop after that many steps, with a checkpoint
+            (:class:`~cofi_kernels.training.trainer.RunStopped`).
         progress: show a progress bar (loss, replacing rate p).
 
     Returns:
@@ -209,24 +216,28 @@ def theseus_prune(
     fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir}, data={"train": train, "eval": eval_data},
                                   method="theseus")
     run = RunDirectory(out, fingerprint, resume, "prune")
-    device = torch.device(cfg.device)
+    device = local_device(cfg.device, run.world)
     model = _build_model(cfg, teacher_dir, labels, device)
 
     plan = _Plan(cfg, len(train_enc))
     hooks = _TheseusRun(cfg, plan, run, model, labels, train_enc, eval_enc, device)
     trainer = Trainer(run, hooks, plan.phases(), train_enc, seed=cfg.seed, batch_size=cfg.batch_size,
                       device=device, checkpoint_every=cfg.checkpoint_every, description="theseus")
-    trainer.fit(progress)
+    trainer.fit(progress, stop_at)
 
     best = trainer.best.get("finetune")
     metrics = best
     if metrics is None:  # no fine-tuning phase: the replacing phase's last state is the model
         metrics = evaluate(model, eval_enc, labels, device=device, bf16=cfg.bf16)
     pruned = successor_pruned_model(model)
-    pruned.save_pretrained(run.out)
-    tokenizer.save_pretrained(run.out)
-    write_task(run.out, labels, cfg.max_length, "pruned")
-    _write_shapes(pruned, run.out)
+
+    def write():
+        pruned.save_pretrained(run.out)
+        tokenizer.save_pretrained(run.out)
+        write_task(run.out, labels, cfg.max_length, "pruned")
+        _write_shapes(pruned, run.out)
+
+    run.write(write)
     summary = {
         "kind": "prune",
         "method": "theseus",
@@ -244,6 +255,29 @@ def theseus_prune(
     }
     run.finish(summary)
     return RunResult(run.out, metrics, plan.total, trainer.seconds, {"sparsity": pruned.sparsity})
+
+
+class TheseusLoss(nn.Module):
+    """A Theseus step's whole loss as one module, the one DDP wraps: the predecessor (frozen) and
+    its successor layers. ``forward(batch, part, use_successor, teacher_logits)`` returns
+    ``(loss to backpropagate, {name: this process's share})``; ``teacher_logits`` (the
+    predecessor's, with ``--distill``) come from outside."""
+
+    def __init__(self, cfg: TheseusConfig, model: TheseusModel):
+        super().__init__()
+        self.cfg, self.model = cfg, model
+
+    def forward(self, b: dict, part: BatchPart, use_successor, teacher_logits):
+        cfg = self.cfg
+        part.local_noise()
+        logits = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                            use_successor=use_successor).logits
+        task = part.share(task_loss(logits, b["labels"], "sum"))
+        shares = {"task": task, "loss": task}
+        if teacher_logits is not None:
+            kd = part.share(prediction_loss(logits, teacher_logits, cfg.temperature, "sum"))
+            shares.update(distill_pred=kd, loss=task + cfg.alpha_pred * kd)
+        return part.backward_loss(shares["loss"]), {k: v.detach() for k, v in shares.items()}
 
 
 def _write_shapes(pruned, out: str) -> None:
@@ -272,25 +306,26 @@ class _TheseusRun(TrainerHooks):
     def __init__(self, cfg, plan: _Plan, run, model: TheseusModel, labels, train_enc, eval_enc, device):
         self.cfg, self.plan, self.run, self.model = cfg, plan, run, model
         self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
-        self.teacher_logits = None
+        self.teacher = None
+        # The successor modules that run change from step to step.
+        self.loss_fn_local = TheseusLoss(cfg, model)
+        self.loss_fn = run.world.wrap(self.loss_fn_local, varying=True)
         # One optimizer per phase: the successor-only fine-tuning starts afresh, as the paper's separate run.
         self.opt_replace = torch.optim.AdamW(decay_groups(model.successor, cfg.weight_decay), lr=cfg.lr)
         self.opt_finetune = torch.optim.AdamW(decay_groups(model.successor, cfg.weight_decay), lr=cfg.finetune_lr)
 
-    def on_start(self, step: int) -> None:
-        """With ``distill``: the predecessor's logits for every training example, once (eval mode,
-        in index order with a fixed batch size, so a resumed run recomputes the same values)."""
+    def on_start(self, step: int, examples: list[int]) -> None:
+        """With ``distill``: the predecessor's logits for this process's training examples, once."""
         if not self.cfg.distill:
             return
-        rows = []
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.cfg.bf16):
-            for index in self.train_enc.in_order(64):
-                b = self.train_enc.batch(index, self.device)
-                rows.append(self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                       predecessor=True).logits.float().cpu())
+        self.teacher = TeacherCache(self._predecessor_logits, self.train_enc, examples, [], self.device,
+                                    self.cfg.bf16)
         self.model.train()
-        self.teacher_logits = torch.cat(rows)
+
+    def _predecessor_logits(self, b: dict):
+        with torch.no_grad():
+            return self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], predecessor=True).logits, None
 
     # -- checkpoint: only the successor and the optimizers change -------------
 
@@ -309,14 +344,15 @@ class _TheseusRun(TrainerHooks):
         """p of global step ``step`` (1 in the fine-tuning phase)."""
         return self.plan.schedule.rate(step) if step < self.plan.replace_steps else 1.0
 
-    def train_step(self, phase: str, step: int, b: dict, index: list[int]) -> dict:
+    def train_step(self, phase: str, step: int, b: dict, part: BatchPart) -> dict:
         cfg, plan = self.cfg, self.plan
         rec: dict = {}
         if phase == "replace":
             opt = self.opt_replace
             set_lr(opt, cfg.lr * linear_schedule(step, plan.replace_steps, 0))
             p = self.rate(step)
-            # One draw per module for the whole batch, from the generator the trainer seeded for this step.
+            # One draw per module for the whole global batch, from the generator the trainer seeded for
+            # this step: the same on every process.
             use = torch.bernoulli(torch.full((self.model.num_modules,), p)).bool()
             rec.update(replace_rate=p, successor=[int(x) for x in use.tolist()])
         else:
@@ -326,22 +362,19 @@ class _TheseusRun(TrainerHooks):
             use = None
             rec["replace_rate"] = 1.0
         self.model.train()
+        trains = use is None or bool(use.any())
+        # With every module on its (frozen) predecessor nothing trains: the step runs outside DDP, which
+        # would wait for gradients that never come.
+        loss_fn = self.loss_fn if trains else self.loss_fn_local
+        teacher = None if self.teacher is None else self.teacher.batch_logits(part.index, self.device)
         with autocast(self.device, cfg.bf16):
-            logits = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], use_successor=use).logits
-            loss = task_loss(logits, b["labels"])
-            rec["task"] = loss.item()
-            if cfg.distill:
-                t_logits = self.teacher_logits[index].to(self.device)
-                kd = prediction_loss(logits, t_logits, cfg.temperature)
-                rec["distill_pred"] = kd.item()
-                loss = loss + cfg.alpha_pred * kd
-        if loss.requires_grad:
+            loss, shares = loss_fn(b, part, use, teacher)
+        if trains:
             loss.backward()
-        # else every module ran its (frozen) predecessor: nothing to train on this batch; AdamW skips
-        # parameters without a gradient, so the step changes nothing.
+        # else AdamW skips parameters without a gradient, so the step changes nothing.
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rec["loss"] = loss.item()
+        rec.update(part.totals(shares))
         rec["lr"] = opt.param_groups[0]["lr"]
         return rec
 

@@ -1,0 +1,71 @@
+"""A frozen teacher's outputs on the training examples, computed once (:class:`TeacherCache`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .data import Encoded
+from .evaluation import autocast
+
+__all__ = ["TeacherCache"]
+
+# Outputs of a batch: logits [B, C] and, when layers are cached, every layer's hidden states [B, T, D].
+Outputs = Callable[[dict], tuple[torch.Tensor, Sequence[torch.Tensor] | None]]
+
+
+class TeacherCache:
+    """The teacher's logits and the hidden states of ``layers`` for the examples ``examples``.
+
+    Computed once, over the fixed batches of ``chunk`` examples in index order
+    (only those holding a wanted example), so an example's values never depend on
+    which examples a process or a resumed run asks for; padding positions are not
+    stored.
+
+    Args:
+        outputs: runs the teacher (in eval mode, without gradients) on a batch.
+        enc: the encoded training data.
+        examples: the examples to keep (a process's own, :meth:`TrainerHooks.on_start`).
+        layers: the teacher layers whose hidden states are kept (none: logits only).
+        device, bf16: where the teacher runs, and whether under bf16 autocast.
+    """
+
+    def __init__(self, outputs: Outputs, enc: Encoded, examples: Sequence[int], layers: Sequence[int], device,
+                 bf16: bool, chunk: int = 64):
+        self.layers = list(layers)
+        self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, dict[int, torch.Tensor]] = {}
+        wanted = set(examples)
+        with torch.no_grad(), autocast(device, bf16):
+            for index in enc.in_order(chunk):
+                if wanted.isdisjoint(index):
+                    continue
+                logits, hidden = outputs(enc.batch(index, device))
+                for r, i in enumerate(index):
+                    if i not in wanted:
+                        continue
+                    n = len(enc.input_ids[i])
+                    self.logits[i] = logits[r].float().cpu()
+                    self.hidden[i] = {t: hidden[t][r, :n].float().cpu() for t in self.layers}
+
+    @staticmethod
+    def size_mb(enc: Encoded, examples: Sequence[int], num_layers: int, hidden_size: int) -> float:
+        """Memory the hidden states of ``num_layers`` layers for ``examples`` would take."""
+        tokens = sum(len(enc.input_ids[i]) for i in examples)
+        return tokens * num_layers * hidden_size * 4 / 2**20
+
+    def batch_logits(self, index: Sequence[int], device) -> torch.Tensor:
+        """``[B, C]`` logits of the examples ``index``."""
+        return torch.stack([self.logits[i] for i in index]).to(device)
+
+    def batch(self, index: Sequence[int], seq_len: int, device):
+        """``(logits [B, C], {layer: [B, T, D]})`` for the examples ``index`` padded to ``seq_len``."""
+        hidden = {}
+        for t in self.layers:
+            rows = [self.hidden[i][t] for i in index]
+            h = rows[0].new_zeros(len(index), seq_len, rows[0].shape[-1])
+            for r, x in enumerate(rows):
+                h[r, : x.shape[0]] = x
+            hidden[t] = h.to(device)
+        return self.batch_logits(index, device), hidden
