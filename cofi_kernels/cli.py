@@ -128,7 +128,8 @@ def _check_paths(args, model_flags=(), *, out_file: bool = False) -> None:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
             check_model_dir(value, flag, RunError)
-    if getattr(args, "out", None) is not None:
+    # Under torchrun only rank 0 writes --out (the other machines need not have its parent directory).
+    if getattr(args, "out", None) is not None and os.environ.get("RANK", "0") == "0":
         (check_output_file if out_file else check_output_dir)(args.out, "--out", RunError)
 
 

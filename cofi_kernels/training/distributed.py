@@ -81,11 +81,6 @@ class World:
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
-    def barrier(self) -> None:
-        """Wait until every process reaches this point."""
-        if self.distributed:
-            torch.distributed.barrier()
-
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the processes (a new tensor; the input's device and dtype)."""
         if not self.distributed:
@@ -103,9 +98,10 @@ class World:
         return box[0]
 
     def on_main(self, fn: Callable[[], object]):
-        """``fn()`` run on rank 0 only, its result handed to every process; an exception it
-        raises is raised on every process (same type where it can be rebuilt from its message),
-        so no process waits for one that failed."""
+        """``fn()`` run on rank 0 only, its result handed to every process, which all return
+        once rank 0 is done (what rank 0 wrote is whole by then); an exception it raises is
+        raised on every process (same type where it can be rebuilt from its message), so no
+        process waits for one that failed."""
         if not self.distributed:
             return fn()
         result = error = None
@@ -118,9 +114,10 @@ class World:
         if error is not None:
             kind, message = error
             try:
-                raise kind(message)
-            except TypeError:
-                raise DistributedError(message) from None
+                exc = kind(message)
+            except Exception:  # an exception type that cannot be rebuilt from its message alone
+                exc = DistributedError(message)
+            raise exc
         return result
 
     # -- the batch and the model --------------------------------------------

@@ -109,11 +109,12 @@ class RunDirectory:
     """
 
     def __init__(self, out: str, fingerprint: dict, resume: bool | str, kind: str, world: World | None = None):
-        self.out = check_output_dir(out, "output directory", RunError)
-        self.fingerprint = fingerprint
-        self.kind = kind
         # A run under torchrun joins its process group here, whoever called it.
         self.world = world or init_distributed(fingerprint.get("config", {}).get("device", "cpu"))
+        # Only rank 0 writes here, so only its machine needs the directory.
+        self.out = self.world.on_main(lambda: check_output_dir(out, "output directory", RunError))
+        self.fingerprint = fingerprint
+        self.kind = kind
         self.any_world_size = resume == ANY_WORLD_SIZE
         if not isinstance(resume, bool) and not self.any_world_size:
             raise RunError(f"resume must be True, False or {ANY_WORLD_SIZE!r}, got {resume!r}")
