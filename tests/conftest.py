@@ -14,6 +14,19 @@ import torch
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _triton_device() -> str | None:
+    from cofi_kernels.ops.triton import support
+
+    if torch.cuda.is_available() and not support.INTERPRET:
+        return "cuda"
+    return "cpu" if support.INTERPRET else None
+
+
+# Where the Triton kernel tests run: the GPU, else the CPU through the interpreter, else nowhere.
+TRITON_DEVICE = _triton_device()
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="no GPU and not under TRITON_INTERPRET=1")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different seed per test (and per run unless COFI_TEST_SEED is set):

@@ -19,7 +19,7 @@ from cofi_kernels.ops.triton import support as _triton_support
 from cofi_kernels.ops import gated_attention as gated_attention_op
 
 from tests.compare import check_against_reference
-from tests.conftest import requires_cuda
+from tests.conftest import TRITON_DEVICE, needs_triton, requires_cuda
 
 NAMES = ["q", "k", "v", "head_gate", "key_padding_mask"]
 
@@ -27,13 +27,6 @@ pytestmark = pytest.mark.skipif(
     not _triton_support.INSTALLED, reason="triton is not installed"
 )
 
-if torch.cuda.is_available() and not _triton_support.INTERPRET:
-    TRITON_DEVICE = "cuda"
-elif _triton_support.INTERPRET:
-    TRITON_DEVICE = "cpu"
-else:
-    TRITON_DEVICE = None
-needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="no GPU and not under TRITON_INTERPRET=1")
 
 
 def head_gate(kind: str, h: int, device) -> torch.Tensor | None:

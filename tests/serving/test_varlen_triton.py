@@ -24,17 +24,10 @@ from cofi_kernels.ops.triton import support as _triton_support
 
 from tests import REPO_ROOT
 from tests.compare import FP32_TOL, rel_err
-from tests.conftest import requires_cuda
+from tests.conftest import TRITON_DEVICE, needs_triton, requires_cuda
 
 pytestmark = pytest.mark.skipif(not _triton_support.INSTALLED, reason="triton is not installed")
 
-if torch.cuda.is_available() and not _triton_support.INTERPRET:
-    TRITON_DEVICE = "cuda"
-elif _triton_support.INTERPRET:
-    TRITON_DEVICE = "cpu"
-else:
-    TRITON_DEVICE = None
-needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="no GPU and not under TRITON_INTERPRET=1")
 
 
 def _lengths(batch: int, longest: int) -> torch.Tensor:
