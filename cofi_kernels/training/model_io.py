@@ -24,7 +24,7 @@ from ..models.size import dense_encoder_size
 from .config import MIN_MAX_LENGTH
 from .data import LabelSpace
 from .paths import check_model_dir
-from .trainer import RunError, first_line, write_json
+from .trainer import RunError, first_line, read_json, write_json
 
 TASK_FILE = "cofi_task.json"
 MASKS_FILE = "weight_masks.safetensors"  # unstructured masks beside a dense model (`cofi prune --method smp`)
@@ -196,11 +196,7 @@ def read_task(model_dir: str) -> dict:
     if not os.path.isfile(path):
         raise RunError(f"model directory {model_dir!r} has no {TASK_FILE}; give a model written by "
                        "`cofi finetune` or `cofi prune`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            task = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise RunError(f"{path}: unreadable ({first_line(e)})") from None
+    task = read_json(path)
     if not isinstance(task, dict) or not {"task", "labels", "max_length"} <= task.keys():
         raise RunError(f"{path}: malformed (needs 'task', 'labels', 'max_length')")
     names = task["labels"]

@@ -74,6 +74,16 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str):
+    """The JSON value in ``path``; :class:`RunError` ``"<path>: unreadable (...)"`` when it cannot be read
+    or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise RunError(f"{path}: unreadable ({first_line(e)})") from None
+
+
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -19,13 +19,12 @@ per token come from the per-layer shapes
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
 
 from ...models.size import dense_encoder_flops_per_token, encoder_flops_per_token
-from ...training.trainer import RUN_FILE, RunError
+from ...training.trainer import RUN_FILE, RunError, read_json
 
 __all__ = ["BUDGETS", "B_CAP", "Budget", "architecture_flops", "pruning_run_record", "scratch_budget"]
 
@@ -81,11 +80,7 @@ def pruning_run_record(architecture_dir: str) -> tuple[float, int]:
     if not os.path.isfile(path):
         raise RunError(f"{where} has no {RUN_FILE}; the scratch budget is the pruning run's epochs, read from "
                        "there: give the output directory of a finished `cofi prune` run")
-    try:
-        with open(path, encoding="utf-8") as f:
-            run = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise RunError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    run = read_json(path)
     config = run.get("config") if isinstance(run, dict) else None
     config = config if isinstance(config, dict) else {}
     if isinstance(run, dict) and _number(run.get("epochs")) and run["epochs"] > 0:
