@@ -693,7 +693,7 @@ def _error(command: str, message: str) -> int:
 
     line = " ".join(message.split())  # one line, whatever the message held
     world = current_world()
-    where = f" (process {world.rank} of {world.size})" if world.distributed else ""
+    where = f" (process {world.rank} of {world.size})" if world.size > 1 else ""
     print(f"cofi {command}{where}: error: {line}", file=sys.stderr)
     return 2
 

@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node N -m cofi_kernels.cli finetune|prune ...`` starts N
 copies of the command; :func:`init_distributed` joins them into one process
-group (gloo on CPUs, NCCL on GPUs, one GPU per process: ``cuda:LOCAL_RANK``).
-A command started without torchrun's variables runs as one process, as before.
+group (gloo on CPUs, NCCL on GPUs, one GPU per process: ``cuda:LOCAL_RANK``),
+N = 1 included. A command started without torchrun's variables runs as one
+process without a group or DDP, as before.
 
 What makes N processes compute what one process computes with the same
 global batch:
@@ -74,7 +75,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """True when this process is in a process group (started by torchrun, even alone)."""
+        return self.backend is not None
 
     # -- collectives (no-ops for one process) --------------------------------
 
@@ -193,7 +195,7 @@ class BatchPart:
     def local_noise(self) -> None:
         """Reseed torch for the noise each process draws for its own examples (dropout), after the
         draws every process shares; a no-op for one process, whose stream stays as it was."""
-        if self.world.distributed:
+        if self.world.size > 1:
             torch.manual_seed((self.seed * 1_000_003 + self.step * 7919 + 104_729 * (self.world.rank + 1))
                               % (2**63 - 1))
 
@@ -246,8 +248,8 @@ def local_device(device: str | torch.device, world: World | None = None) -> torc
 def init_distributed(device: str | torch.device = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     """Join the process group torchrun's variables describe, once; return the :class:`World`.
 
-    Without torchrun (``WORLD_SIZE`` unset or 1) nothing happens and a single-process
-    world is returned. Otherwise the backend is NCCL for ``device`` cuda (each process
+    Without torchrun's variables nothing happens and a single-process world without a
+    group is returned. Otherwise the backend is NCCL for ``device`` cuda (each process
     on ``cuda:LOCAL_RANK``) and gloo for cpu. Forming the group and every later
     collective wait at most ``timeout_s`` seconds for the other processes.
 
@@ -265,7 +267,7 @@ def init_distributed(device: str | torch.device = "cpu", *, timeout_s: float = D
             raise DistributedError(f"the process group uses {_WORLD.backend}; device {str(device)!r} needs {backend}")
         return _WORLD
     size = torchrun_world_size()
-    if size == 1:
+    if size == 1 and not all(os.environ.get(name) for name in _ENV):
         return _WORLD
     if not timeout_s > 0:
         raise DistributedError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")

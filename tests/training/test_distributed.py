@@ -125,10 +125,12 @@ def _masks(teacher: str, gates_state: dict) -> dict:
 # ---------------------------------------------------------------------- equal to one process
 
 
-def _cofi_pair(job, tmp_path, teacher: str, steps: int, entry=None, **env):
+def _cofi_pair(job, tmp_path, teacher: str, steps: int, entry=None, nproc: int = 2, extra=(), **env):
+    """The checkpoints after ``steps`` steps of one plain process and of ``nproc`` under torchrun."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _ok(_cofi(_cofi_args(job, teacher, one) + ["--stop-at-step", str(steps)]))
-    _ok(_torchrun(2, _cofi_args(job, teacher, two) + ["--stop-at-step", str(steps)], entry, **env))
+    stop = ["--stop-at-step", str(steps), *extra]
+    _ok(_cofi(_cofi_args(job, teacher, one) + stop))
+    _ok(_torchrun(nproc, _cofi_args(job, teacher, two) + stop, entry, **env))
     return _state(one), _state(two)
 
 
@@ -168,6 +170,25 @@ def test_float32_steps_agree_to_rounding(job, tmp_path):
     assert all(v <= 1e-6 for v in diff.values()), diff
 
 
+# A mark of its own, not conftest's: benchmarks/gpu_check.py runs every file that uses that one whole on the
+# GPU machine, and only this case needs a GPU (it is picked by `-k cuda` there: the 1-process NCCL job).
+_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
+def test_one_process_under_torchrun_equals_the_plain_command(job, tmp_path, device):
+    """``torchrun --nproc_per_node 1`` forms a group of one (gloo, or NCCL on a GPU) and trains through
+    DDP; it equals the plain command, and runs a whole CoFi job (prune, compact model, fine-tuning)."""
+    dev = ["--device", device]
+    a, b = _cofi_pair(job, tmp_path, "teacher32", 6, nproc=1, extra=dev)
+    diff = _cofi_differences(a, b)
+    assert all(v <= 1e-6 for v in diff.values()), diff
+    whole = tmp_path / "whole"
+    _ok(_torchrun(1, _cofi_args(job, "teacher32", whole) + dev))
+    run = json.loads((whole / "run.json").read_text())
+    assert (run["world_size"], run["global_batch"], run["steps"]) == (1, 8, 45)
+
+
 def test_negative_control_gates_outside_the_wrapped_module_diverge(job, tmp_path):
     """The same comparison fails when the gates' gradients are not averaged over the processes."""
     a, b = _cofi_pair(job, tmp_path, "teacher64", 20, entry=ENTRY, COFI_TEST_FAULT="gates-outside-ddp")
@@ -190,6 +211,36 @@ def test_theseus_on_two_processes_equals_one(job, tmp_path):
     sa, sb = _steps(tmp_path / "one"), _steps(tmp_path / "two")
     assert [r["successor"] for r in sa if "successor" in r] == [r["successor"] for r in sb if "successor" in r]
     assert any(0 < sum(r["successor"]) < 2 for r in sa if "successor" in r)  # steps that mix modules
+
+
+def test_smp_and_scratch_on_two_processes_equal_one(job, tmp_path):
+    """The other two methods: structured SMP with a teacher (10 steps), then Scratch-E from a CoFi run's
+    shapes (10 steps), 2 processes × 4 against 1 process × 8."""
+    from cofi_kernels.pruning.cofi.loop import PruneConfig, cofi_prune
+    from tests.training_support import FAST_PRUNE
+
+    def smp(out):
+        return ["prune", "--method", "smp", "--model", job["base64"], "--teacher", job["teacher64"], *job["data"],
+                "--out", str(out), "--structured", "--remaining", "0.3", "--epochs", "2", "--schedule-epochs", "1",
+                "--lr", "5e-2", "--head-lr", "1e-2", "--eval-every", "3", "--batch-size", "8", "--stop-at-step", "10"]
+
+    _ok(_cofi(smp(tmp_path / "smp1")))
+    _ok(_torchrun(2, smp(tmp_path / "smp2")))
+    a, b = _state(tmp_path / "smp1")["method"], _state(tmp_path / "smp2")["method"]
+    assert _max_diff(a["scores"], b["scores"]) <= 1e-5 and _max_diff(a["head"], b["head"]) <= 1e-5
+
+    arch = str(tmp_path / "arch")
+    train, held = dataset(toy_rows(48, 1)), dataset(toy_rows(24, 2))
+    cofi_prune(job["teacher64"], train, held, arch, PruneConfig(**FAST_PRUNE), progress=False)
+
+    def scratch(out):
+        return ["prune", "--method", "scratch", "--architecture", arch, *job["data"], "--out", str(out),
+                "--budget", "E", "--batch-size", "8", "--eval-every", "3", "--stop-at-step", "10"]
+
+    _ok(_cofi(scratch(tmp_path / "s1")))
+    _ok(_torchrun(2, scratch(tmp_path / "s2")))
+    a, b = _state(tmp_path / "s1")["method"], _state(tmp_path / "s2")["method"]
+    assert _max_diff(a["model"], b["model"]) <= 1e-5
 
 
 def test_finetune_on_two_machines_equals_one_process(job, tmp_path):
