@@ -136,7 +136,7 @@ class World:
         return BatchPart(mine, n, sum(int(lengths[i]) for i in index), weight, self, seed, step)
 
     def wrap(self, module: nn.Module, *, varying: bool) -> nn.Module:
-        """``module`` in DistributedDataParallel (itself for one process).
+        """``module`` in DistributedDataParallel (itself when no process group was formed).
 
         ``varying``: the set of parameters that receive a gradient changes between steps
         (live-only compute of gated heads and units, Theseus' replaced modules), so DDP must look
