@@ -457,12 +457,20 @@ class Trainer:
         if self.run.is_main:
             self.run.save_checkpoint(self.state_dict())
 
+    def _part(self, step: int, batch: list[int] | None = None) -> BatchPart:
+        """This process's part of the global batch of ``step`` (``batch``, when the caller has it)."""
+        if batch is None:
+            batch = batch_at(step, len(self.data), self.batch_size, self.seed)
+        return self.world.part(batch, self.lengths, seed=self.seed, step=step)
+
     def examples_ahead(self, step: int) -> list[int]:
         """The training examples this process takes from ``step`` to the end, ascending."""
         n, seen = len(self.data), set()
-        for s in range(step, self.total):
-            seen.update(self.world.part(batch_at(s, n, self.batch_size, self.seed), self.lengths,
-                                        seed=self.seed, step=s).index)
+        spe = steps_per_epoch(n, self.batch_size)
+        for epoch in range(step // spe, -(-self.total // spe)):  # one permutation per epoch, not per step
+            batches = epoch_order(n, self.batch_size, self.seed, epoch)
+            for s in range(max(step, epoch * spe), min(self.total, (epoch + 1) * spe)):
+                seen.update(self._part(s, batches[s - epoch * spe]).index)
         return sorted(seen)
 
     # -- the loop -----------------------------------------------------------
@@ -493,15 +501,13 @@ class Trainer:
 
     def _steps(self, bar, stop_at: int | None) -> None:
         t0 = time.perf_counter() - self.seconds
-        n = len(self.data)
         while self.step < self.total:
             if stop_at is not None and self.step >= stop_at:
                 self.checkpoint()
                 raise RunStopped(self.step, self.run.out)
             phase, start = self._phase_at(self.step)
             seed_step(self.seed, self.step)
-            part = self.world.part(batch_at(self.step, n, self.batch_size, self.seed), self.lengths,
-                                   seed=self.seed, step=self.step)
+            part = self._part(self.step)
             record = self.hooks.train_step(phase.name, self.step, self.data.batch(part.index, self.device), part)
             self.step += 1
             self.seconds = time.perf_counter() - t0
