@@ -60,7 +60,7 @@ class World:
         rank: this process's rank in ``[0, size)``.
         size: the number of processes.
         local_rank: its rank on this machine (which GPU it drives).
-        backend: ``"gloo"`` or ``"nccl"``; None for a single process.
+        backend: ``"gloo"`` or ``"nccl"``; None when no process group was formed (no torchrun).
     """
 
     rank: int = 0
@@ -176,9 +176,9 @@ class BatchPart:
     seed: int
     step: int
 
-    def share(self, total: torch.Tensor, count: int | None = None) -> torch.Tensor:
-        """This part's share of a global mean: its sum ``total`` over ``count`` (default: examples)."""
-        return total * (self.weight / (self.examples if count is None else count))
+    def share(self, total: torch.Tensor) -> torch.Tensor:
+        """This part's share of a mean over the global batch's examples: its sum ``total`` over their count."""
+        return total * (self.weight / self.examples)
 
     def backward_loss(self, shares: torch.Tensor, whole: torch.Tensor | float = 0.0) -> torch.Tensor:
         """The loss to backpropagate: ``size × shares + whole`` (see the class docstring)."""

@@ -324,8 +324,8 @@ class _TheseusRun(TrainerHooks):
         self.model.train()
 
     def _predecessor_logits(self, b: dict):
-        with torch.no_grad():
-            return self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], predecessor=True).logits, None
+        # Called by TeacherCache, under no_grad and autocast.
+        return self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], predecessor=True).logits, None
 
     # -- checkpoint: only the successor and the optimizers change -------------
 
