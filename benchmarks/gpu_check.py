@@ -80,7 +80,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from tables import speedup_table  # noqa: E402 - benchmarks/tables.py, beside this script
+from tables import cell, speedup_table  # noqa: E402 - benchmarks/tables.py, beside this script
 DEFAULT_OUT = os.path.join(HERE, "results")
 
 BUDGET_S = 480  # the whole run: 8 minutes of the lent machine's 15
@@ -326,10 +326,6 @@ def run_step(step: Step, timeout: int, log_path: str, by_budget: bool) -> Result
 # --------------------------------------------------------------------------------------------- markdown
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
-
-
 def summary_markdown(device: str, results: list[Result], *, started: str, commit: str, budget: float,
                      used: float, env_report: str = "", log_dir: str = "", finished: bool = True) -> str:
     """The gpu_check_<device>.md text for step results (a pure function of its arguments)."""
@@ -347,7 +343,7 @@ def summary_markdown(device: str, results: list[Result], *, started: str, commit
     for r in results:
         detail = r.detail + (f" → {', '.join(r.files)}" if r.files else "")
         duration = f"{r.duration:.1f}" if r.status != "skip" or r.duration else ""
-        lines.append(f"| {_cell(r.name)} | {r.status} | {duration} | {r.timeout} | {_cell(detail)} |")
+        lines.append(f"| {cell(r.name, '<br>')} | {r.status} | {duration} | {r.timeout} | {cell(detail, '<br>')} |")
     lines += ["", "## Commands", ""]
     lines += [f"- {r.name}: `{r.command}`" for r in results if r.command]
     if env_report:

@@ -18,9 +18,9 @@ STATS = {
 }
 
 
-def cell(text: str) -> str:
-    """``text`` safe inside a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def cell(text: str, newline: str = " ") -> str:
+    """``text`` safe inside a markdown table cell (line breaks become ``newline``)."""
+    return str(text).replace("|", "\\|").replace("\n", newline)
 
 
 def speedup_table(groups: dict[str, list[tuple[str, dict, dict]]], stats: tuple[str, ...] = ("median",)) -> list[str]:
