@@ -207,7 +207,9 @@ def _cmd_prune(args) -> int:
     inputs = {a.name: getattr(args, a.name) for a in method.arguments}
     result = method.run(train, eval_data, args.out, cfg, **control, **inputs)
     m = result.metrics
-    print(f"pruned model written to {result.out}: realised sparsity {result.extra['sparsity']:.4f}, "
+    target = result.extra.get("target_sparsity")
+    asked = "" if target is None else f" (target {target:.4f})"
+    print(f"pruned model written to {result.out}: realised sparsity {result.extra['sparsity']:.4f}{asked}, "
           f"{m['metric']} {m[m['metric']]:.4f} ({result.seconds:.0f} s)")
     return 0
 
@@ -224,7 +226,8 @@ def _load_for_eval(model_dir: str, device: str, precision: str = "fp32"):
 
 def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "cpu", repeats: int = 3,
                  precision: str = "fp32") -> dict:
-    """Metric, realised sparsity, parameters and examples per second of a model directory on ``data``,
+    """Metric, realised sparsity (and the pruning run's target, ``target_sparsity``, None where there was
+    none), parameters and examples per second of a model directory on ``data``,
     both measured with the model in ``precision`` (see :data:`cofi_kernels.serving.PRECISIONS`;
     other than fp32 for a pruned model only) under ``torch.inference_mode()``.
 
@@ -249,8 +252,9 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     with torch.inference_mode():
         metrics = evaluate(model, enc, labels, batch_size=batch_size, device=device)
         speed = throughput(model, enc, batch_size=batch_size, repeats=repeats, device=device)
+    target = None
     if kind == "pruned":
-        sparsity, encoder = model.sparsity, model.encoder_size
+        sparsity, encoder, target = model.sparsity, model.encoder_size, model.target_sparsity
     else:
         from .models.arch import encoder_dims
         from .models.size import dense_encoder_size
@@ -270,6 +274,7 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
         "examples": len(enc),
         **metrics,
         "sparsity": sparsity,
+        "target_sparsity": target,
         "parameters": sum(p.numel() for p in model.parameters()),
         "encoder_parameters": encoder,
         "examples_per_second": speed,
@@ -304,7 +309,8 @@ def _cmd_eval(args) -> int:
         ("model", f"{result['model']} ({result['kind']}, {result['precision']})"),
         ("examples", f"{result['examples']}"),
         (name, f"{result[name]:.4f}"),
-        ("realised sparsity", f"{result['sparsity']:.4f}"),
+        ("realised sparsity", f"{result['sparsity']:.4f}" + ("" if result["target_sparsity"] is None
+                                                            else f" (target {result['target_sparsity']:.4f})")),
         ("parameters", f"{result['parameters']:,} (encoder weights counted for sparsity: {result['encoder_parameters']:,})"),
         ("examples / s", f"{result['examples_per_second']:.1f} (batch {args.batch_size}, {result['device']}, "
                          f"{result['threads']} threads)"),

@@ -92,7 +92,7 @@ def tiny_bert_dir(path, *, seed: int = 0, layers: int = 4, classifier_labels=Non
 FAST_FINETUNE = dict(epochs=6.0, batch_size=8, lr=3e-3, max_length=16, checkpoint_every=3, eval_every=4)
 FAST_PRUNE = dict(
     target_sparsity=0.6, distill_epochs=0.5, prune_epochs=6.0, sparsity_warmup_epochs=2.0, finetune_epochs=1.0,
-    batch_size=8, lr=1e-3, reg_lr=0.3, lambda_lr=0.3, finetune_lr=1e-3, max_length=16, checkpoint_every=4,
+    batch_size=8, lr=1e-3, reg_lr=0.3, finetune_lr=1e-3, max_length=16, checkpoint_every=4,
     eval_every=3, epsilon=0.05,
 )
 

@@ -13,7 +13,7 @@ import tempfile
 
 from .pruned_model import PrunedModel
 
-__all__ = ["SHAPES_NAME", "write_shapes_png"]
+__all__ = ["SHAPES_NAME", "save_figure", "write_shapes_png"]
 
 SHAPES_NAME = "shapes.png"
 
@@ -81,8 +81,14 @@ def write_shapes_png(model: PrunedModel, directory: str | os.PathLike) -> str:
         fontsize=10,
     )
 
-    path = os.path.join(directory, SHAPES_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=".shapes-", suffix=".png", dir=directory)
+    return save_figure(fig, directory, SHAPES_NAME)
+
+
+def save_figure(fig, directory: str, name: str) -> str:
+    """Write a matplotlib ``fig`` as ``directory/name`` (PNG, 110 dpi) under a temporary name that is then
+    renamed, so a reader never sees a half-written picture; return the path."""
+    path = os.path.join(directory, name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".png", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=110)

@@ -323,6 +323,12 @@ class PrunedModel(nn.Module):
         return encoder_size(heads, widths, self.config["hidden_size"], self.config["head_dim"])
 
     @property
+    def target_sparsity(self) -> float | None:
+        """The sparsity the pruning run was asked for (``target_sparsity`` in the saved config), or None
+        when the method had no target or the model was built without one."""
+        return self.config.get("target_sparsity")
+
+    @property
     def sparsity(self) -> float:
         """Realised sparsity ``1 − encoder_size / M`` against the original model's count M."""
         return 1.0 - self.encoder_size / self.config["original_size"]
@@ -566,6 +572,10 @@ def _validate_config(cfg, path):
                 raise ValueError(f"{path}: layers[{i}].{k} must be null or an integer >= 0, got {v!r}")
             if v is not None and v > bound:
                 raise ValueError(f"{path}: layers[{i}].{k} is {v}, more than the original model's {name} {bound}")
+    target = cfg.get("target_sparsity")
+    if target is not None and (not isinstance(target, (int, float)) or isinstance(target, bool)
+                               or not 0 < target < 1):
+        raise ValueError(f"{path}: 'target_sparsity' must be null or a number in (0, 1), got {target!r}")
     eps = cfg["layer_norm_eps"]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):
         raise ValueError(f"{path}: 'layer_norm_eps' must be a positive number, got {cfg['layer_norm_eps']!r}")

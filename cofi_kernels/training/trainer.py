@@ -203,6 +203,11 @@ class RunDirectory:
         with open(self.log_path, "w") as f:
             f.writelines(lines)
 
+    def records(self) -> list[dict]:
+        """The records of ``log.jsonl`` so far (rank 0, which writes it)."""
+        with open(self.log_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
     def log(self, record: dict) -> None:
         if not self.is_main:
             return

@@ -63,7 +63,7 @@ def _prune_args(teacher, data, eval_data, out, *extra, target=None):
     if eval_data is not None:
         args += ["--eval-data", eval_data]
     for key in ("distill_epochs", "prune_epochs", "sparsity_warmup_epochs", "finetune_epochs", "batch_size", "lr",
-                "reg_lr", "lambda_lr", "finetune_lr", "max_length", "checkpoint_every", "eval_every", "epsilon"):
+                "reg_lr", "finetune_lr", "max_length", "checkpoint_every", "eval_every", "epsilon"):
         args += ["--" + key.replace("_", "-"), str(p[key])]
     return args + ["--quiet", *extra]
 
@@ -144,12 +144,17 @@ def test_eval_reports_metric_sparsity_parameters_speed(capsys, pruned_dir, teach
     assert r["encoder_parameters"] == model.encoder_size
     assert r["examples_per_second"] > 0
     run = json.load(open(os.path.join(pruned_dir, tr.RUN_FILE)))
+    # The target the run was asked for travels with the model and is reported beside the realised value.
+    assert r["target_sparsity"] == run["target_sparsity"] == model.target_sparsity
+    assert cli.main(["eval", "--model", pruned_dir, "--data", files["eval"]]) == 0
+    assert (f"realised sparsity  {model.sparsity:.4f} (target {model.target_sparsity:.4f})"
+            in capsys.readouterr().out)
     # Same data as the run's final evaluation -> the same accuracy.
     assert r["accuracy"] == pytest.approx(run["best"]["accuracy"])
 
     assert cli.main(["eval", "--model", teacher_dir, "--data", files["eval"]]) == 0
     text = capsys.readouterr().out
-    assert "accuracy" in text and "realised sparsity  0.0000" in text and "examples / s" in text
+    assert "accuracy" in text and "realised sparsity  0.0000\n" in text and "examples / s" in text
 
 
 def test_console_script_is_installed():

@@ -333,6 +333,22 @@ def test_load_config_missing_key(saved):
         PrunedModel.from_pretrained(saved)
 
 
+@pytest.mark.parametrize("bad", [0, 1.0, -0.2, "0.9", True])
+def test_load_config_bad_target_sparsity(saved, bad):
+    _edit_config(saved, lambda c: c.update(target_sparsity=bad))
+    with pytest.raises(ValueError, match=r"cofi_config\.json.*'target_sparsity' must be null or a number in \(0, 1\)"):
+        PrunedModel.from_pretrained(saved)
+
+
+def test_target_sparsity_round_trips(saved, tmp_path):
+    assert PrunedModel.from_pretrained(saved).target_sparsity is None  # built without a run
+    _edit_config(saved, lambda c: c.update(target_sparsity=0.9))
+    model = PrunedModel.from_pretrained(saved)
+    assert model.target_sparsity == 0.9
+    model.save_pretrained(tmp_path / "again")
+    assert PrunedModel.from_pretrained(tmp_path / "again").target_sparsity == 0.9
+
+
 def test_load_wrong_format_version(saved):
     _edit_config(saved, lambda c: c.update(format_version=99))
     with pytest.raises(ValueError, match=r"cofi_config\.json.*format_version 99"):

@@ -134,6 +134,119 @@ def test_deterministic_rule_hand_made():
         assert not z[t].requires_grad
 
 
+def _random_log_alpha(g: CoFiGates, pattern: str, gen: torch.Generator) -> None:
+    """Fill every log α: ``spread`` (normal, wide), ``ties`` (only the clamp limits and 0, many
+    equal keep scores) or ``undecided`` (all near P(z>0) = 0.5, where each group's own rounding
+    is furthest from the whole count; some rows round to 0 zeros)."""
+    with torch.no_grad():
+        for p in g.log_alpha.values():
+            if pattern == "spread":
+                p.copy_(torch.randn(p.shape, generator=gen) * 3)
+            elif pattern == "ties":
+                p.copy_((torch.randint(0, 3, p.shape, generator=gen).float() - 1) * math.log(100))
+            else:
+                p.copy_(SHIFT + 0.3 * torch.randn(p.shape, generator=gen))
+
+
+def _cofi_rule_holds_within_groups(g: CoFiGates, z: dict) -> None:
+    """Every head / unit row and the hidden vector have their zeros at their lowest keep scores
+    (ties: lower index zeroed first), and the kept gates carry their score."""
+    for t in ("head", "int", "hidden"):
+        score = torch.sigmoid(g.log_alpha[t].detach() / BETA * 0.8)
+        for row_z, row_s in zip(z[t].reshape(-1, z[t].shape[-1]), score.reshape(-1, score.shape[-1])):
+            order = torch.sort(row_s, stable=True).indices
+            zeros = int((row_z == 0).sum())
+            assert (row_z[order[:zeros]] == 0).all() and (row_z[order[zeros:]] > 0).all(), t
+            assert torch.equal(row_z[order[zeros:]], row_s[order[zeros:]])
+
+
+@pytest.mark.parametrize("pattern", ["spread", "ties", "undecided"])
+def test_exact_selection_hits_the_target_on_random_gates(pattern):
+    """Realised sparsity (DESIGN §4 count) within 0.005 of the target for MiniLM-L6 shapes, every
+    gate type learned, targets from 0.05 to 0.99; CoFi's per-group rule alone misses them."""
+    gen = torch.Generator().manual_seed(sum(map(ord, pattern)))
+    misses = 0
+    for trial in range(2):
+        g = CoFiGates(6, 12, 32, 1536, 384)
+        _random_log_alpha(g, pattern, gen)
+        plain = g.deterministic()
+        for target in (0.05, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99):
+            z = g.deterministic(target)
+            assert abs(g.realised_sparsity(z) - target) <= 0.005, (pattern, trial, target)
+            _cofi_rule_holds_within_groups(g, z)
+            misses += abs(g.realised_sparsity(plain) - target) > 0.005
+    assert misses > 10  # the targets are not met by the per-group rounding by chance
+
+
+def test_exact_selection_moves_only_heads_and_units_when_they_suffice():
+    gen = torch.Generator().manual_seed(1)
+    g = CoFiGates(6, 12, 32, 1536, 384)
+    _random_log_alpha(g, "spread", gen)
+    with torch.no_grad():  # every sublayer and most hidden dims alive, so heads and units can reach t
+        g.log_alpha["mha"].fill_(4.0)
+        g.log_alpha["ffn"].fill_(4.0)
+        g.log_alpha["hidden"].copy_(torch.linspace(-6.0, 6.0, 384).clamp(min=2.0))
+    plain = g.deterministic()
+    for target in (0.6, 0.8, 0.9, 0.95):
+        z = g.deterministic(target)
+        for t in ("mha", "ffn", "hidden"):
+            assert torch.equal(z[t], plain[t]), (t, target)
+        assert abs(g.realised_sparsity(z) - target) <= 0.005
+
+
+def test_exact_selection_restores_hidden_dims_only_when_needed():
+    g = CoFiGates(6, 12, 32, 1536, 384)
+    with torch.no_grad():
+        for p in g.log_alpha.values():
+            p.fill_(4.0)
+        g.log_alpha["hidden"][:300] = torch.linspace(-4.6, -2.0, 300)  # CoFi drops most of these
+        g.log_alpha["mha"][0] = -4.0
+    plain = g.deterministic()
+    ones = g.ones()
+    # With CoFi's hidden dims, even every head and unit leaves the model sparser than 0.5.
+    assert g.realised_sparsity({**plain, "head": ones["head"], "int": ones["int"]}) > 0.5
+    z = g.deterministic(0.5)
+    assert abs(g.realised_sparsity(z) - 0.5) <= 0.005
+    score = torch.sigmoid(g.log_alpha["hidden"].detach() / BETA * 0.8)
+    back = (plain["hidden"] == 0) & (z["hidden"] > 0)
+    still = (plain["hidden"] == 0) & (z["hidden"] == 0)
+    assert back.any() and still.any()
+    assert score[back].min() >= score[still].max()  # highest keep scores come back first
+    z9 = g.deterministic(0.9)  # reachable by heads and units at CoFi's hidden count
+    assert torch.equal(z9["hidden"], plain["hidden"]) and torch.equal(z9["mha"], plain["mha"])
+
+
+def test_exact_selection_with_some_types_not_learned_and_bad_targets():
+    g = CoFiGates(6, 12, 32, 1536, 384, learn=("int",))
+    _random_log_alpha(g, "spread", torch.Generator().manual_seed(2))
+    z = g.deterministic(0.5)  # heads stay: units alone cover 2/3 of M
+    assert z["head"] is None and abs(g.realised_sparsity(z) - 0.5) <= 0.005
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="target_sparsity"):
+            g.deterministic(bad)
+
+
+def test_hold_expected_sparsity_shifts_every_log_alpha_by_one_amount():
+    g = CoFiGates(6, 12, 32, 1536, 384)
+    _random_log_alpha(g, "spread", torch.Generator().manual_seed(3))
+    g.clamp_()
+    before = {t: p.detach().clone() for t, p in g.log_alpha.items()}
+    s0 = float(g.expected_sparsity().detach())
+    assert g.hold_expected_sparsity_(s0 - 0.01, s0 + 0.01) == 0.0  # inside: nothing moves
+    assert all(torch.equal(before[t], g.log_alpha[t]) for t in TYPES)
+    for low, high in ((0.88, 0.92), (0.05, 0.1)):
+        shift = g.hold_expected_sparsity_(low, high)
+        s = float(g.expected_sparsity())
+        assert low <= s <= high and min(abs(s - low), abs(s - high)) < 1e-4  # on the nearer edge
+        assert shift != 0.0
+        for t in TYPES:  # one common shift, clamped to log α's range: every order is kept
+            want = (before[t] + shift).clamp(math.log(1e-2), math.log(1e2))
+            assert torch.allclose(g.log_alpha[t], want, atol=1e-5)
+        before = {t: p.detach().clone() for t, p in g.log_alpha.items()}
+    with pytest.raises(ValueError, match="low <= high"):
+        g.hold_expected_sparsity_(0.5, 0.4)
+
+
 def test_clamp():
     g = _small()
     _set_log_alpha(g, int=torch.linspace(-10, 10, 10).expand(3, 10))

@@ -215,22 +215,35 @@ class CoFiGates(nn.Module):
         return out
 
     @torch.no_grad()
-    def deterministic(self) -> dict[str, torch.Tensor | None]:
+    def deterministic(self, target_sparsity: float | None = None) -> dict[str, torch.Tensor | None]:
         """The eval / pruning gates of DESIGN §4 (detached).
 
-        Per group of n gates (each layer's row for ``head`` and ``int``, the whole
-        vector for ``hidden``): the number of zeros is ``round(n − Σ P(z>0))``
-        (Python ``round``, half to even, Σ in float64); the gates with the
-        smallest soft value ``sigmoid(log α/β·0.8)`` become exactly 0 (ties: the
-        lower index first) and the rest keep their soft value. Whole-sublayer
-        gates ``mha`` and ``ffn`` are 0 where P(z>0) < 0.5, else their soft value.
-        Types not learned are ``None``.
+        CoFi's rule: per group of n gates (each layer's row for ``head`` and ``int``,
+        the whole vector for ``hidden``), the number of zeros is ``round(n − Σ P(z>0))``
+        (Python ``round``, half to even, Σ in float64); the gates with the smallest
+        *keep score* ``sigmoid(log α/β·0.8)`` become exactly 0 (ties: the lower index
+        first) and the rest keep their score as their value. Whole-sublayer gates
+        ``mha`` and ``ffn`` are 0 where P(z>0) < 0.5, else their score. Types not
+        learned are ``None``.
+
+        With ``target_sparsity`` t, the gates are then moved so the realised sparsity
+        (:meth:`realised_sparsity`, the DESIGN §4 count) is as close to t as the
+        granularity allows (within 0.005 for BERT-base and MiniLM shapes): each
+        group's own rounding misses t (the count multiplies heads and units by the
+        kept hidden dims), so the zeros are re-counted globally. The hidden and
+        sublayer gates keep CoFi's rule; heads and FFN units of live sublayers are
+        zeroed (too large) or restored to their score (too small) one at a time in
+        the order of their keep scores across all layers, lowest first to go and
+        highest first to return, stopping where the size is nearest the target.
+        Every group still has its zeros at its lowest scores. Only when the kept
+        hidden dims and live sublayers are too few to reach t even with every head
+        and unit are dropped hidden dims and sublayers restored first, highest score
+        first.
         """
         keep = self.keep_prob()
         out: dict[str, torch.Tensor | None] = dict.fromkeys(TYPES)
         for t in self.learn:
-            la = self.log_alpha[t].detach()
-            soft = torch.sigmoid(la / self.temperature * _SOFT_FACTOR)
+            soft = self._keep_score(t)
             p = keep[t].detach()
             if t in ("mha", "ffn"):
                 out[t] = torch.where(p < 0.5, torch.zeros_like(soft), soft)
@@ -245,7 +258,99 @@ class CoFiGates(nn.Module):
                     order = torch.sort(rows[r], stable=True).indices
                     rows[r, order[:num_zeros]] = 0.0
             out[t] = rows.reshape(soft.shape)
+        if target_sparsity is not None:
+            if not 0.0 <= float(target_sparsity) < 1.0:
+                raise ValueError(f"CoFiGates.deterministic: target_sparsity must be in [0, 1), got {target_sparsity!r}")
+            out = self._meet_target(out, float(target_sparsity))
         return out
+
+    def _keep_score(self, t: str) -> torch.Tensor:
+        """CoFi's keep score ``sigmoid(log α/β·0.8)`` of type ``t``: the value a kept deterministic gate takes."""
+        return torch.sigmoid(self.log_alpha[t].detach() / self.temperature * _SOFT_FACTOR)
+
+    def _meet_target(self, z: dict, target: float) -> dict:
+        """``z`` (CoFi's deterministic gates) with heads and units, and hidden dims only when needed, moved so
+        the realised size is nearest ``(1 − target)·M`` (see :meth:`deterministic`)."""
+        z = {t: (None if v is None else v.clone()) for t, v in z.items()}
+        goal = (1.0 - target) * self.full_size()
+        pieces = [t for t in ("head", "int") if t in self.learn]
+        cost = {"head": 4 * self.head_dim, "int": 2}
+
+        def rest(z) -> float:  # counted weights per kept hidden dim
+            return (self.realised_size({**z, "hidden": None}) / self.hidden_size)
+
+        # While even every head and unit of the live sublayers would leave the model below the goal,
+        # restore the dropped hidden dims and whole sublayers, highest keep score first.
+        dropped = []
+        for t in ("hidden", "mha", "ffn"):
+            if t in self.learn:
+                score = self._keep_score(t)
+                dropped += [(score[k].item(), k, t) for k in range(score.numel()) if z[t][k] == 0]
+        dropped.sort(reverse=True)
+        all_pieces = {t: self.ones()[t] for t in pieces}
+        while dropped and self.realised_size({**z, **all_pieces}) < goal:
+            _, k, t = dropped.pop(0)
+            z[t][k] = self._keep_score(t)[k]
+        kept_hidden = self.hidden_size if z["hidden"] is None else int((z["hidden"] > 0).sum())
+        if not pieces or kept_hidden == 0:
+            return z
+        want = goal / kept_hidden  # the rest the goal asks for
+        have = rest(z)
+        shrink = have > want
+        # Candidates: heads / units of live sublayers that can change, in the order they would.
+        cands = []
+        for t in pieces:
+            layer_gate = z["mha" if t == "head" else "ffn"]
+            score = self._keep_score(t).tolist()
+            alive = torch.ones(self.num_layers, dtype=torch.bool) if layer_gate is None else (layer_gate > 0).cpu()
+            movable = (z[t] > 0) if shrink else (z[t] == 0)
+            movable = movable.cpu() & alive[:, None]
+            for i, j in movable.nonzero().tolist():
+                cands.append((score[i][j], TYPES.index(t), i, j, t))
+        cands.sort(reverse=not shrink)
+        steps = torch.tensor([cost[c[4]] for c in cands], dtype=torch.float64)
+        sizes = have + (-1 if shrink else 1) * torch.cat([torch.zeros(1, dtype=torch.float64), steps.cumsum(0)])
+        take = int((sizes - want).abs().argmin())
+        for _, _, i, j, t in cands[:take]:
+            z[t][i, j] = 0.0 if shrink else self._keep_score(t)[i, j]
+        return z
+
+    @torch.no_grad()
+    def hold_expected_sparsity_(self, low: float, high: float) -> float:
+        """Shift every learned log α by one common amount, in place, so ŝ lies in ``[low, high]``; return it.
+
+        Nothing moves (and 0.0 is returned) when ŝ is already in the band. Otherwise the shift is
+        the one that puts ŝ on the nearer edge (bisection; log α stays clamped to its range), so the
+        order of every keep score is unchanged. When no shift reaches the band (a type that is not
+        learned caps ŝ), the largest one is applied.
+        """
+        if not low <= high:
+            raise ValueError(f"CoFiGates.hold_expected_sparsity_: need low <= high, got {low} > {high}")
+        s_hat = float(self.expected_sparsity())
+        if low <= s_hat <= high or not self.learn:
+            return 0.0
+        goal = high if s_hat > high else low
+        base = {t: p.detach().clone() for t, p in self.log_alpha.items()}
+        span = _LOG_ALPHA_MAX - _LOG_ALPHA_MIN
+
+        def apply(c: float) -> float:
+            for t, p in self.log_alpha.items():
+                p.copy_((base[t] + c).clamp(_LOG_ALPHA_MIN, _LOG_ALPHA_MAX))
+            return float(self.expected_sparsity())
+
+        # ŝ falls as c grows. Keep the bracket end on the band's side of the goal.
+        inside, outside = (span, 0.0) if s_hat > high else (-span, 0.0)
+        if (apply(inside) > goal) if s_hat > high else (apply(inside) < goal):
+            return inside
+        for _ in range(48):
+            mid = 0.5 * (inside + outside)
+            s_mid = apply(mid)
+            if (s_mid <= goal) if s_hat > high else (s_mid >= goal):
+                inside = mid
+            else:
+                outside = mid
+        apply(inside)
+        return inside
 
     def current(self, training: bool) -> dict[str, torch.Tensor | None]:
         """The gates a forward pass should use: :attr:`fixed` if set, else
