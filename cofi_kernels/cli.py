@@ -48,6 +48,8 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 # The demo's settings: sized so that `cofi demo` finishes in minutes on a 2-core CPU.
 DEMO_MAX_LENGTH = 128
 DEMO_FINETUNE = dict(epochs=1.5, lr=1e-4, batch_size=32, eval_every=20, freeze_embeddings=True)
+# The library's defaults (PruneConfig) but a shorter schedule, so the demo stays well under 20 minutes on
+# 2 cores (benchmarks/results/cofi_targets.md measures both).
 DEMO_PRUNE = dict(
     target_sparsity=0.9,
     distill_epochs=0.1,
@@ -55,12 +57,7 @@ DEMO_PRUNE = dict(
     sparsity_warmup_epochs=1.2,
     finetune_epochs=0.75,
     batch_size=32,
-    lr=1e-4,
-    reg_lr=0.25,
-    lambda_lr=0.3,
-    finetune_lr=2e-4,
     eval_every=10,
-    epsilon=0.03,
 )
 
 
