@@ -108,7 +108,7 @@ def job(tmp_path_factory):
 def _cofi_args(job, teacher: str, out) -> list[str]:
     return ["prune", "--teacher", job[teacher], *job["data"], "--out", str(out), "--target-sparsity", "0.6",
             "--distill-epochs", "0.5", "--prune-epochs", "6", "--sparsity-warmup-epochs", "2", "--finetune-epochs", "1",
-            "--lr", "1e-3", "--reg-lr", "0.3", "--lambda-lr", "0.3", "--finetune-lr", "1e-3", "--checkpoint-every", "4",
+            "--lr", "1e-3", "--reg-lr", "0.3", "--finetune-lr", "1e-3", "--checkpoint-every", "4",
             "--eval-every", "3", "--epsilon", "0.05", "--batch-size", "8"]
 
 
@@ -153,7 +153,7 @@ def test_cofi_on_two_processes_equals_one_with_twice_the_batch(job, tmp_path):
     diff = _cofi_differences(a, b)
     assert all(v <= 1e-5 for v in diff.values()), diff
     # The gates moved (the comparison is not of two untouched states).
-    assert float(a["method"]["gates"]["lambda_2"].abs()) > 0.1
+    assert float(a["method"]["gates"]["lambda_1"].abs()) > 0.1
     ma, mb = _masks(job["teacher64"], a["method"]["gates"]), _masks(job["teacher64"], b["method"]["gates"])
     assert ma.keys() == mb.keys() and all(torch.equal(ma[t], mb[t]) for t in ma)
     assert any(bool(m.any()) for m in ma.values())  # some gate is 0: the masks say something
