@@ -269,51 +269,50 @@ class CoFiGates(nn.Module):
         return torch.sigmoid(self.log_alpha[t].detach() / self.temperature * _SOFT_FACTOR)
 
     def _meet_target(self, z: dict, target: float) -> dict:
-        """``z`` (CoFi's deterministic gates) with heads and units, and hidden dims only when needed, moved so
-        the realised size is nearest ``(1 − target)·M`` (see :meth:`deterministic`)."""
+        """``z`` (CoFi's deterministic gates) with heads and units, and hidden dims and sublayers only when
+        needed, moved so the realised size is nearest ``(1 − target)·M`` (see :meth:`deterministic`)."""
         z = {t: (None if v is None else v.clone()) for t, v in z.items()}
         goal = (1.0 - target) * self.full_size()
         pieces = [t for t in ("head", "int") if t in self.learn]
-        cost = {"head": 4 * self.head_dim, "int": 2}
+        self._restore_capacity(z, goal, pieces)
+        kept_hidden = self.hidden_size if z["hidden"] is None else int((z["hidden"] > 0).sum())
+        if pieces and kept_hidden:
+            self._move_pieces(z, goal / kept_hidden, pieces)
+        return z
 
-        def rest(z) -> float:  # counted weights per kept hidden dim
-            return (self.realised_size({**z, "hidden": None}) / self.hidden_size)
-
-        # While even every head and unit of the live sublayers would leave the model below the goal,
-        # restore the dropped hidden dims and whole sublayers, highest keep score first.
+    def _restore_capacity(self, z: dict, goal: float, pieces: list[str]) -> None:
+        """While even every head and unit of the live sublayers would leave the model below ``goal``,
+        restore dropped hidden dims and whole sublayers of ``z`` (in place), highest keep score first."""
         dropped = []
         for t in ("hidden", "mha", "ffn"):
             if t in self.learn:
-                score = self._keep_score(t)
-                dropped += [(score[k].item(), k, t) for k in range(score.numel()) if z[t][k] == 0]
+                score = self._keep_score(t).tolist()
+                dropped += [(score[k], k, t) for k in (z[t] == 0).nonzero().flatten().tolist()]
         dropped.sort(reverse=True)
-        all_pieces = {t: self.ones()[t] for t in pieces}
-        while dropped and self.realised_size({**z, **all_pieces}) < goal:
+        ones = self.ones()
+        every_piece = {t: ones[t] for t in pieces}
+        while dropped and self.realised_size({**z, **every_piece}) < goal:
             _, k, t = dropped.pop(0)
             z[t][k] = self._keep_score(t)[k]
-        kept_hidden = self.hidden_size if z["hidden"] is None else int((z["hidden"] > 0).sum())
-        if not pieces or kept_hidden == 0:
-            return z
-        want = goal / kept_hidden  # the rest the goal asks for
-        have = rest(z)
+
+    def _move_pieces(self, z: dict, want: float, pieces: list[str]) -> None:
+        """Zero (or restore) heads and units of live sublayers of ``z`` in place, lowest (highest) keep score
+        first across layers, stopping where the counted weights per kept hidden dim are nearest ``want``."""
+        have = self.realised_size({**z, "hidden": None}) / self.hidden_size
         shrink = have > want
-        # Candidates: heads / units of live sublayers that can change, in the order they would.
+        cost = {"head": 4 * self.head_dim, "int": 2}
         cands = []
         for t in pieces:
             layer_gate = z["mha" if t == "head" else "ffn"]
-            score = self._keep_score(t).tolist()
             alive = torch.ones(self.num_layers, dtype=torch.bool) if layer_gate is None else (layer_gate > 0).cpu()
-            movable = (z[t] > 0) if shrink else (z[t] == 0)
-            movable = movable.cpu() & alive[:, None]
-            for i, j in movable.nonzero().tolist():
-                cands.append((score[i][j], TYPES.index(t), i, j, t))
-        cands.sort(reverse=not shrink)
-        steps = torch.tensor([cost[c[4]] for c in cands], dtype=torch.float64)
-        sizes = have + (-1 if shrink else 1) * torch.cat([torch.zeros(1, dtype=torch.float64), steps.cumsum(0)])
-        take = int((sizes - want).abs().argmin())
+            movable = ((z[t] > 0) if shrink else (z[t] == 0)).cpu() & alive[:, None]
+            score = self._keep_score(t).tolist()
+            cands += [(score[i][j], TYPES.index(t), i, j, t) for i, j in movable.nonzero().tolist()]
+        cands.sort(reverse=not shrink)  # ties: the order CoFi's rule zeros in, or its reverse
+        steps = torch.tensor([0] + [cost[c[4]] for c in cands], dtype=torch.float64).cumsum(0)
+        take = int((have + (-steps if shrink else steps) - want).abs().argmin())
         for _, _, i, j, t in cands[:take]:
             z[t][i, j] = 0.0 if shrink else self._keep_score(t)[i, j]
-        return z
 
     @torch.no_grad()
     def hold_expected_sparsity_(self, low: float, high: float) -> float:
