@@ -178,6 +178,27 @@ def test_exact_selection_hits_the_target_on_random_gates(pattern):
     assert misses > 10  # the targets are not met by the per-group rounding by chance
 
 
+def test_exact_selection_prunes_groups_whose_own_rounding_gives_no_zero():
+    """Every head row has Σ(1 − P(z>0)) ≈ 0.3, so CoFi's rule zeros no head at all; the exact
+    selection takes heads anyway, lowest keep score first across layers (here below every unit's)."""
+    g = CoFiGates(6, 12, 32, 1536, 384)
+    with torch.no_grad():
+        for p in g.log_alpha.values():
+            p.fill_(math.log(100))
+        g.log_alpha["head"].copy_(2.0 + 0.01 * torch.arange(72.0).reshape(6, 12))  # distinct scores, P ≈ 0.97
+    plain = g.deterministic()
+    assert not (plain["head"] == 0).any()
+    for target in (0.8, 0.9, 0.95):
+        z = g.deterministic(target)
+        assert abs(g.realised_sparsity(z) - target) <= 0.005, target
+        gone = z["head"] == 0
+        assert gone.any()
+        # the heads that went are the lowest scores over all layers (below every unit's, so they go first)
+        la = g.log_alpha["head"].detach()
+        if not gone.all():
+            assert la[gone].max() < la[~gone].min()
+
+
 def test_exact_selection_moves_only_heads_and_units_when_they_suffice():
     gen = torch.Generator().manual_seed(1)
     g = CoFiGates(6, 12, 32, 1536, 384)
