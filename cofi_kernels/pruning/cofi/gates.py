@@ -274,28 +274,29 @@ class CoFiGates(nn.Module):
         z = {t: (None if v is None else v.clone()) for t, v in z.items()}
         goal = (1.0 - target) * self.full_size()
         pieces = [t for t in ("head", "int") if t in self.learn]
-        self._restore_capacity(z, goal, pieces)
+        scores = {t: self._keep_score(t) for t in self.learn}
+        self._restore_capacity(z, goal, pieces, scores)
         kept_hidden = self.hidden_size if z["hidden"] is None else int((z["hidden"] > 0).sum())
         if pieces and kept_hidden:
-            self._move_pieces(z, goal / kept_hidden, pieces)
+            self._move_pieces(z, goal / kept_hidden, pieces, scores)
         return z
 
-    def _restore_capacity(self, z: dict, goal: float, pieces: list[str]) -> None:
+    def _restore_capacity(self, z: dict, goal: float, pieces: list[str], scores: dict) -> None:
         """While even every head and unit of the live sublayers would leave the model below ``goal``,
         restore dropped hidden dims and whole sublayers of ``z`` (in place), highest keep score first."""
         dropped = []
         for t in ("hidden", "mha", "ffn"):
             if t in self.learn:
-                score = self._keep_score(t).tolist()
+                score = scores[t].tolist()
                 dropped += [(score[k], k, t) for k in (z[t] == 0).nonzero().flatten().tolist()]
         dropped.sort(reverse=True)
         ones = self.ones()
         every_piece = {t: ones[t] for t in pieces}
         while dropped and self.realised_size({**z, **every_piece}) < goal:
             _, k, t = dropped.pop(0)
-            z[t][k] = self._keep_score(t)[k]
+            z[t][k] = scores[t][k]
 
-    def _move_pieces(self, z: dict, want: float, pieces: list[str]) -> None:
+    def _move_pieces(self, z: dict, want: float, pieces: list[str], scores: dict) -> None:
         """Zero (or restore) heads and units of live sublayers of ``z`` in place, lowest (highest) keep score
         first across layers, stopping where the counted weights per kept hidden dim are nearest ``want``."""
         have = self.realised_size({**z, "hidden": None}) / self.hidden_size
@@ -306,13 +307,13 @@ class CoFiGates(nn.Module):
             layer_gate = z["mha" if t == "head" else "ffn"]
             alive = torch.ones(self.num_layers, dtype=torch.bool) if layer_gate is None else (layer_gate > 0).cpu()
             movable = ((z[t] > 0) if shrink else (z[t] == 0)).cpu() & alive[:, None]
-            score = self._keep_score(t).tolist()
+            score = scores[t].tolist()
             cands += [(score[i][j], TYPES.index(t), i, j, t) for i, j in movable.nonzero().tolist()]
         cands.sort(reverse=not shrink)  # ties: the order CoFi's rule zeros in, or its reverse
         steps = torch.tensor([0] + [cost[c[4]] for c in cands], dtype=torch.float64).cumsum(0)
         take = int((have + (-steps if shrink else steps) - want).abs().argmin())
         for _, _, i, j, t in cands[:take]:
-            z[t][i, j] = 0.0 if shrink else self._keep_score(t)[i, j]
+            z[t][i, j] = 0.0 if shrink else scores[t][i, j]
 
     @torch.no_grad()
     def hold_expected_sparsity_(self, low: float, high: float) -> float:
