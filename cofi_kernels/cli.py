@@ -207,11 +207,15 @@ def _cmd_prune(args) -> int:
     inputs = {a.name: getattr(args, a.name) for a in method.arguments}
     result = method.run(train, eval_data, args.out, cfg, **control, **inputs)
     m = result.metrics
-    target = result.extra.get("target_sparsity")
-    asked = "" if target is None else f" (target {target:.4f})"
-    print(f"pruned model written to {result.out}: realised sparsity {result.extra['sparsity']:.4f}{asked}, "
+    sparsity = _sparsity_text(result.extra["sparsity"], result.extra.get("target_sparsity"))
+    print(f"pruned model written to {result.out}: realised sparsity {sparsity}, "
           f"{m['metric']} {m[m['metric']]:.4f} ({result.seconds:.0f} s)")
     return 0
+
+
+def _sparsity_text(realised: float, target: float | None) -> str:
+    """``0.9000 (target 0.9000)``, or the realised value alone when the run had no target."""
+    return f"{realised:.4f}" + ("" if target is None else f" (target {target:.4f})")
 
 
 def _load_for_eval(model_dir: str, device: str, precision: str = "fp32"):
@@ -309,8 +313,7 @@ def _cmd_eval(args) -> int:
         ("model", f"{result['model']} ({result['kind']}, {result['precision']})"),
         ("examples", f"{result['examples']}"),
         (name, f"{result[name]:.4f}"),
-        ("realised sparsity", f"{result['sparsity']:.4f}" + ("" if result["target_sparsity"] is None
-                                                            else f" (target {result['target_sparsity']:.4f})")),
+        ("realised sparsity", _sparsity_text(result["sparsity"], result["target_sparsity"])),
         ("parameters", f"{result['parameters']:,} (encoder weights counted for sparsity: {result['encoder_parameters']:,})"),
         ("examples / s", f"{result['examples_per_second']:.1f} (batch {args.batch_size}, {result['device']}, "
                          f"{result['threads']} threads)"),

@@ -124,9 +124,7 @@ def dataset(rows, source="toy") -> TextDataset:
     return TextDataset([r["text"] for r in rows], pairs, [r["label"] for r in rows], source)
 
 
-def read_log(out):
-    with open(os.path.join(out, tr.LOG_FILE)) as f:
-        return [json.loads(line) for line in f]
+read_log = tr.read_log
 
 
 def strip_times(records):

@@ -84,6 +84,12 @@ def read_json(path: str):
         raise RunError(f"{path}: unreadable ({first_line(e)})") from None
 
 
+def read_log(directory: str) -> list[dict]:
+    """The records of the ``log.jsonl`` in a run directory, one dict per line."""
+    with open(os.path.join(directory, LOG_FILE), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -205,8 +211,7 @@ class RunDirectory:
 
     def records(self) -> list[dict]:
         """The records of ``log.jsonl`` so far (rank 0, which writes it)."""
-        with open(self.log_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return read_log(self.out)
 
     def log(self, record: dict) -> None:
         if not self.is_main:

@@ -10,7 +10,7 @@ import os
 
 from ...models.plots import save_figure
 
-__all__ = ["LAGRANGIAN_NAME", "draw_trajectory", "prune_steps", "write_lagrangian_png"]
+__all__ = ["LAGRANGIAN_NAME", "draw_epsilon_lines", "draw_trajectory", "prune_steps", "write_lagrangian_png"]
 
 LAGRANGIAN_NAME = "lagrangian.png"
 
@@ -24,6 +24,13 @@ def draw_trajectory(ax, steps: list[dict], label: str | None = None, **style) ->
     """Plot ŝ − t against the step on a matplotlib axis, one line per call."""
     ax.plot([r["step"] for r in steps], [r["expected_sparsity"] - r["target"] for r in steps], label=label,
             linewidth=1.0, **style)
+
+
+def draw_epsilon_lines(ax, epsilon: float) -> None:
+    """Horizontal lines at ±``epsilon`` (solid) and ±2·``epsilon`` (dashed) on a matplotlib axis."""
+    for k, style in ((1, "-"), (2, "--")):
+        for sign in (-1, 1):
+            ax.axhline(sign * k * epsilon, color="#718096", linestyle=style, linewidth=0.8)
 
 
 def write_lagrangian_png(records, directory: str | os.PathLike, target: float, epsilon: float,
@@ -48,9 +55,7 @@ def write_lagrangian_png(records, directory: str | os.PathLike, target: float, e
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     draw_trajectory(top, steps, color="#2b6cb0")
-    for k, style in ((1, "-"), (2, "--")):
-        for sign in (-1, 1):
-            top.axhline(sign * k * epsilon, color="#718096", linestyle=style, linewidth=0.8)
+    draw_epsilon_lines(top, epsilon)
     top.axhspan(-epsilon, 0.0, color="#bee3f8", alpha=0.5, linewidth=0)
     top.axhline(0.0, color="black", linewidth=0.6)
     top.set_ylabel("expected sparsity − target")
