@@ -24,12 +24,41 @@ the layers of DESIGN.md §2: ``ops`` → ``functional`` → ``modules`` →
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads libtorch before the extension)
+import os as _os
+import sys as _sys
 
-from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
-from .ops import _extension, backends, reference
-from .ops.backends import BackendUnavailableError
-from .functional import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
+INTERRUPTED_STATUS = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def _running_the_cofi_command() -> bool:
+    """Whether this process is the ``cofi`` command: its console script, or ``python -m cofi_kernels.cli``."""
+    script = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    argv = list(getattr(_sys, "orig_argv", []))
+    as_module = any(argv[i:i + 2] == ["-m", "cofi_kernels.cli"] for i in range(len(argv)))
+    return as_module or script in ("cofi", "cofi.exe", "cofi-script.py")
+
+
+def command_interrupted(command: str | None = None, hint: str = "") -> int:
+    """Say on stderr, in one line, that the ``cofi`` command (``cofi <command>``) was interrupted, with
+    ``hint`` after it; returns the exit status the command then ends with."""
+    print(f"cofi{'' if command is None else ' ' + command}: interrupted{hint}", file=_sys.stderr)
+    return INTERRUPTED_STATUS
+
+
+# The `cofi` command spends its first seconds here, importing torch; a Ctrl-C then is one line, not a
+# traceback through the import machinery (the command's own handler takes over in cli.main).
+# Imported as a library, the interrupt propagates as usual.
+try:
+    import torch  # noqa: F401  (loads libtorch before the extension)
+
+    from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
+    from .ops import _extension, backends, reference
+    from .ops.backends import BackendUnavailableError
+    from .functional import gated_attention, gated_ffn, gelu_gate, masked_layer_norm
+except KeyboardInterrupt:
+    if not _running_the_cofi_command():
+        raise
+    raise SystemExit(command_interrupted()) from None
 
 __version__ = "0.1.0"
 

@@ -39,7 +39,8 @@ import os
 import sys
 import time
 
-from .training.config import fraction
+# The layers below are imported inside functions: what they load (the pruning methods, transformers) loads while
+# main() runs, which turns a Ctrl-C into one line.
 
 DEFAULT_SPLIT_SEED = 20220522  # fixes the default data's train / validation / test parts
 DEFAULT_TEST_FRACTION = 0.2
@@ -113,11 +114,12 @@ def _training_data(args):
 
 def _check_paths(args, model_flags=(), *, out_file: bool = False) -> None:
     """Every path argument of a command, before anything is read, loaded or written: data files
-    exist and are readable files, model directories are readable directories, ``--out`` is a
-    directory that exists or can be created (with ``out_file``: a file that can be written in
-    an existing directory)."""
+    exist and are readable files, model directories are readable directories (whose model files,
+    where there, are regular files), ``--out`` is a directory that exists or can be created (with
+    ``out_file``: a file that can be written in an existing directory)."""
     from .training.data import DataError
-    from .training.paths import check_input_file, check_model_dir, check_output_dir, check_output_file
+    from .training.model_io import require_dir
+    from .training.paths import check_input_file, check_output_dir, check_output_file
     from .training.trainer import RunError
 
     for flag in ("--data", "--eval-data"):
@@ -127,7 +129,7 @@ def _check_paths(args, model_flags=(), *, out_file: bool = False) -> None:
     for flag in model_flags:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
-            check_model_dir(value, flag, RunError)
+            require_dir(value, flag)
     # Under torchrun only rank 0 writes --out (the other machines need not have its parent directory).
     if getattr(args, "out", None) is not None and os.environ.get("RANK", "0") == "0":
         (check_output_file if out_file else check_output_dir)(args.out, "--out", RunError)
@@ -360,10 +362,11 @@ def _cmd_export(args) -> int:
         raise RunError(f"--model {args.model!r} has no {CONFIG_NAME}, so it is not a pruned model; "
                        "export takes a directory written by `cofi prune`")
     try:
-        check_export_settings(args.opset)  # the ONNX packages and the opset, before the model is loaded
-        model = PrunedModel.from_pretrained(args.model)
-    except ImportError as e:
+        check_export_settings(args.opset, "--opset")  # the ONNX packages and the opset, before the model is loaded
+    except (ImportError, ValueError) as e:
         raise RunError(str(e)) from None
+    try:
+        model = PrunedModel.from_pretrained(args.model)
     except (OSError, ValueError) as e:
         raise RunError(f"model directory {args.model!r}: {e}") from None
     result = model.export_onnx(args.out, opset=args.opset)
@@ -508,6 +511,8 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
 
 
 def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
+    from .training.config import fraction
+
     p.add_argument("--data", help="CSV or JSONL with 'text' [, 'text_pair'] and 'label' (default: BBC News)")
     if not train:
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -558,6 +563,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+def _method_flags(method) -> list[str]:
+    """The flags ``cofi prune --method NAME`` has for a pruning method: its arguments' and its config's."""
+    from .training.config import config_flag, settings_of
+
+    return [a.flag for a in method.arguments] + [config_flag(f) for f in settings_of(method.config)]
+
+
+class _ForeignFlag(argparse.Action):
+    """A flag of other pruning methods than the chosen one: using it names the methods it belongs to
+    (argparse alone says "unrecognized arguments", and only after any missing required flag)."""
+
+    def __init__(self, option_strings, dest, *, owners: list[str], chosen: str, **kw):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+        self.owners, self.chosen = owners, chosen
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        *rest, last = self.owners
+        owners = f"{', '.join(rest)} and {last}" if rest else last
+        parser.exit(2, f"{parser.prog}: error: {self.option_strings[0]} is a flag of --method {owners}, not of "
+                       f"--method {self.chosen}; see '{parser.prog} --method {self.chosen} --help'\n")
+
+
+def _add_foreign_flags(p: argparse.ArgumentParser, chosen, methods) -> None:
+    """Every flag of ``methods`` that ``chosen`` lacks, hidden, as a :class:`_ForeignFlag`."""
+    own = set(_method_flags(chosen))
+    owners: dict[str, list[str]] = {}
+    for m in methods:
+        for flag in _method_flags(m):
+            if flag not in own:
+                owners.setdefault(flag, []).append(m.name)
+    for flag, names in owners.items():
+        p.add_argument(flag, action=_ForeignFlag, dest=f"foreign_{flag}", owners=names, chosen=chosen.name)
+
+
 def _method_in(argv: list[str] | None) -> str:
     """The ``--method`` of a ``cofi prune`` command line (its flags depend on it); default ``cofi``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -574,6 +613,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     dataclasses (:class:`~cofi_kernels.training.finetune.FinetuneConfig`, and for ``prune`` the
     config of the ``--method`` named in ``argv``), so every setting has a flag."""
     from .pruning import get_method, method_names
+    from .training.config import fraction
     from .training.finetune import FinetuneConfig
 
     parser = _Parser(
@@ -602,6 +642,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.add_argument(a.flag, dest=a.name, required=a.required, help=a.help)
     _common(p, train=True)
     _add_config_flags(p, method.config)
+    _add_foreign_flags(p, method, [get_method(n) for n in names])
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("eval", help="accuracy, sparsity, parameters and speed of a model directory")
@@ -649,20 +690,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``cofi`` console script; returns the exit status.
+    """Entry point of the ``cofi`` console script and of ``python -m cofi_kernels.cli``; returns the exit status.
 
     A problem with the input (data, model directories, settings, the output
     directory, a file the system cannot read or write, memory) is one line
     ``cofi <command>: error: ...`` on stderr and status 2. Warnings from other
     libraries are held back while the command runs: dropped when it fails that
     way (the error line says what went wrong), shown when it ends otherwise.
+    Ctrl-C is one line ``cofi <command>: interrupted`` (``cofi: interrupted``
+    before the command started: while the parser is built and its modules
+    imported) and status 130.
     """
+    from . import command_interrupted
+
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # before the command's own handler took over
+        return command_interrupted()
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # shard-writing bars would bury ours
+    from . import command_interrupted
     from .training.data import DataError
     from .training.distributed import current_world, torchrun_world_size
     from .training.trainer import RunError, RunStopped, first_line
@@ -687,9 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         except MemoryError:
             return _error(args.command, "out of memory; use a smaller --batch-size or --max-length")
         except KeyboardInterrupt:
-            hint = "; continue with --resume" if hasattr(args, "resume") else ""
-            print(f"cofi {args.command}: interrupted{hint}", file=sys.stderr)
-            return 130
+            return command_interrupted(args.command, "; continue with --resume" if hasattr(args, "resume") else "")
         except BaseException:
             held.release()  # a crash: what the libraries said may explain it
             raise

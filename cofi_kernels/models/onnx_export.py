@@ -20,7 +20,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import secrets
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 MIN_OPSET = 18  # the opset torch's ONNX function library is written in; lower ones need a version conversion
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8  # example sizes to trace with (not 0 or 1: those would be specialised)
 _STANDARD_DOMAINS = ("", "ai.onnx")
+_TAG_BYTES = 4  # random bytes in a temporary file's name (hex: twice as many characters)
 
 
 @dataclass(frozen=True)
@@ -86,20 +89,21 @@ def _check_path(path) -> str:
     return path
 
 
-def _check_opset(opset) -> int | None:
+def _check_opset(opset, what: str) -> int | None:
     if opset is None:
         return None
     top = max_opset()
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
-        raise ValueError(f"export_onnx: opset must be an integer in [{MIN_OPSET}, {top}] or None, got {opset!r}")
+        raise ValueError(f"{what} must be an integer in [{MIN_OPSET}, {top}] or None, got {opset!r}")
     return opset
 
 
-def check_export_settings(opset=None) -> int | None:
+def check_export_settings(opset=None, what: str = "export_onnx: opset") -> int | None:
     """The packages the export needs are installed (``ImportError`` naming them) and ``opset`` is
-    ``None`` or an integer in ``[MIN_OPSET, max_opset()]`` (``ValueError``); returns ``opset``."""
+    ``None`` or an integer in ``[MIN_OPSET, max_opset()]`` (``ValueError`` naming it as ``what``,
+    e.g. ``"--opset"``); returns ``opset``."""
     _require_packages()
-    return _check_opset(opset)
+    return _check_opset(opset, what)
 
 
 def _cpu_fp32_copy(model):
@@ -153,6 +157,48 @@ def _custom_ops(proto) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in _STANDARD_DOMAINS})
 
 
+def _temp_path(directory: str, name: str) -> str:
+    """A new hidden name beside the target ``name``: ``.NAME.PID.HEX.tmp`` (the pattern
+    :func:`_sweep_stale_temp_files` matches)."""
+    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(_TAG_BYTES)}.tmp")
+
+
+def _sweep_stale_temp_files(directory: str, name: str) -> None:
+    """Remove what exports to ``name`` left when their process was killed (SIGKILL skips the clean-up):
+    regular files named exactly as :func:`_temp_path` names them whose PID is no running process.
+    Only the same ``name``, whose file this export replaces anyway: another target's temporary file
+    may belong to a live export whose PID means nothing here (another PID namespace sharing the
+    directory). Best effort: what cannot be removed stays."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process on POSIX only (on Windows it would end it)
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.([1-9][0-9]*)\.[0-9a-f]{{{2 * _TAG_BYTES}}}\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None or _may_be_running(int(match.group(1))):
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):  # never a directory or link that merely has the name
+                os.remove(path)
+        except OSError:  # removed meanwhile by another export's sweep, or not ours to remove
+            pass
+
+
+def _may_be_running(pid: int) -> bool:
+    """False only when no process has the number ``pid``."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the kernel only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM); a number beyond any PID
+        return True
+    return True
+
+
 def export_onnx(model, path, *, opset: int | None = None) -> OnnxExport:
     """Write ``model``'s reference forward as an ONNX file at ``path``; see
     :meth:`PrunedModel.export_onnx <cofi_kernels.models.pruned_model.PrunedModel.export_onnx>`."""
@@ -171,9 +217,10 @@ def export_onnx(model, path, *, opset: int | None = None) -> OnnxExport:
     dynamic = {name: {0: batch, 1: seq} for name in INPUT_NAMES}
 
     directory, name = os.path.split(os.path.abspath(path))
+    _sweep_stale_temp_files(directory, name)
     # A new name beside the target (same file system, so the final rename is atomic); created by the
     # save itself, so the file gets the usual permissions (mkstemp's would be 0600).
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temp_path(directory, name)
     # The exporter's registry logs a warning per torchvision op it cannot find (irrelevant here).
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level

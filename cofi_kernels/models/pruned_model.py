@@ -24,7 +24,8 @@ from ..ops import varlen_attention as _varlen_op
 from .arch import ARCHS, UnsupportedModelError
 from .size import encoder_size
 
-__all__ = ["PrunedModel", "UnsupportedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["PrunedModel", "UnsupportedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME",
+           "check_finite"]
 
 FORMAT = "cofi-pruned"
 FORMAT_VERSION = 1
@@ -129,8 +130,10 @@ class PrunedModel(nn.Module):
                *, backend: str = "auto"):
         """Last hidden state ``[B, T, d]`` over the kept hidden dims (see :meth:`expand_hidden`).
 
-        ``input_ids``: ``[B, T]`` long; ``attention_mask``: ``[B, T]`` (1 = token,
-        0 = padding, None = all tokens); ``token_type_ids``: ``[B, T]`` or None (zeros).
+        ``input_ids``: ``[B, T]`` long, ``B, T >= 1``; ``attention_mask``: ``[B, T]`` (1 = token,
+        0 = padding, None = all tokens; every row needs a token); ``token_type_ids``: ``[B, T]``
+        long or None (zeros). Inputs of another shape, dtype or device than that raise
+        ``ValueError`` naming the input.
         Padding keys get ``finfo(dtype).min`` added to their scores, as HF does.
         With ``output_hidden_states``, returns ``(last, per_layer)`` where
         ``per_layer`` holds every layer's output ``[B, T, d]`` (a layer whose
@@ -140,7 +143,7 @@ class PrunedModel(nn.Module):
         (packed real tokens; padded positions come out 0; see :meth:`forward`) or
         ``"auto"`` (:meth:`engine_applies`).
         """
-        B, T = self._check_inputs(input_ids, attention_mask)
+        B, T = self._check_inputs(input_ids, attention_mask, token_type_ids)
         if self._use_engine(backend, attention_mask, output_hidden_states):
             packed = self._pack(input_ids, attention_mask, token_type_ids)
             h = self._run_packed(packed, first_only=False)
@@ -178,7 +181,7 @@ class PrunedModel(nn.Module):
           every sequence's first token to be real (right padding); ``ValueError`` otherwise.
         - ``"auto"`` (default): the engine when :meth:`engine_applies`, else the reference.
         """
-        B, T = self._check_inputs(input_ids, attention_mask)
+        B, T = self._check_inputs(input_ids, attention_mask, token_type_ids)
         if self.head is not None and self._use_engine(backend, attention_mask, output_hidden_states):
             packed = self._pack(input_ids, attention_mask, token_type_ids)
             return self.head.classify(self._run_packed(packed, first_only=True))
@@ -191,13 +194,39 @@ class PrunedModel(nn.Module):
 
     # ------------------------------------------------------------------ serving engine
 
-    def _check_inputs(self, input_ids, attention_mask) -> tuple[int, int]:
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids=None) -> tuple[int, int]:
+        """``(batch, seq)`` of the inputs, after checking every one (``ValueError`` naming it): tensors of
+        one shape ``[batch, seq]`` with both at least 1, on the model's device, int64 ids and token
+        types, a mask (integer or bool) of 0 and 1 with at least one real token per row."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"PrunedModel: input_ids must be [batch, seq], got {shape}")
         B, T = input_ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"PrunedModel: attention_mask must have shape {[B, T]}, got {list(attention_mask.shape)}")
+        if B == 0 or T == 0:
+            raise ValueError(f"PrunedModel: input_ids must hold at least one sequence of at least one token, "
+                             f"got shape {[B, T]}")
+        device = self.embeddings.word_embeddings.device
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                        ("token_type_ids", token_type_ids)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"PrunedModel: {name} must have the shape of input_ids {[B, T]}, got {got}")
+            if name != "attention_mask" and t.dtype != torch.long:
+                raise ValueError(f"PrunedModel: {name} must be an int64 (torch.long) tensor, got {t.dtype}")
+            if t.is_floating_point() or t.is_complex():
+                raise ValueError(f"PrunedModel: {name} must be an integer or bool tensor, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"PrunedModel: {name} is on {t.device} but the model is on {device}")
+        # The values are data: checked when run, not while torch.export / torch.compile trace the forward.
+        if attention_mask is not None and not torch.compiler.is_compiling():
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("PrunedModel: attention_mask must hold 0 (padding) and 1 (token) only")
+            empty = (~attention_mask.bool().any(1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"PrunedModel: attention_mask row(s) {empty[:8]} have no real token; "
+                                 "every sequence needs at least one")
         return B, T
 
     def engine_applies(self, attention_mask=None, output_hidden_states: bool = False) -> bool:
@@ -474,10 +503,31 @@ class PrunedModel(nn.Module):
             tensors = load_file(w_path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for a corrupt file
             raise ValueError(f"{w_path}: cannot be read as safetensors ({e})") from None
-        model.load_state_dict(tensors, strict=True, assign=True)
+        check_finite(tensors.items(), w_path)
+        model.load_state_dict({k: _own_aligned(t) for k, t in tensors.items()}, strict=True, assign=True)
         for p in model.parameters():
             p.requires_grad_(False)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def check_finite(named_tensors, where: str) -> None:
+    """``ValueError`` naming ``where`` and the first tensor of ``(name, tensor)`` pairs that holds a NaN or
+    an infinity: such weights give NaN outputs everywhere, which must not pass for predictions."""
+    for name, t in named_tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{where}: tensor {name!r} holds {bad:,} non-finite value(s) (NaN or infinity); "
+                             "the model cannot compute anything meaningful")
+
+
+_ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every allocation so
+
+
+def _own_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in storage of its own at an aligned address: safetensors hands out tensors at 4- or
+    8-byte offsets, and MKL's GEMMs sum in an order that depends on their operands' alignment, so a
+    reloaded model would differ from the saved one in the last bits."""
+    return t if t.data_ptr() % _ALIGNMENT == 0 else t.clone()
 
 
 class _Packed(NamedTuple):
@@ -498,6 +548,13 @@ def check_serving_dtype(dtype, device: torch.device) -> None:
     if dtype not in allowed:
         names = ", ".join(str(t).replace("torch.", "") for t in allowed)
         raise ValueError(f"PrunedModel: dtype must be one of {names} on {device.type}, got {dtype!r}")
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes a weight may be stored in
+# The largest size a config may give (vocabulary, positions, hidden size, ...): the tables' sizes are
+# products of two of them, which then fit in int64, so a hand-edited 2**62 is refused here rather
+# than overflowing inside torch while the model is built.
+MAX_CONFIG_SIZE = 2**31 - 1
 
 
 def _check_header(w_path: str, expected: Mapping[str, tuple]) -> None:
@@ -523,6 +580,10 @@ def _check_header(w_path: str, expected: Mapping[str, tuple]) -> None:
             )
     if found["hidden_index"][1] != "I64":
         raise ValueError(f"{w_path}: tensor 'hidden_index' must be int64, got {found['hidden_index'][1]}")
+    for k in expected:
+        if k != "hidden_index" and found[k][1] not in _FLOAT_DTYPES:
+            raise ValueError(f"{w_path}: tensor {k!r} must be floating point ({', '.join(_FLOAT_DTYPES)}), "
+                             f"got {found[k][1]}")
 
 
 def _validate_config(cfg, path):
@@ -546,12 +607,12 @@ def _validate_config(cfg, path):
     for k in ("hidden_size", "head_dim", "vocab_size", "max_position_embeddings", "type_vocab_size",
               "original_hidden_size", "original_num_heads", "original_intermediate_size", "original_size"):
         v = cfg[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{path}: {k!r} must be a positive integer, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_CONFIG_SIZE:
+            raise ValueError(f"{path}: {k!r} must be a positive integer up to {MAX_CONFIG_SIZE:,}, got {v!r}")
     if cfg["task"] == "sequence_classification":
         n = cfg["num_labels"]
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"{path}: 'num_labels' must be a positive integer, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_CONFIG_SIZE:
+            raise ValueError(f"{path}: 'num_labels' must be a positive integer up to {MAX_CONFIG_SIZE:,}, got {n!r}")
     layers = cfg["layers"]
     if not isinstance(cfg["num_layers"], int) or isinstance(cfg["num_layers"], bool) or cfg["num_layers"] < 0:
         raise ValueError(f"{path}: 'num_layers' must be an integer >= 0, got {cfg['num_layers']!r}")

@@ -207,15 +207,7 @@ class GraphedPrunedModel:
         return None if b is None or t is None else (b, t)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        B, T = self.model._check_inputs(input_ids, attention_mask)
-        device = self.model.embeddings.word_embeddings.device
-        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                        ("token_type_ids", token_type_ids)):
-            if t is not None and t.device != device:
-                raise ValueError(f"GraphedPrunedModel: {name} is on {t.device} but the model is on {device}")
-        if token_type_ids is not None and tuple(token_type_ids.shape) != (B, T):
-            raise ValueError(f"GraphedPrunedModel: token_type_ids must have shape {[B, T]}, "
-                             f"got {list(token_type_ids.shape)}")
+        B, T = self.model._check_inputs(input_ids, attention_mask, token_type_ids)  # shapes, dtypes, devices
         if attention_mask is not None and not bool(attention_mask[:, 0].all()):
             raise ValueError("GraphedPrunedModel: every sequence's first token must be real "
                              "(attention_mask[:, 0] all 1: right padding)")

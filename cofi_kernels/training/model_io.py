@@ -19,34 +19,84 @@ import os
 
 from ..models.arch import UnsupportedModelError, arch_for_model_type, encoder_dims, supported_model, token_limit
 from ..models.pruned_model import CONFIG_NAME as PRUNED_CONFIG_NAME
-from ..models.pruned_model import PrunedModel
+from ..models.pruned_model import PrunedModel, check_finite
 from ..models.size import dense_encoder_size
 from .config import MIN_MAX_LENGTH
 from .data import LabelSpace
 from .paths import check_model_dir
-from .trainer import RunError, first_line, read_json, write_json
+from .trainer import RUN_FILE, RunError, first_line, read_json, write_json
 
 TASK_FILE = "cofi_task.json"
 MASKS_FILE = "weight_masks.safetensors"  # unstructured masks beside a dense model (`cofi prune --method smp`)
 MASKS_FORMAT = "cofi-weight-masks"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt")
+# The files a model directory of ours may hold; require_dir refuses any of them that is there but not a regular file.
+MODEL_FILES = (HF_CONFIG, PRUNED_CONFIG_NAME, TASK_FILE, *SAFE_WEIGHTS, *PICKLED_WEIGHTS, MASKS_FILE, RUN_FILE,
+               *TOKENIZER_FILES)
 
 
 def require_dir(model_dir, what: str = "model directory") -> str:
-    """``model_dir`` is an existing, readable directory (:class:`RunError` otherwise)."""
-    return check_model_dir(model_dir, what, RunError)
+    """``model_dir`` is an existing, readable directory, and each of its :data:`MODEL_FILES` that is
+    there is a regular file (:class:`RunError` saying what the path is otherwise)."""
+    return check_model_dir(model_dir, what, RunError, MODEL_FILES)
 
 
 def load_tokenizer(model_dir: str):
-    """The tokenizer saved in ``model_dir``; :class:`RunError` when there is none."""
+    """The tokenizer saved in ``model_dir``, checked against the model's embedding table
+    (:func:`check_tokenizer_fits`); :class:`RunError` when there is none or it does not fit."""
     from transformers import AutoTokenizer
 
     require_dir(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # transformers raises many types for a broken directory
         raise RunError(f"model directory {model_dir!r}: cannot load its tokenizer ({first_line(e)})") from None
+    check_tokenizer_fits(tokenizer, *_embedding_table(model_dir), model_dir)
+    return tokenizer
+
+
+# A tokenizer with fewer tokens than this share of the model's embedding rows is not the model's own
+# (vocabularies padded for speed keep 99% and more: ModernBERT 50,281 of 50,368, DeBERTa-v3 128,001 of
+# 128,100); transformers builds a 5-token BertTokenizer from tokenizer_config.json alone.
+MIN_VOCABULARY_SHARE = 0.9
+SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, pad_token_id: int | None, model_dir: str) -> None:
+    """The tokenizer belongs to a model with ``vocab_size`` embedding rows (:class:`RunError` otherwise):
+    it knows at most that many tokens and at least :data:`MIN_VOCABULARY_SHARE` of them, its
+    special tokens' ids are rows of the table, and its padding id is the model's ``pad_token_id``."""
+    n = len(tokenizer)
+    where = f"model directory {model_dir!r}: its tokenizer"
+    if n > vocab_size:
+        raise RunError(f"{where} knows {n:,} tokens but the model embeds only {vocab_size:,}; "
+                       "the tokenizer does not belong to this model")
+    if n < MIN_VOCABULARY_SHARE * vocab_size:
+        raise RunError(f"{where} knows only {n:,} tokens for the model's {vocab_size:,} embeddings; its "
+                       "vocabulary is missing (a tokenizer.json, vocab.txt or vocab.json that cannot be read?)")
+    for name in SPECIAL_TOKENS:
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None and not 0 <= token_id < vocab_size:
+            raise RunError(f"{where}'s {name} token has id {token_id}, outside the model's {vocab_size:,} embeddings")
+    if pad_token_id is not None and tokenizer.pad_token_id is not None and tokenizer.pad_token_id != pad_token_id:
+        raise RunError(f"{where} pads with id {tokenizer.pad_token_id} but the model's config says "
+                       f"pad_token_id {pad_token_id}; the tokenizer does not belong to this model")
+
+
+def _embedding_table(model_dir: str) -> tuple[int, int | None]:
+    """``(vocab_size, pad_token_id)`` of the model saved in ``model_dir``, from its config alone."""
+    if os.path.isfile(os.path.join(model_dir, PRUNED_CONFIG_NAME)):
+        try:
+            cfg = PrunedModel.read_config(model_dir)
+        except (OSError, ValueError) as e:
+            raise RunError(f"model directory {model_dir!r}: {e}") from None
+        return cfg["vocab_size"], cfg["pad_token_id"]
+    config = read_model_config(model_dir)
+    return config.vocab_size, getattr(config, "pad_token_id", None)
 
 
 def read_model_config(model_dir: str):
@@ -60,8 +110,8 @@ def read_model_config(model_dir: str):
     import transformers as tf
 
     require_dir(model_dir)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise RunError(f"model directory {model_dir!r} has no config.json; give a directory a model was saved to "
+    if not os.path.isfile(os.path.join(model_dir, HF_CONFIG)):
+        raise RunError(f"model directory {model_dir!r} has no {HF_CONFIG}; give a directory a model was saved to "
                        "(save_pretrained, `cofi finetune`)")
     try:
         config = tf.AutoConfig.from_pretrained(model_dir)
@@ -73,8 +123,11 @@ def read_model_config(model_dir: str):
     except (UnsupportedModelError, ValueError) as e:
         raise RunError(f"model directory {model_dir!r}: {e}") from None
     stored = _stored_weight_count(model_dir)
+    # Every table the model allocates counts, so that a hand-edited size (2**62 positions) is refused
+    # here instead of overflowing inside torch while the model is built.
+    tables = config.vocab_size + config.max_position_embeddings + getattr(config, "type_vocab_size", 0)
     described = dense_encoder_size(dims.num_layers, dims.num_heads, dims.head_dim, dims.intermediate_size,
-                                   dims.hidden_size) + config.vocab_size * dims.hidden_size
+                                   dims.hidden_size) + tables * dims.hidden_size
     if described > stored:
         raise RunError(f"model directory {model_dir!r}: config.json describes at least {described:,} weights but "
                        f"its safetensors files hold {stored:,}; the config does not belong to these weights")
@@ -164,6 +217,10 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
         supported_model(model)
     except UnsupportedModelError as e:
         raise RunError(f"model directory {model_dir!r}: {e}") from None
+    try:
+        check_finite(model.state_dict().items(), f"model directory {model_dir!r}")
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if os.path.isfile(os.path.join(model_dir, MASKS_FILE)):
         apply_weight_masks(model, read_weight_masks(model_dir))
     return model

@@ -10,6 +10,7 @@ the same checks where it opens the path, so Python callers get the same messages
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -17,8 +18,20 @@ __all__ = ["check_input_file", "check_model_dir", "check_output_dir", "check_out
 
 
 def describe_kind(path: str) -> str:
-    """What sits at ``path``: ``"a directory"``, ``"a FIFO"``, ``"a socket"``, ``"a device"``, ``"a file"``."""
-    mode = os.stat(path).st_mode
+    """What sits at ``path``: ``"a directory"``, ``"a FIFO (named pipe)"``, ``"a socket"``, ``"a device"``,
+    ``"a file"``, or, for a symbolic link that leads nowhere, ``"a symbolic link loop"`` /
+    ``"a dangling symbolic link (to '...')"`` (``OSError`` when nothing is there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if not os.path.islink(path):
+            raise
+        # Said as what it is: a link that cannot be followed would otherwise read as "does not exist".
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"a dangling symbolic link (to {os.readlink(path)!r})"
+        raise
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
@@ -47,7 +60,7 @@ def check_input_file(path, what: str, error: type[Exception]) -> str:
         error: the exception class raised.
     """
     path = _nonempty(path, what, error)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):  # lexists: a link that leads nowhere is described below, not "missing"
         raise error(f"{what} {path!r} does not exist")
     kind = describe_kind(path)
     if kind != "a file":
@@ -57,21 +70,28 @@ def check_input_file(path, what: str, error: type[Exception]) -> str:
     return path
 
 
-def check_model_dir(path, what: str, error: type[Exception]) -> str:
+def check_model_dir(path, what: str, error: type[Exception], files=()) -> str:
     """``path`` is an existing directory whose files can be listed and read; returns it as ``str``.
 
     Args:
         what: how messages name it (``"model directory"``, ``"--teacher"``).
         error: the exception class raised.
+        files: names of files the directory may hold; whatever sits under one of them must be a
+            regular file (a FIFO would block its reader; a directory, a link loop or a dangling
+            link would read as a missing file).
     """
     path = _nonempty(path, what, error)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise error(f"{what} {path!r} does not exist")
     kind = describe_kind(path)
     if kind != "a directory":
         raise error(f"{what} {path!r} is {kind}, not a directory; give the directory a model was saved to")
     if not os.access(path, os.R_OK | os.X_OK):
         raise error(f"{what} {path!r} is not readable (permission denied)")
+    for name in files:
+        inner = os.path.join(path, name)
+        if os.path.lexists(inner) and (found := describe_kind(inner)) != "a file":
+            raise error(f"{what} {path!r}: {name} is {found}, not a regular file")
     return path
 
 

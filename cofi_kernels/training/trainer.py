@@ -18,6 +18,13 @@ permutation that is a pure function of ``(seed, epoch)``. A checkpoint
 records a fingerprint of the settings, the model files and the data, and a
 run with a different fingerprint refuses to resume it.
 
+A run holds an exclusive lock on its output directory (:class:`OutputLock`) from
+its checks to its end, so a second run into it, fresh or resumed, is refused;
+the lock dies with the process, so a killed run never blocks ``resume``. A write
+that fails (a full disk) is one :class:`RunError` that leaves the directory
+ready for the same call: without a checkpoint yet nothing of the run is left, with
+one the last complete checkpoint is kept for ``resume``.
+
 Under torchrun (:mod:`.distributed`) every process runs this loop on its part
 of each global batch; rank 0 alone writes the directory, and a checkpoint
 records the number of processes, which a resume must match unless asked
@@ -27,11 +34,14 @@ otherwise (:data:`ANY_WORLD_SIZE`).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -67,11 +77,39 @@ def first_line(e: BaseException) -> str:
 
 
 def write_json(path: str, obj) -> None:
+    """Write ``obj`` to ``path`` atomically (through ``path + ".tmp"``, left behind when a write fails)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", also in the messages of torch and safetensors
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """True when ``e`` is the system refusing a write: an OSError, or another library's error
+    wrapping a full disk (safetensors, torch)."""
+    return isinstance(e, OSError) or NO_SPACE in str(e)
+
+
+def write_failure_reason(e: BaseException) -> str:
+    """What made a write fail, in a few words (``"No space left on device"`` for a full disk)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or NO_SPACE in str(e):
+        return NO_SPACE
+    return (e.strerror if isinstance(e, OSError) else None) or first_line(e)
+
+
+def _remove(path: str) -> None:
+    """Remove the file or directory tree ``path`` if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def read_json(path: str):
@@ -113,6 +151,52 @@ def model_digest(model_dir: str) -> str:
     return h.hexdigest()
 
 
+class OutputLock:
+    """An exclusive lock on a run's output directory, held for the run's life.
+
+    ``flock`` on a descriptor of the directory itself: no lock file to leave behind
+    or to make the directory look used, and the kernel drops the lock when the
+    process ends however it ends, so a killed run never blocks ``--resume``.
+    Raises :class:`RunError` when another process holds it. A file system that
+    cannot lock a directory (NFS emulates ``flock`` with locks that need a file
+    open for writing) gets a warning and an unlocked run rather than no run.
+    """
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(path)
+            by = f" (process {holder})" if holder is not None else ""
+            raise RunError(f"output directory {path!r} is in use by another cofi run{by}; wait for it to end "
+                           "or choose another --out") from None
+        except OSError as e:
+            import warnings
+
+            warnings.warn(f"output directory {path!r} cannot be locked on its file system ({e.strerror or e}); "
+                          "nothing keeps another run from writing into it at the same time", stacklevel=2)
+        # Closing the descriptor releases the lock: on release(), or when the lock is dropped unreleased.
+        self.release = weakref.finalize(self, os.close, fd)
+
+
+def lock_holder(path: str) -> int | None:
+    """The process holding a ``flock`` on ``path``, as Linux's /proc/locks tells it; None elsewhere."""
+    try:
+        st = os.stat(path)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2146594 0 EOF" (waiters have "->" before FLOCK)
+                fields = line.split()
+                if fields[1:2] == ["FLOCK"] and fields[5:6] == [inode]:
+                    return int(fields[4])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class RunDirectory:
     """The output directory of one run: log, checkpoint, final files.
 
@@ -122,6 +206,12 @@ class RunDirectory:
     must still be the same). With several processes only rank 0 reads and writes
     here; the others receive the checkpoint from it, and any error is raised on
     every process.
+
+    Rank 0 holds the directory's :class:`OutputLock` from the checks below (an
+    existing directory) or from :meth:`start` (one it creates) until :meth:`finish`,
+    :meth:`release` or the end of the process; :class:`Trainer` releases it when
+    its run stops early. A failed write raises :class:`RunError` after the cleanup
+    that lets the run be started again (:meth:`_failed_write`).
     """
 
     def __init__(self, out: str, fingerprint: dict, resume: bool | str, kind: str, world: World | None = None):
@@ -138,15 +228,35 @@ class RunDirectory:
         self.log_path = os.path.join(self.out, LOG_FILE)
         self.log_lines = 0
         self.resumed = None
+        self._lock: OutputLock | None = None
+        self._created = False  # whether this run created the directory (and removes it when it leaves nothing)
         if resume:
-            self.resumed = self.world.on_main(self._load_for_resume)
+            self.resumed = self.world.on_main(lambda: self._locked(self._load_for_resume))
         else:
-            self.world.on_main(self._check_fresh)
+            self.world.on_main(lambda: self._locked(self._check_fresh))
 
     @property
     def is_main(self) -> bool:
         """True in the process that writes this directory (rank 0)."""
         return self.world.is_main
+
+    def release(self) -> None:
+        """Give up the lock on the directory (the run is over); a no-op when not held."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _locked(self, check):
+        """``check()`` under the directory's lock, taken first when the directory exists, so two runs
+        started together cannot both pass it; the lock is released again if ``check`` refuses the run.
+        A directory not there yet is locked by :meth:`start`, which creates it and checks again."""
+        try:
+            if self._lock is None and os.path.isdir(self.out):
+                self._lock = OutputLock(self.out)
+            return check()
+        except BaseException:
+            self.release()
+            raise
 
     def _check_fresh(self) -> None:
         if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
@@ -192,9 +302,22 @@ class RunDirectory:
 
     def _start_checked(self) -> None:
         try:
+            if self._lock is None:
+                self._create_locked()
             self._start()
         except OSError as e:
-            raise RunError(f"output directory {self.out!r} cannot be written ({e.strerror or e})") from None
+            raise self._failed_write(e, self._name(e.filename), self.log_path + ".tmp") from e
+
+    def _create_locked(self) -> None:
+        """Create the directory of a fresh run, lock it, and check again that it is new or empty (another
+        run may have taken it since the first check)."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
+        try:
+            os.mkdir(self.out)
+            self._created = True
+        except FileExistsError:
+            pass
+        self._locked(self._check_fresh)
 
     def _start(self) -> None:
         os.makedirs(os.path.join(self.out, CHECKPOINT_DIR), exist_ok=True)
@@ -206,18 +329,58 @@ class RunDirectory:
         if os.path.isfile(self.log_path):
             with open(self.log_path) as f:
                 lines = f.readlines()[: self.log_lines]
-        with open(self.log_path, "w") as f:
+        tmp = self.log_path + ".tmp"  # cut back atomically: a failed write leaves the log the checkpoint knows
+        with open(tmp, "w") as f:
             f.writelines(lines)
+        os.replace(tmp, self.log_path)
+
+    def _name(self, path: str | None) -> str | None:
+        """How a message names ``path``: relative to the directory when inside it (None for the directory)."""
+        if path is None:
+            return None
+        rel = os.path.relpath(path, self.out)
+        return None if rel == "." else repr(path) if rel.startswith("..") else rel
+
+    def _failed_write(self, e: BaseException, what: str | None, tmp: str | None = None) -> RunError:
+        """The error of a write (of ``what``, :meth:`_name`) that failed, once the directory is left ready
+        for a rerun: ``tmp``, the write's temporary file, is removed; a fresh run without a checkpoint yet
+        removes everything it wrote (the same command starts again), any other keeps its last complete
+        checkpoint (--resume). The run is over: the lock is released."""
+        if tmp is not None:
+            _remove(tmp)
+        if os.path.isfile(self.ckpt_path):
+            hint = "its last checkpoint is kept: free some space and continue with --resume"
+        else:
+            if self.resumed is None and self._lock is not None:  # unlocked, the files may be another run's
+                self._remove_own_files()
+            hint = "nothing of this run is kept: free some space and run the same command again"
+        self.release()
+        where = f" while writing {what}" if what else ""
+        return RunError(f"output directory {self.out!r} cannot be written ({write_failure_reason(e)}){where}; {hint}")
+
+    def _remove_own_files(self) -> None:
+        """Remove what a fresh run writes before its first checkpoint (the directory, if it created it)."""
+        for name in (LOG_FILE, LOG_FILE + ".tmp", CHECKPOINT_DIR):
+            _remove(os.path.join(self.out, name))
+        if self._created:
+            try:
+                os.rmdir(self.out)
+            except OSError:
+                pass
 
     def records(self) -> list[dict]:
         """The records of ``log.jsonl`` so far (rank 0, which writes it)."""
         return read_log(self.out)
 
     def log(self, record: dict) -> None:
+        """Append ``record`` to ``log.jsonl`` (rank 0 only)."""
         if not self.is_main:
             return
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a line cut short is dropped by a resume, which keeps the checkpoint's lines
+            raise self._failed_write(e, LOG_FILE) from e
         self.log_lines += 1
 
     def save_checkpoint(self, state: dict) -> None:
@@ -227,16 +390,35 @@ class RunDirectory:
         state = {"format": CHECKPOINT_FORMAT, "kind": self.kind, "fingerprint": self.fingerprint,
                  "log_lines": self.log_lines, "world_size": self.world.size, **state}
         tmp = self.ckpt_path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.ckpt_path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.ckpt_path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            raise self._failed_write(e, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", tmp) from e
 
     def write(self, fn) -> None:
         """Run ``fn()`` (which writes outputs into the directory) on rank 0; every process returns
-        once it is done (or raises its error)."""
-        self.world.on_main(fn)
+        once it is done (or raises its error). A failed write removes the files ``fn`` created, so no
+        half-written model is left beside the checkpoint that ``--resume`` continues."""
+        try:
+            self.world.on_main(lambda: self._write_outputs(fn))
+        except BaseException:
+            self.release()
+            raise
+
+    def _write_outputs(self, fn) -> None:
+        before = set(os.listdir(self.out))
+        try:
+            fn()
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            for name in set(os.listdir(self.out)) - before:
+                _remove(os.path.join(self.out, name))
+            raise self._failed_write(e, self._name(getattr(e, "filename", None)) or "the model") from e
 
     def finish(self, summary: dict) -> None:
         """Write ``run.json`` (``summary`` plus the number of processes and the global batch) and drop the
@@ -245,10 +427,17 @@ class RunDirectory:
         summary = {**summary, "world_size": self.world.size, "global_batch": batch}
 
         def _finish():
-            write_json(os.path.join(self.out, RUN_FILE), summary)
+            path = os.path.join(self.out, RUN_FILE)
+            try:
+                write_json(path, summary)
+            except OSError as e:
+                raise self._failed_write(e, RUN_FILE, path + ".tmp") from e
             shutil.rmtree(os.path.join(self.out, CHECKPOINT_DIR), ignore_errors=True)
 
-        self.world.on_main(_finish)
+        try:
+            self.world.on_main(_finish)
+        finally:
+            self.release()
 
 
 def load_checkpoint(path: str) -> dict:
@@ -492,6 +681,13 @@ class Trainer:
         checkpoint written there, by raising :class:`RunStopped` (a job with a time limit
         continues later with ``resume``); None or a step at or past the end runs to the end.
         """
+        try:
+            self._fit(progress, stop_at)
+        except BaseException:
+            self.run.release()  # the run stopped here: a resume, even in this process, must find it free
+            raise
+
+    def _fit(self, progress: bool, stop_at: int | None) -> None:
         if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
             raise RunError(f"stop_at (--stop-at-step) must be a whole number >= 1, got {stop_at!r}")
         self.run.start()

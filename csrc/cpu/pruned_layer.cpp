@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include <cmath>
 #include <vector>
@@ -179,6 +180,18 @@ at::Tensor layer_rows(const at::Tensor& x_in, const std::vector<int64_t>& cu, bo
   return x;
 }
 
+// An operand of the layer's GEMMs at a 64-byte-aligned address (CPU allocations are): itself, or a copy.
+// MKL's sgemm sums in an order that depends on its operands' alignment (outside its conditional
+// numerical reproducibility mode, which torch does not set), so without this a model's output would
+// depend on where its weights happen to lie, e.g. differ between a model and its reloaded copy
+// (safetensors hands out tensors at 4- or 8-byte offsets). Copying here keeps the result a function of
+// the values and the thread count; models loaded through PrunedModel.from_pretrained are aligned already.
+std::optional<at::Tensor> aligned(const std::optional<at::Tensor>& t) {
+  constexpr uintptr_t kAlignment = 64;
+  if (!t.has_value() || reinterpret_cast<uintptr_t>(t->const_data_ptr()) % kAlignment == 0) return t;
+  return t->clone(at::MemoryFormat::Contiguous);
+}
+
 // Splits the sequences into `parts` contiguous groups of about equal token counts: the
 // sequence index where each group starts, then batch. Empty when the split would be uneven
 // (a group over 5/4 of an even share: one long sequence among short ones), where one group
@@ -217,12 +230,17 @@ at::Tensor pruned_layer_cpu(const at::Tensor& h, const at::Tensor& cu_seqlens, b
   TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16, kLayer,
               ": h must be float32 or bfloat16, got ", h.scalar_type());
   TORCH_CHECK(activation >= kGeluErf && activation <= kRelu, kLayer, ": unknown activation code ", activation);
-  const LayerArgs args{qkv_weight,   qkv_bias,     attn_out_weight, attn_out_bias, attn_ln_weight, attn_ln_bias,
-                       ffn_in_weight, ffn_in_bias, ffn_out_weight,  ffn_out_bias,  ffn_ln_weight,  ffn_ln_bias,
-                       heads,         head_dim,    activation,      eps};
-  check_layer(h, args);
+  const LayerArgs given{qkv_weight,   qkv_bias,     attn_out_weight, attn_out_bias, attn_ln_weight, attn_ln_bias,
+                        ffn_in_weight, ffn_in_bias, ffn_out_weight,  ffn_out_bias,  ffn_ln_weight,  ffn_ln_bias,
+                        heads,         head_dim,    activation,      eps};
+  check_layer(h, given);
   const auto cu = read_offsets(cu_seqlens, h.size(0), kLayer);
-  const at::Tensor x = h.contiguous();
+  const std::optional<at::Tensor> w_qkv = aligned(qkv_weight), w_attn_out = aligned(attn_out_weight),
+                                  w_ffn_in = aligned(ffn_in_weight), w_ffn_out = aligned(ffn_out_weight);
+  const LayerArgs args{w_qkv,    qkv_bias,    w_attn_out, attn_out_bias, attn_ln_weight, attn_ln_bias,
+                       w_ffn_in, ffn_in_bias, w_ffn_out,  ffn_out_bias,  ffn_ln_weight,  ffn_ln_bias,
+                       heads,    head_dim,    activation, eps};
+  const at::Tensor x = *aligned(h.contiguous());
   const int64_t threads = at::get_num_threads();
   const auto starts = threads > 1 && !at::in_parallel_region() ? sequence_groups(cu, threads) : std::vector<int64_t>{};
   if (starts.empty()) return layer_rows(x, cu, first_only, args);

@@ -224,6 +224,120 @@ def cwd_with_a_log(c) -> None:
     c.monkeypatch.chdir(c.watch)
 
 
+def export(c, *extra, model=None):
+    """`cofi export` of the pruned model into the watched directory c.out (made by :func:`out_dir`)."""
+    return ["export", "--model", model or c.pruned, "--out", str(c.out / "model.onnx"), *extra]
+
+
+def out_dir(c) -> None:
+    c.out.mkdir()
+
+
+def theseus_of(c, teacher: str) -> list[str]:
+    """:func:`theseus` with another --teacher."""
+    argv = theseus(c)
+    argv[argv.index("--teacher") + 1] = teacher
+    return argv
+
+
+# What can sit where a file is expected, and how the message names it.
+NOT_A_FILE = {"loop": "a symbolic link loop", "fifo": r"a FIFO \(named pipe\), not a regular file",
+              "directory": "a directory, not a regular file", "dangling": "a dangling symbolic link"}
+
+
+def not_a_file(path, kind: str) -> str:
+    """``path`` made a ``kind`` of :data:`NOT_A_FILE`: a link to itself, a FIFO, a directory, a link to nothing."""
+    path = str(path)
+    if kind == "loop":
+        os.symlink(os.path.basename(path), path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    else:
+        os.symlink(path + ".missing", path)
+    return path
+
+
+def with_not_a_file(c, source: str, name: str, kind: str) -> str:
+    """A copy of the model directory ``source`` whose file ``name`` is a ``kind`` of :data:`NOT_A_FILE`."""
+    copy = c.tmp / "model_with_not_a_file"
+    shutil.copytree(source, copy)
+    os.remove(copy / name)
+    not_a_file(copy / name, kind)
+    return str(copy)
+
+
+def in_use(c) -> None:
+    """--out held by a run still going: its log, its checkpoint and its lock (taken here: a lock belongs
+    to an open descriptor, so this process's own run counts as another one)."""
+    c.holder = tr.RunDirectory(str(c.out), {}, False, "toy")
+    c.holder.start()
+    c.holder.save_checkpoint({})
+
+
+IN_USE = r"output directory '.*out' is in use by another cofi run( \(process \d+\))?; wait for it to end"
+
+
+def without_vocabulary(c, source: str) -> str:
+    """A copy of the model directory ``source`` whose tokenizer keeps only tokenizer_config.json
+    (and special_tokens_map.json): its vocabulary files removed."""
+    copy = c.tmp / "model_without_vocabulary"
+    shutil.copytree(source, copy)
+    for name in ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt"):
+        if (copy / name).exists():
+            os.remove(copy / name)
+    return str(copy)
+
+
+def with_weights_edited(c, source: str, edit: Callable[[dict], None]) -> str:
+    """A copy of the model directory ``source`` whose model.safetensors went through ``edit``."""
+    from safetensors.torch import load_file, save_file
+
+    copy = c.tmp / "model_with_weights_edited"
+    shutil.copytree(source, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return str(copy)
+
+
+def _one_weight(tensors: dict) -> str:
+    """The name of an encoder weight matrix (one that every forward reads)."""
+    return next(k for k, v in sorted(tensors.items()) if v.dim() == 2 and "layer" in k and "embeddings" not in k)
+
+
+def with_nan_weight(c, source: str) -> str:
+    def poison(tensors):
+        tensors[_one_weight(tensors)].view(-1)[3] = float("nan")
+
+    return with_weights_edited(c, source, poison)
+
+
+def with_weight_dtype(c, source: str, dtype: torch.dtype) -> str:
+    def cast(tensors):
+        name = _one_weight(tensors)
+        tensors[name] = tensors[name].to(dtype)
+
+    return with_weights_edited(c, source, cast)
+
+
+def nonfinite_command(c, command: str, kind: str) -> list[str]:
+    """``command`` (predict, predict-int8, eval, export) of the pruned or dense model with one NaN weight."""
+    model = with_nan_weight(c, c.pruned if kind == "pruned" else c.teacher)
+    if command == "predict-int8":
+        return predict(c, "--precision", "int8", model=model)
+    return {"predict": predict, "eval": evaluate, "export": export}[command](c, model=model)
+
+
+def with_masks_as(c, kind: str) -> str:
+    """A copy of the teacher whose weight_masks.safetensors is a ``kind`` of :data:`NOT_A_FILE`."""
+    copy = c.tmp / "masked_model"
+    shutil.copytree(c.teacher, copy)
+    not_a_file(copy / "weight_masks.safetensors", kind)
+    return str(copy)
+
+
 # ---------------------------------------------------------------------- the table
 
 
@@ -361,6 +475,38 @@ CASES = [
     Case("pickled-checkpoint", lambda c: finetune(c, "--resume"),
          r"--resume: '.*state\.pt' is not a checkpoint written by cofi_kernels", 11,
          lambda c: resumable_with(c, foreign_pickle())),
+    # Issue 23, item 8: messages that named the wrong cause.
+    Case("export-opset-low", lambda c: export(c, "--opset", "5"),
+         r"--opset must be an integer in \[18, \d+\] or None, got 5$", setup=out_dir),
+    Case("export-opset-high", lambda c: export(c, "--opset", "999"),
+         r"--opset must be an integer in \[18, \d+\] or None, got 999$", setup=out_dir),
+    *[Case(f"model-config-json-{kind}",
+           lambda c, kind=kind: evaluate(c, model=with_not_a_file(c, c.teacher, "config.json", kind)),
+           rf"--model '.*model_with_not_a_file': config\.json is {text}") for kind, text in NOT_A_FILE.items()],
+    Case("export-cofi-config-fifo", lambda c: export(c, model=with_not_a_file(c, c.pruned, "cofi_config.json", "fifo")),
+         r"--model '.*': cofi_config\.json is a FIFO", setup=out_dir),
+    Case("predict-tokenizer-directory",
+         lambda c: predict(c, model=with_not_a_file(c, c.pruned, "tokenizer.json", "directory")),
+         r"--model '.*': tokenizer\.json is a directory, not a regular file", setup=old_predictions),
+    Case("model-is-a-symlink-loop", lambda c: evaluate(c, model=not_a_file(c.tmp / "loop", "loop")),
+         r"--model '.*loop' is a symbolic link loop, not a directory"),
+    Case("teacher-is-a-symlink-loop", lambda c: prune(c, teacher=not_a_file(c.tmp / "loop", "loop")),
+         r"--teacher '.*loop' is a symbolic link loop, not a directory"),
+    Case("data-is-a-symlink-loop", lambda c: finetune(c, data=not_a_file(c.tmp / "loop.csv", "loop")),
+         r"--data '.*loop\.csv' is a symbolic link loop, not a regular file"),
+    Case("data-is-a-dangling-symlink", lambda c: finetune(c, data=not_a_file(c.tmp / "gone.csv", "dangling")),
+         r"--data '.*gone\.csv' is a dangling symbolic link \(to '.*gone\.csv\.missing'\)"),
+    Case("theseus-pruned-teacher", lambda c: theseus_of(c, c.pruned),
+         r"theseus: --teacher '.*' is a pruned model \(written by `cofi prune`\); Theseus needs a fine-tuned dense "
+         r"teacher: give a directory written by `cofi finetune`"),
+    Case("flag-of-cofi-with-theseus", lambda c: theseus(c, "--target-sparsity", "0.5"),
+         r"^cofi prune: error: --target-sparsity is a flag of --method cofi, not of --method theseus; "
+         r"see 'cofi prune --method theseus --help'$"),
+    Case("flag-of-theseus-with-cofi", lambda c: ["prune", "--layers", "2"],
+         r"^cofi prune: error: --layers is a flag of --method theseus, not of --method cofi; "
+         r"see 'cofi prune --method cofi --help'$"),
+    Case("flag-of-several-methods", lambda c: scratch(c, "--teacher", c.teacher),
+         r"--teacher is a flag of --method cofi, smp and theseus, not of --method scratch"),
     # Handled before issue 11; kept in the table.
     Case("csv-missing-label-column", lambda c: finetune(c, data=write_csv(c.tmp / "d.csv", toy_rows(8, 3), ("text",))),
          r"missing column.*'label'"),
@@ -384,6 +530,11 @@ CASES = [
            r"--target-sparsity.*(\(0, 1\)|number)") for t in ("0", "1", "1.5", "-0.1", "nan", "ninety")],
     Case("out-not-empty", lambda c: prune(c), r"output directory .* exists and is not empty",
          setup=lambda c: (c.out.mkdir(), (c.out / "keep.txt").write_text("user file"))),
+    # Issue 23, item 2: an output directory in use by another run.
+    Case("out-in-use-finetune", lambda c: finetune(c), IN_USE, setup=in_use),
+    Case("out-in-use-resume", lambda c: finetune(c, "--resume"), IN_USE, setup=in_use),
+    Case("out-in-use-prune", lambda c: prune(c), IN_USE, setup=in_use),
+    Case("out-in-use-smp", lambda c: smp(c), IN_USE, setup=in_use),
     Case("resume-without-checkpoint", lambda c: prune(c, "--resume"), r"no checkpoint",
          setup=lambda c: c.out.mkdir()),
     Case("empty-out-stays-empty", lambda c: prune(c, eval_data=labelled(c, "odd.jsonl", "weather", at=0)),
@@ -497,6 +648,42 @@ CASES = [
     Case("scratch-unknown-training-label", lambda c: scratch(c, data=labelled(c, "odd.jsonl", "weather")),
          r"label 'weather' \(example 4\) is not one of the classes"),
     Case("scratch-lr-0", lambda c: scratch(c, "--lr", "0"), r"prune: lr must be > 0"),
+    # Issue 23, item 1: a tokenizer that is not the model's (transformers built a 5-token one from
+    # tokenizer_config.json alone, and every word became [UNK]).
+    Case("eval-without-vocabulary", lambda c: evaluate(c, model=without_vocabulary(c, c.teacher)),
+         r"its tokenizer knows only 5 tokens for the model's [\d,]+ embeddings; its vocabulary is missing"),
+    Case("predict-without-vocabulary", lambda c: predict(c, model=without_vocabulary(c, c.pruned)),
+         r"its tokenizer knows only 5 tokens", setup=old_predictions),
+    Case("prune-teacher-without-vocabulary", lambda c: prune(c, teacher=without_vocabulary(c, c.teacher)),
+         r"its tokenizer knows only 5 tokens"),
+    Case("finetune-tokenizer-larger-than-model",
+         lambda c: finetune(c, model=edited(c, c.base, "config.json", lambda t: t.update(vocab_size=1000))),
+         r"its tokenizer knows [\d,]+ tokens but the model embeds only 1,000"),
+    Case("eval-tokenizer-other-padding",
+         lambda c: evaluate(c, model=edited(c, c.pruned, "cofi_config.json", lambda t: t.update(pad_token_id=7))),
+         r"its tokenizer pads with id 0 but the model's config says pad_token_id 7"),
+    # Issue 23, item 3: weights that are not finite (NaN predictions, an ONNX file computing NaN).
+    *[Case(f"{cmd}-nan-weight-{kind}", lambda c, cmd=cmd, kind=kind: nonfinite_command(c, cmd, kind),
+           r"tensor '.*' holds 1 non-finite value\(s\) \(NaN or infinity\)", setup=old_predictions)
+      for cmd, kind in (("predict", "pruned"), ("predict-int8", "pruned"), ("eval", "pruned"), ("eval", "dense"),
+                        ("export", "pruned"), ("predict", "dense"))],
+    # Issue 23, item 6: hand-edited model directories (sizes that overflow, weights of another dtype).
+    *[Case(f"config-{key}-2-62", lambda c, key=key: evaluate(c, model=edited(c, c.pruned, "cofi_config.json",
+                                                                           lambda t: t.update({key: 2**62}))),
+           rf"'{key}' must be a positive integer up to 2,147,483,647, got {2**62}")
+      for key in ("vocab_size", "max_position_embeddings", "num_labels")],
+    *[Case(f"dense-config-{key}-2-62", lambda c, key=key: evaluate(c, model=edited(c, c.teacher, "config.json",
+                                                                                 lambda t: t.update({key: 2**62}))),
+           r"config.json describes at least [\d,]+ weights but its safetensors files hold")
+      for key in ("vocab_size", "max_position_embeddings", "type_vocab_size")],
+    Case("predict-int32-weight", lambda c: predict(c, model=with_weight_dtype(c, c.pruned, torch.int32)),
+         r"model.safetensors: tensor '.*' must be floating point \(F16, BF16, F32, F64\), got I32",
+         setup=old_predictions),
+    Case("export-int32-weight", lambda c: export(c, model=with_weight_dtype(c, c.pruned, torch.int32)),
+         r"must be floating point \(F16, BF16, F32, F64\), got I32", setup=old_predictions),
+    # Issue 23, item 7: a weight-mask file that cannot be read was skipped: the model served unmasked.
+    *[Case(f"eval-masks-{kind}", lambda c, kind=kind: evaluate(c, model=with_masks_as(c, kind)),
+           rf"weight_masks\.safetensors is {NOT_A_FILE[kind]}") for kind in NOT_A_FILE],
 ]
 
 

@@ -65,7 +65,7 @@ from ...training.teacher import TeacherCache
 from .model import TheseusModel, successor_pruned_model
 from .schedule import SCHEDULES, ReplaceSchedule
 
-__all__ = ["TheseusConfig", "check_theseus_config", "check_layers", "theseus_prune"]
+__all__ = ["TheseusConfig", "check_dense_teacher", "check_theseus_config", "check_layers", "theseus_prune"]
 
 WHERE = "theseus"
 
@@ -131,6 +131,16 @@ def check_theseus_config(cfg: TheseusConfig) -> None:
     for name in ("weight_decay", "alpha_pred"):
         if getattr(cfg, name) < 0:
             raise RunError(f"{WHERE}: {name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def check_dense_teacher(teacher_dir: str) -> None:
+    """``teacher_dir`` holds a dense model: a pruned one (written by ``cofi prune``) has irregular layers
+    and no Hugging Face ``config.json`` to cut into modules (:class:`RunError` saying so)."""
+    from ...serving.predict import model_kind
+
+    if model_kind(teacher_dir) == "pruned":
+        raise RunError(f"{WHERE}: --teacher {teacher_dir!r} is a pruned model (written by `cofi prune`); Theseus "
+                       "needs a fine-tuned dense teacher: give a directory written by `cofi finetune`")
 
 
 def check_layers(layers: int, depth: int, teacher_dir: str) -> None:
@@ -199,12 +209,13 @@ def theseus_prune(
     Raises:
         DataError: unusable data.
         RunError: bad settings (a ``layers`` that does not divide the teacher's
-            depth among them), an unusable teacher directory, ``out`` not empty
+            depth among them), an unusable teacher directory (a pruned model among them), ``out`` not empty
             (without ``resume``), or a checkpoint of another run. Nothing is
             written before these checks pass.
     """
     cfg = config or TheseusConfig()
     check_theseus_config(cfg)
+    check_dense_teacher(teacher_dir)
     task = read_task(teacher_dir)
     labels: LabelSpace = task["label_space"]
     depth = read_model_config(teacher_dir).num_hidden_layers
