@@ -381,7 +381,7 @@ def _cmd_demo(args) -> int:
     from .training.config import check_run_settings
     from .training.finetune import FinetuneConfig, finetune
     from .training.model_io import check_max_length, hf_token_limit, read_model_config
-    from .training.trainer import RunError
+    from .training.trainer import OutputLock, RunError
 
     _check_paths(args)
     out = args.out
@@ -400,6 +400,9 @@ def _cmd_demo(args) -> int:
     t0 = time.perf_counter()
     print(f"cofi demo: all-MiniLM-L6-v2 on BBC News ({len(train)} training, {len(validation)} validation, "
           f"{len(test)} held-out test articles); output in {out}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    # Held to the end: a second demo into this --out would rewrite its data and drop its stages unfinished.
+    lock = OutputLock(out)  # noqa: F841
     os.makedirs(data_dir, exist_ok=True)
     for name, part in (("train", train), ("validation", validation), ("test", test)):
         part.to_jsonl(os.path.join(data_dir, f"{name}.jsonl"))

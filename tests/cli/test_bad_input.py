@@ -276,6 +276,12 @@ def in_use(c) -> None:
     c.holder.save_checkpoint({})
 
 
+def locked(c) -> None:
+    """--out, empty, locked as a running `cofi demo` holds it."""
+    c.out.mkdir()
+    c.holder = tr.OutputLock(str(c.out))
+
+
 IN_USE = r"output directory '.*out' is in use by another cofi run( \(process \d+\))?; wait for it to end"
 
 
@@ -535,6 +541,7 @@ CASES = [
     Case("out-in-use-resume", lambda c: finetune(c, "--resume"), IN_USE, setup=in_use),
     Case("out-in-use-prune", lambda c: prune(c), IN_USE, setup=in_use),
     Case("out-in-use-smp", lambda c: smp(c), IN_USE, setup=in_use),
+    Case("demo-out-in-use", lambda c: ["demo", "--out", str(c.out), "--quiet"], IN_USE, setup=locked),
     Case("resume-without-checkpoint", lambda c: prune(c, "--resume"), r"no checkpoint",
          setup=lambda c: c.out.mkdir()),
     Case("empty-out-stays-empty", lambda c: prune(c, eval_data=labelled(c, "odd.jsonl", "weather", at=0)),
