@@ -39,6 +39,8 @@ import os
 import sys
 import time
 
+from . import command_interrupted  # the package is imported by now; this adds no import time
+
 # The layers below are imported inside functions: what they load (the pruning methods, transformers) loads while
 # main() runs, which turns a Ctrl-C into one line.
 
@@ -704,8 +706,6 @@ def main(argv: list[str] | None = None) -> int:
     before the command started: while the parser is built and its modules
     imported) and status 130.
     """
-    from . import command_interrupted
-
     try:
         return _run(argv)
     except KeyboardInterrupt:  # before the command's own handler took over
@@ -719,7 +719,6 @@ def _run(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # shard-writing bars would bury ours
-    from . import command_interrupted
     from .training.data import DataError
     from .training.distributed import current_world, torchrun_world_size
     from .training.trainer import RunError, RunStopped, first_line

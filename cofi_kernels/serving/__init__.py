@@ -22,5 +22,5 @@ from .aligned import aligned_copy
 from .cuda_graphs import GraphedPrunedModel
 from .precision import PRECISIONS, cpu_bf16_support, int8_sums_saturate, load_for_inference, quantize_int8
 
-__all__ = ["PRECISIONS", "GraphedPrunedModel", "aligned_copy", "cpu_bf16_support", "int8_sums_saturate", "load_for_inference",
-           "quantize_int8"]
+__all__ = ["PRECISIONS", "GraphedPrunedModel", "aligned_copy", "cpu_bf16_support", "int8_sums_saturate",
+           "load_for_inference", "quantize_int8"]

@@ -89,14 +89,22 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, pad_token_id: int | None, m
 
 def _embedding_table(model_dir: str) -> tuple[int, int | None]:
     """``(vocab_size, pad_token_id)`` of the model saved in ``model_dir``, from its config alone."""
-    if os.path.isfile(os.path.join(model_dir, PRUNED_CONFIG_NAME)):
-        try:
-            cfg = PrunedModel.read_config(model_dir)
-        except (OSError, ValueError) as e:
-            raise RunError(f"model directory {model_dir!r}: {e}") from None
+    cfg = _pruned_config(model_dir)
+    if cfg is not None:
         return cfg["vocab_size"], cfg["pad_token_id"]
     config = read_model_config(model_dir)
     return config.vocab_size, getattr(config, "pad_token_id", None)
+
+
+def _pruned_config(model_dir: str) -> dict | None:
+    """The validated ``cofi_config.json`` of a :class:`PrunedModel` directory, None for another
+    directory (:class:`RunError` naming the directory when it cannot be read)."""
+    if not os.path.isfile(os.path.join(model_dir, PRUNED_CONFIG_NAME)):
+        return None
+    try:
+        return PrunedModel.read_config(model_dir)
+    except (OSError, ValueError) as e:
+        raise RunError(f"model directory {model_dir!r}: {e}") from None
 
 
 def read_model_config(model_dir: str):
@@ -233,11 +241,8 @@ def problem_type(labels: LabelSpace) -> str:
 def model_limits(model_dir: str) -> tuple[int, int]:
     """``(outputs, token limit)`` of the model saved in ``model_dir`` (a :class:`PrunedModel`'s
     ``cofi_config.json`` or a Hugging Face ``config.json``), read from its config alone."""
-    if os.path.isfile(os.path.join(model_dir, PRUNED_CONFIG_NAME)):
-        try:
-            cfg = PrunedModel.read_config(model_dir)
-        except (OSError, ValueError) as e:
-            raise RunError(f"model directory {model_dir!r}: {e}") from None
+    cfg = _pruned_config(model_dir)
+    if cfg is not None:
         outputs = cfg["num_labels"] if cfg["task"] == "sequence_classification" else cfg["hidden_size"]
         return outputs, token_limit(cfg["model_type"], cfg["max_position_embeddings"], cfg["pad_token_id"])
     config = read_model_config(model_dir)
