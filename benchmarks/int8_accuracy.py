@@ -22,7 +22,7 @@ import torch
 
 from cofi_kernels.models.pruned_model import PrunedModel
 from cofi_kernels.serving import int8_sums_saturate, quantize_int8
-from cofi_kernels.training.data import Encoded, read_examples
+from cofi_kernels.data.text import Encoded, read_examples
 from cofi_kernels.training.evaluation import evaluate
 from cofi_kernels.training.model_io import load_tokenizer, read_task
 

@@ -23,11 +23,11 @@ part (20%, what ``cofi eval`` and ``cofi demo`` report).
 
 Bad input prints one line ``cofi <command>: error: ...`` and exits with
 status 2, leaving ``--out`` and the working directory as they were. Every
-path argument is checked first (:mod:`cofi_kernels.training.paths`), then
+path argument is checked first (:mod:`cofi_kernels.data.paths`), then
 the settings (:func:`~cofi_kernels.training.config.check_run_settings`, the
 same for every method), then the model directories against their own
 configs (:mod:`cofi_kernels.training.model_io`) and the data
-(:func:`~cofi_kernels.training.data.read_examples`); the README lists
+(:func:`~cofi_kernels.data.text.read_examples`); the README lists
 every check.
 """
 
@@ -88,7 +88,7 @@ def default_model_dir() -> str:
 
 def default_splits():
     """The default data's ``(train, validation, test)`` parts (BBC News, fixed seed)."""
-    from .training.data import bbc_news, split_held_out
+    from .data.text import bbc_news, split_held_out
 
     data = bbc_news()
     rest, test = split_held_out(data, DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
@@ -98,7 +98,7 @@ def default_splits():
 
 def _training_data(args):
     """(train, eval) for finetune / prune: the files given, or the default data."""
-    from .training.data import read_examples, split_held_out
+    from .data.text import read_examples, split_held_out
 
     if args.data is None:
         if args.eval_data is not None:
@@ -119,9 +119,9 @@ def _check_paths(args, model_flags=(), *, out_file: bool = False) -> None:
     exist and are readable files, model directories are readable directories (whose model files,
     where there, are regular files), ``--out`` is a directory that exists or can be created (with
     ``out_file``: a file that can be written in an existing directory)."""
-    from .training.data import DataError
+    from .data.text import DataError
     from .training.model_io import require_dir
-    from .training.paths import check_input_file, check_output_dir, check_output_file
+    from .data.paths import check_input_file, check_output_dir, check_output_file
     from .training.trainer import RunError
 
     for flag in ("--data", "--eval-data"):
@@ -246,7 +246,7 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     import torch
 
     from .training.config import check_device
-    from .training.data import Encoded
+    from .data.text import Encoded
     from .training.evaluation import evaluate, throughput
     from .training.model_io import load_tokenizer
     from .training.trainer import RunError
@@ -293,7 +293,7 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
 
 
 def _eval_data(args):
-    from .training.data import read_examples
+    from .data.text import read_examples
 
     if args.data is None:
         return default_splits()[2]
@@ -331,7 +331,7 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from .serving.predict import check_precision, load_model, predict, write_jsonl_atomically
     from .training.config import check_device
-    from .training.data import read_examples
+    from .data.text import read_examples
     from .training.model_io import load_tokenizer, read_task
     from .training.trainer import RunError
 
@@ -719,7 +719,7 @@ def _run(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # shard-writing bars would bury ours
-    from .training.data import DataError
+    from .data.text import DataError
     from .training.distributed import current_world, torchrun_world_size
     from .training.trainer import RunError, RunStopped, first_line
 

@@ -34,7 +34,7 @@ import subprocess
 import sys
 
 from cofi_kernels import cli
-from cofi_kernels.training.data import read_examples, split_held_out
+from cofi_kernels.data.text import read_examples, split_held_out
 
 MAX_LENGTH = cli.DEMO_MAX_LENGTH
 # SMP on all-MiniLM-L6-v2: the paper's lambda_max = 400 outweighs the task gradient on the scores 5-30x

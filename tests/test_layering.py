@@ -24,16 +24,18 @@ LAYERS = {
     f"{PACKAGE}.functional": 2,
     f"{PACKAGE}.modules": 3,
     f"{PACKAGE}.models": 4,
-    f"{PACKAGE}.training": 5,
-    f"{PACKAGE}.serving": 5,
-    f"{PACKAGE}.pruning": 6,
-    f"{PACKAGE}.cli": 7,
-    f"{PACKAGE}.info": 7,
-    f"{PACKAGE}.__main__": 7,
-    PACKAGE: 7,  # the package __init__ with its lazy top-level names
+    f"{PACKAGE}.data": 5,
+    f"{PACKAGE}.tasks": 5,
+    f"{PACKAGE}.training": 6,
+    f"{PACKAGE}.serving": 6,
+    f"{PACKAGE}.pruning": 7,
+    f"{PACKAGE}.cli": 8,
+    f"{PACKAGE}.info": 8,
+    f"{PACKAGE}.__main__": 8,
+    PACKAGE: 8,  # the package __init__ with its lazy top-level names
 }
-LAYER_NAMES = {0: "extension", 1: "ops", 2: "functional", 3: "modules", 4: "models",
-               5: "training/serving", 6: "pruning", 7: "top (cli, info, __init__)"}
+LAYER_NAMES = {0: "extension", 1: "ops", 2: "functional", 3: "modules", 4: "models", 5: "data/tasks",
+               6: "training/serving", 7: "pruning", 8: "top (cli, info, __init__)"}
 
 
 def layer_of(module: str) -> int | None:

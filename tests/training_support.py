@@ -14,7 +14,7 @@ import random
 import torch
 
 from cofi_kernels.training import trainer as tr
-from cofi_kernels.training.data import TextDataset
+from cofi_kernels.data.text import TextDataset
 
 CLASSES = ("sport", "money", "music")
 _WORDS = {

@@ -1,4 +1,4 @@
-"""Layer 6: pruning methods, one subpackage each, registered by name (:mod:`~cofi_kernels.pruning.registry`).
+"""Layer 7: pruning methods, one subpackage each, registered by name (:mod:`~cofi_kernels.pruning.registry`).
 
 - ``cofi`` (:mod:`cofi_kernels.pruning.cofi`): CoFi, L0 gates at five granularities with layerwise distillation.
 - ``theseus`` (:mod:`cofi_kernels.pruning.theseus`): BERT-of-Theseus, module replacing into a shallower successor.

@@ -1,4 +1,4 @@
-"""Layer 5: serving a pruned model (DESIGN §7).
+"""Layer 6: serving a pruned model (DESIGN §7).
 
 - :func:`load_for_inference`: a saved :class:`~cofi_kernels.models.pruned_model.PrunedModel`
   in the precision it is served in (fp32, bf16, int8);

@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from ..models.pruned_model import CONFIG_NAME
-from ..training.data import Encoded, LabelSpace, TextDataset
+from ..data.text import Encoded, LabelSpace, TextDataset
 from ..training.evaluation import model_outputs
 from ..training.model_io import load_classifier, load_tokenizer, read_task
 from ..training.trainer import RunError, progress_bar

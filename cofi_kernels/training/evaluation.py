@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..models.pruned_model import PrunedModel
-from .data import Encoded, LabelSpace
+from ..data.text import Encoded, LabelSpace
 from .distill import task_loss
 from .distributed import World, current_world
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import RunSettings, check_run_settings, documented, setting
-from .data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ..data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from .distill import task_loss
 from .distributed import BatchPart, World, local_device
 from .evaluation import autocast, evaluate, model_outputs

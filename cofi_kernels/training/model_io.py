@@ -22,8 +22,8 @@ from ..models.pruned_model import CONFIG_NAME as PRUNED_CONFIG_NAME
 from ..models.pruned_model import PrunedModel, check_finite
 from ..models.size import dense_encoder_size
 from .config import MIN_MAX_LENGTH
-from .data import LabelSpace
-from .paths import check_model_dir
+from ..data.text import LabelSpace
+from ..data.paths import check_model_dir
 from .trainer import RUN_FILE, RunError, first_line, read_json, write_json
 
 TASK_FILE = "cofi_task.json"

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import Encoded
+from ..data.text import Encoded
 from .evaluation import autocast
 
 __all__ = ["TeacherCache"]

@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import Encoded, TextDataset, epoch_order, steps_per_epoch
+from ..data.text import Encoded, TextDataset, epoch_order, steps_per_epoch
 from .distributed import BatchPart, World, init_distributed
 from .errors import RunError
-from .paths import check_output_dir
+from ..data.paths import check_output_dir
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"

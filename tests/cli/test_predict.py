@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cofi_kernels import cli
-from cofi_kernels.training.data import DataError, Encoded, LabelSpace, read_examples
+from cofi_kernels.data.text import DataError, Encoded, LabelSpace, read_examples
 from cofi_kernels.training.model_io import load_classifier, load_tokenizer, read_task, write_task
 from tests import REPO_ROOT
 from tests.training_support import toy_rows, tree_snapshot, write_csv, write_jsonl

@@ -222,7 +222,7 @@ def test_bf16_on_cpu_and_missing_gpu_are_clear_errors(tmp_path, teacher_dir, toy
 
 def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
     """The cached logits and layer outputs equal a direct teacher forward on the training batch."""
-    from cofi_kernels.training.data import Encoded
+    from cofi_kernels.data.text import Encoded
 
     task = model_io.read_task(teacher_dir)
     enc = Encoded(toy[0], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_PRUNE["max_length"])
@@ -274,7 +274,7 @@ def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
     assert all(r["distill_pred"] >= 0 for r in steps)
     model = PrunedModel.from_pretrained(out)
     assert model.config["num_labels"] == 1
-    from cofi_kernels.training.data import Encoded
+    from cofi_kernels.data.text import Encoded
 
     enc = Encoded(ev, task["label_space"], model_io.load_tokenizer(out), FAST_PRUNE["max_length"])
     assert enc.token_type_ids[0].count(1) > 0  # the pair is its own segment

@@ -17,7 +17,7 @@ from cofi_kernels.pruning.static import loop as sl
 from cofi_kernels.pruning.static import scores as sc
 from cofi_kernels.training import model_io
 from cofi_kernels.training import trainer as tr
-from cofi_kernels.training.data import Encoded, LabelSpace
+from cofi_kernels.data.text import Encoded, LabelSpace
 from tests.training_support import (
     Killed,
     files_equal_tensors,

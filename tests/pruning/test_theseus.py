@@ -265,7 +265,7 @@ def test_output_is_a_pruned_model_whose_logits_equal_the_trained_successor(refer
     # The best fine-tuning evaluation is the kept state and the reported metric.
     evals = [r for r in read_log(out) if r["event"] == "eval" and r["phase"] == "finetune"]
     assert result.metrics["accuracy"] == max(r["accuracy"] for r in evals)
-    from cofi_kernels.training.data import Encoded
+    from cofi_kernels.data.text import Encoded
     from cofi_kernels.training.evaluation import evaluate
 
     task = model_io.read_task(out)
@@ -279,7 +279,7 @@ def test_distill_adds_prediction_distillation_from_the_predecessor(reference_dis
     assert all(r["loss"] == pytest.approx(r["task"] + r["distill_pred"], rel=1e-6) for r in steps)
     assert all(r["distill_pred"] >= 0 for r in steps)
     # The cached targets are the predecessor's eval-mode logits.
-    from cofi_kernels.training.data import Encoded
+    from cofi_kernels.data.text import Encoded
 
     task = model_io.read_task(teacher_dir)
     enc = Encoded(toy[0], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST["max_length"])

@@ -1,4 +1,4 @@
-"""cofi_kernels.training.data: reading CSV/JSONL, task inference, label spaces, held-out splits, batches, BBC News."""
+"""cofi_kernels.data.text: reading CSV/JSONL, task inference, label spaces, held-out splits, batches, BBC News."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import cofi_kernels.training.data as data_module
-from cofi_kernels.training.data import (
+import cofi_kernels.data.text as data_module
+from cofi_kernels.data.text import (
     DataError,
     Encoded,
     LabelSpace,

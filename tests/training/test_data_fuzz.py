@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from cofi_kernels.training.data import DataError, TextDataset, read_examples
+from cofi_kernels.data.text import DataError, TextDataset, read_examples
 
 EXAMPLES = int(os.environ.get("COFI_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(

@@ -32,7 +32,7 @@ def test_finetune_writes_a_loadable_teacher(teacher_dir, toy):
     evals = [r for r in read_log(teacher_dir) if r["event"] == "eval"]
     # The kept weights are those of the best evaluation, and they reproduce its accuracy.
     assert run["best"]["accuracy"] == max(r["accuracy"] for r in evals)
-    from cofi_kernels.training.data import Encoded
+    from cofi_kernels.data.text import Encoded
 
     enc = Encoded(toy[1], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_FINETUNE["max_length"])
     assert evaluation.evaluate(model, enc, task["label_space"])["accuracy"] == pytest.approx(run["best"]["accuracy"])

@@ -15,9 +15,9 @@ from cofi_kernels.pruning import get_method, method_names
 from cofi_kernels.training import config as rc
 from cofi_kernels.training import model_io
 from cofi_kernels.training import trainer as tr
-from cofi_kernels.training.data import DataError
+from cofi_kernels.data.text import DataError
 from cofi_kernels.training.finetune import FinetuneConfig
-from cofi_kernels.training.paths import check_input_file, check_model_dir, check_output_dir
+from cofi_kernels.data.paths import check_input_file, check_model_dir, check_output_dir
 
 
 def _configs():

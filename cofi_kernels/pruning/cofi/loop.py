@@ -27,7 +27,7 @@ from torch import nn
 from ...models.plots import write_shapes_png
 from ...models.pruned_model import PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
-from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import LayerDistiller, prediction_loss, task_loss
 from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate, model_outputs

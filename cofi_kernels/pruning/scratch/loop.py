@@ -41,7 +41,7 @@ from ...models.builder import KeptLayer, build_pruned_model
 from ...models.plots import write_shapes_png
 from ...models.pruned_model import CONFIG_NAME, PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, setting
-from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distributed import local_device
 from ...training.finetune import FinetuneHooks
 from ...training.model_io import (

@@ -44,7 +44,7 @@ from ...models.builder import KeptLayer, build_pruned_model
 from ...models.plots import write_shapes_png
 from ...models.size import dense_encoder_size, encoder_size
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
-from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import prediction_loss, task_loss
 from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate, model_outputs

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ...training.config import RunSettings, check_run_settings, documented, setting
-from ...training.data import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
 from ...training.distill import prediction_loss, task_loss
 from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate

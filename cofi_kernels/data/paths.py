@@ -1,7 +1,7 @@
 """The one check of every path a run reads or writes: data files, model directories, output directories.
 
 Each check runs before anything is read, loaded or written, and raises the
-error class its caller names (:class:`~cofi_kernels.training.data.DataError`
+error class its caller names (:class:`~cofi_kernels.data.text.DataError`
 for data files, :class:`~cofi_kernels.training.trainer.RunError` for model and
 output directories) with a message that says what the path is and what to do.
 The ``cofi`` command runs them on every path argument first; the library runs
