@@ -68,6 +68,11 @@ class TextDataset:
             source=source or self.source,
         )
 
+    def rows(self):
+        """``[text, text_pair or None, label]`` per example (what a run's fingerprint hashes)."""
+        for i in range(len(self)):
+            yield [self.texts[i], None if self.text_pairs is None else self.text_pairs[i], self.labels[i]]
+
     def to_jsonl(self, path: str | os.PathLike) -> None:
         """Write the examples as JSON Lines (``text``, ``text_pair`` when present, ``label``)."""
         with open(path, "w", encoding="utf-8") as f:
@@ -668,59 +673,6 @@ def split_held_out(data: TextDataset, fraction: float, seed: int) -> tuple[TextD
 
 
 # ---------------------------------------------------------------------- batches
-
-
-class Encoded:
-    """A tokenized data set: token ids per example (unpadded) and targets.
-
-    Attributes:
-        input_ids, token_type_ids: lists of int lists (truncated to ``max_length``).
-        targets: ``[N]`` int64 class ids or float32 values; ``None`` when built with ``labels=None``
-            (data to predict on; batches then have no ``labels``).
-        pad_id: the tokenizer's padding id.
-    """
-
-    def __init__(self, data: TextDataset, labels: LabelSpace | None, tokenizer, max_length: int):
-        if tokenizer.pad_token_id is None:
-            raise DataError("the tokenizer has no padding token; set one in the model directory's tokenizer config")
-        enc = tokenizer(
-            data.texts,
-            data.text_pairs,
-            truncation="longest_first" if data.text_pairs is not None else True,
-            max_length=max_length,
-            return_token_type_ids=True,
-            return_attention_mask=False,
-        )
-        self.input_ids: list[list[int]] = enc["input_ids"]
-        self.token_type_ids: list[list[int]] = enc["token_type_ids"]
-        self.targets = None if labels is None else labels.encode(data)
-        self.pad_id = int(tokenizer.pad_token_id)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def batch(self, index: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Examples ``index`` padded to the longest of them: ``input_ids``, ``attention_mask``,
-        ``token_type_ids`` ``[b, T]`` and ``labels`` ``[b]`` (when the data has targets)."""
-        index = list(index)
-        T = max(len(self.input_ids[i]) for i in index)
-        ids = torch.full((len(index), T), self.pad_id, dtype=torch.long)
-        types = torch.zeros((len(index), T), dtype=torch.long)
-        mask = torch.zeros((len(index), T), dtype=torch.long)
-        for r, i in enumerate(index):
-            n = len(self.input_ids[i])
-            ids[r, :n] = torch.tensor(self.input_ids[i])
-            types[r, :n] = torch.tensor(self.token_type_ids[i])
-            mask[r, :n] = 1
-        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        if self.targets is not None:
-            out["labels"] = self.targets[index]
-        return {k: v.to(device) for k, v in out.items()}
-
-    def in_order(self, batch_size: int):
-        """Index lists covering every example once, in order (for evaluation)."""
-        for s in range(0, len(self), batch_size):
-            yield list(range(s, min(s + batch_size, len(self))))
 
 
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..data.text import Encoded, TextDataset, epoch_order, steps_per_epoch
+from ..data.text import epoch_order, steps_per_epoch
+from ..tasks.base import Dataset, Features
 from .distributed import BatchPart, World, init_distributed
 from .errors import RunError
 from ..data.paths import check_output_dir
@@ -136,10 +137,11 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def data_digest(data: TextDataset) -> str:
+def data_digest(data) -> str:
+    """SHA-256 of a data set's examples (any task's: each gives its ``rows()``)."""
     h = hashlib.sha256()
-    for i in range(len(data)):
-        h.update(json.dumps([data.texts[i], None if data.text_pairs is None else data.text_pairs[i], data.labels[i]]).encode())
+    for row in data.rows():
+        h.update(json.dumps(row).encode())
     return h.hexdigest()
 
 
@@ -500,7 +502,7 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def run_fingerprint(config, *, models: Mapping[str, str | None] = {}, data: Mapping[str, TextDataset] = {},
+def run_fingerprint(config, *, models: Mapping[str, str | None] = {}, data: Mapping[str, Dataset] = {},
                     **extra) -> dict:
     """What identifies a run for ``--resume``: its settings (a dataclass), the SHA-256 of the
     model directories and of the data, and any ``extra`` JSON values."""
@@ -612,7 +614,7 @@ class Trainer:
         description: the progress bar's label.
     """
 
-    def __init__(self, run: RunDirectory, hooks: TrainerHooks, phases: Sequence[Phase], data: Encoded, *, seed: int,
+    def __init__(self, run: RunDirectory, hooks: TrainerHooks, phases: Sequence[Phase], data: Features, *, seed: int,
                  batch_size: int, device, checkpoint_every: int, description: str):
         self.run, self.hooks, self.phases, self.data = run, hooks, list(phases), data
         self.seed, self.batch_size, self.device = seed, batch_size, torch.device(device)
