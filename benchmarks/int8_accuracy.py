@@ -22,7 +22,8 @@ import torch
 
 from cofi_kernels.models.pruned_model import PrunedModel
 from cofi_kernels.serving import int8_sums_saturate, quantize_int8
-from cofi_kernels.data.text import Encoded, read_examples
+from cofi_kernels.data.text import read_examples
+from cofi_kernels.tasks.classification import Encoded
 from cofi_kernels.training.evaluation import evaluate
 from cofi_kernels.training.model_io import load_tokenizer, read_task
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("data")
     args = parser.parse_args()
     task = read_task(args.model)
-    labels = task["label_space"]
+    labels = task["spec"]
     enc = Encoded(read_examples(args.data), labels, load_tokenizer(args.model), task["max_length"])
     accuracy = {}
     for name, reduce_range in (("fp32", None), ("int8_7bit", True), ("int8_8bit", False)):

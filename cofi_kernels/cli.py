@@ -96,18 +96,33 @@ def default_splits():
     return train, validation, test
 
 
-def _training_data(args):
-    """(train, eval) for finetune / prune: the files given, or the default data."""
-    from .data.text import read_examples, split_held_out
+def _task_name(args) -> str | None:
+    """The task of a finetune / prune command: ``--task``, else the one ``--data``'s format and columns say
+    (:func:`~cofi_kernels.tasks.task_of_file`), else None (the default data's, or the teacher's)."""
+    from .tasks import task_of_file
+
+    if args.task is not None:
+        return args.task
+    return None if args.data is None else task_of_file(args.data)
+
+
+def _training_data(args, task: str | None):
+    """(train, eval) for finetune / prune: the files given, read as ``task``'s data, or the default data
+    (BBC News: classification, or its texts and labels for embeddings)."""
+    from .data.text import split_held_out
+    from .tasks import get_task
 
     if args.data is None:
         if args.eval_data is not None:
             raise _Usage("--eval-data needs --data (the default data set brings its own validation part)")
+        if task not in (None, "classification", "embedding"):
+            raise _Usage(f"the {task} task has no default data; pass --data FILE")
         train, validation, _ = default_splits()
         return train, validation
-    train = read_examples(args.data)
+    handler = get_task(task or "classification")
+    train = handler.read(args.data)
     if args.eval_data is not None:
-        return train, read_examples(args.eval_data)
+        return train, handler.read(args.eval_data)
     return split_held_out(train, args.eval_fraction, args.seed)
 
 
@@ -192,8 +207,11 @@ def _cmd_finetune(args) -> int:
     cfg = _checked_config(args, FinetuneConfig)
     control = _run_control(args, cfg)
     model_dir = args.model or default_model_dir()
-    train, eval_data = _training_data(args)
-    result = finetune(model_dir, train, eval_data, args.out, cfg, task=args.task, **control)
+    task = _task_name(args)
+    train, eval_data = _training_data(args, task)
+    # A file of texts and labels is classification or regression, as its labels say, unless --task forces one.
+    forced = args.task or (None if task == "classification" else task)
+    result = finetune(model_dir, train, eval_data, args.out, cfg, task=forced, **control)
     m = result.metrics
     print(f"fine-tuned model written to {result.out}: best {m['metric']} {m[m['metric']]:.4f} "
           f"(step {m['step']} of {result.steps}, {result.seconds:.0f} s)")
@@ -205,11 +223,17 @@ def _cmd_prune(args) -> int:
 
     method = get_method(args.method)
     _check_paths(args, tuple(a.flag for a in method.arguments if not a.switch))
+    task = _task_name(args)
+    if task is not None:
+        try:
+            method.check_task(task)
+        except ValueError as e:
+            raise _Usage(str(e)) from None
     cfg = _checked_config(args, method.config)
     control = _run_control(args, cfg)
-    train, eval_data = _training_data(args)
+    train, eval_data = _training_data(args, task)
     inputs = {a.name: getattr(args, a.name) for a in method.arguments}
-    result = method.run(train, eval_data, args.out, cfg, **control, **inputs)
+    result = method.run(train, eval_data, args.out, cfg, task=task, **control, **inputs)
     m = result.metrics
     sparsity = _sparsity_text(result.extra["sparsity"], result.extra.get("target_sparsity"))
     print(f"pruned model written to {result.out}: realised sparsity {sparsity}, "
@@ -233,7 +257,7 @@ def _load_for_eval(model_dir: str, device: str, precision: str = "fp32"):
 
 
 def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "cpu", repeats: int = 3,
-                 precision: str = "fp32") -> dict:
+                 precision: str = "fp32", teacher: str | None = None) -> dict:
     """Metric, realised sparsity (and the pruning run's target, ``target_sparsity``, None where there was
     none), parameters and examples per second of a model directory on ``data``,
     both measured with the model in ``precision`` (see :data:`cofi_kernels.serving.PRECISIONS`;
@@ -241,25 +265,34 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
 
     The directory's ``cofi_task.json`` is checked against its config first (labels, max_length),
     ``batch_size`` must be >= 1, ``device`` one this machine has and ``precision`` one the model
-    can run in there (:class:`RunError` otherwise).
+    can run in there (:class:`RunError` otherwise). The metrics are the task's
+    (:meth:`~cofi_kernels.tasks.base.Task.metrics`); a task measured against the unpruned model
+    (embeddings: ``cosine_to_teacher``) runs ``teacher`` (default: the one the pruning run named).
     """
     import torch
 
     from .training.config import check_device
-    from .data.text import Encoded
-    from .training.evaluation import evaluate, throughput
-    from .training.model_io import load_tokenizer
+    from .training.evaluation import evaluate, teacher_outputs_of, throughput
+    from .training.model_io import load_task_model, load_tokenizer
     from .training.trainer import RunError
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RunError(f"batch size must be an integer >= 1, got {batch_size!r}")
     check_device(device, "eval")
     model, task, kind = _load_for_eval(model_dir, device, precision)
-    labels = task["label_space"]
-    enc = Encoded(data, labels, load_tokenizer(model_dir), task["max_length"])
+    handler, spec = task["handler"], task["spec"]
+    enc = handler.featurize(data, spec, load_tokenizer(model_dir), task["max_length"])
+    if handler.teacher_targets:
+        teacher = teacher or task.get("teacher")
+        if teacher is None:
+            raise RunError(f"eval: the {handler.name} task is measured against its teacher; pass --teacher DIR")
+        teacher_model = load_task_model(teacher, task=handler).to(device).eval()
+        handler.prepare_model(teacher_model, spec)
+        enc.set_targets(teacher_outputs_of(teacher_model, handler, spec, enc, device))
+        del teacher_model
     with torch.inference_mode():
-        metrics = evaluate(model, enc, labels, batch_size=batch_size, device=device)
-        speed = throughput(model, enc, batch_size=batch_size, repeats=repeats, device=device)
+        metrics = evaluate(model, enc, spec, batch_size=batch_size, device=device)
+        speed = throughput(model, enc, batch_size=batch_size, repeats=repeats, device=device, task=handler)
     target = None
     if kind == "pruned":
         sparsity, encoder, target = model.sparsity, model.encoder_size, model.target_sparsity
@@ -279,7 +312,8 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     return {
         "model": model_dir,
         "kind": kind,
-        "examples": len(enc),
+        "task": task["task"],
+        "examples": len(data),
         **metrics,
         "sparsity": sparsity,
         "target_sparsity": target,
@@ -293,11 +327,14 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
 
 
 def _eval_data(args):
-    from .data.text import read_examples
+    from .training.model_io import read_task
 
+    handler = read_task(args.model)["handler"]
     if args.data is None:
+        if handler.name not in ("classification", "embedding"):
+            raise _Usage(f"the {handler.name} task has no default data; pass --data FILE")
         return default_splits()[2]
-    return read_examples(args.data)
+    return handler.read(args.data)
 
 
 def _cmd_eval(args) -> int:
@@ -307,8 +344,10 @@ def _cmd_eval(args) -> int:
     _check_paths(args, ("--model",))
     check_device(args.device, "eval")
     check_precision(args.model, args.precision, args.device, "eval")  # settings before the data is read
+    if args.teacher is not None:
+        _check_paths(args, ("--teacher",))
     result = evaluate_dir(args.model, _eval_data(args), batch_size=args.batch_size, device=args.device,
-                          precision=args.precision)
+                          precision=args.precision, teacher=args.teacher)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -331,7 +370,6 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from .serving.predict import check_precision, load_model, predict, write_jsonl_atomically
     from .training.config import check_device
-    from .data.text import read_examples
     from .training.model_io import load_tokenizer, read_task
     from .training.trainer import RunError
 
@@ -341,7 +379,7 @@ def _cmd_predict(args) -> int:
     check_device(args.device, "predict")
     check_precision(args.model, args.precision, args.device, "predict")
     task = read_task(args.model)
-    data = read_examples(args.data, labelled=False)
+    data = task["handler"].read(args.data, labelled=False)
     tokenizer = load_tokenizer(args.model)
     model, kind = load_model(args.model, precision=args.precision, device=args.device)
     results = predict(model, task, data, tokenizer, batch_size=args.batch_size, device=args.device,
@@ -518,7 +556,9 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
 def _common(p: argparse.ArgumentParser, *, train: bool) -> None:
     from .training.config import fraction
 
-    p.add_argument("--data", help="CSV or JSONL with 'text' [, 'text_pair'] and 'label' (default: BBC News)")
+    p.add_argument("--data", help="the task's data: CSV or JSONL with 'text' [, 'text_pair'] and 'label'; JSONL "
+                                  "with 'tokens' and 'tags' or a CoNLL file; SQuAD JSON or JSONL with 'question', "
+                                  "'context', 'answers'; text alone for embeddings (default: BBC News)")
     if not train:
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
         p.add_argument("--batch-size", type=positive_int, default=32, help="(default 32)")
@@ -550,6 +590,15 @@ def _seconds(text: str) -> float:
     if not v > 0 or v != v or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return v
+
+
+def _task_flag(p: argparse.ArgumentParser) -> None:
+    from .tasks import TASK_NAMES
+
+    p.add_argument("--task", choices=TASK_NAMES,
+                   help="default: the data's (text+label: classification, or regression for numeric labels; "
+                        "tokens+tags or CoNLL columns: token_classification; question+context or SQuAD JSON: "
+                        "question_answering); embedding is chosen with --task embedding only")
 
 
 def _precision_flag(p: argparse.ArgumentParser) -> None:
@@ -630,7 +679,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model on labelled text (makes a teacher)")
     p.add_argument("--model", help="pretrained BERT/RoBERTa directory (default: all-MiniLM-L6-v2)")
     _common(p, train=True)
-    p.add_argument("--task", choices=("classification", "regression"), help="default: inferred from the labels")
+    _task_flag(p)
     _add_config_flags(p, FinetuneConfig)
     p.set_defaults(func=_cmd_finetune)
 
@@ -646,6 +695,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             p.add_argument(a.flag, dest=a.name, required=a.required, help=a.help)
     _common(p, train=True)
+    _task_flag(p)
     _add_config_flags(p, method.config)
     _add_foreign_flags(p, method, [get_method(n) for n in names])
     p.set_defaults(func=_cmd_prune)
@@ -654,18 +704,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="directory written by `cofi finetune` or `cofi prune`")
     _common(p, train=False)
     _precision_flag(p)
+    p.add_argument("--teacher", help="embeddings: the unpruned model to measure cosine_to_teacher against "
+                                     "(default: the teacher the pruning run named)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="labels and class probabilities (or scores) for the texts of a file, as JSONL")
     p.add_argument("--model", required=True, help="directory written by `cofi finetune` or `cofi prune`")
     p.add_argument("--data", required=True,
-                   help="CSV or JSONL with 'text' [, 'text_pair']; a 'label' column is ignored")
+                   help="the model's task's data without labels: CSV or JSONL with 'text' [, 'text_pair']; JSONL "
+                        "with 'tokens' or 'text' (token classification); SQuAD JSON or JSONL with 'question' and "
+                        "'context'; labels and answers are ignored")
     p.add_argument("--out", required=True,
                    help='JSONL file to write, one line per example in input order: {"label": ..., "probabilities": '
-                        '{label: p, ...}} (classification) or {"score": x} (regression). Its directory must exist; '
-                        "an existing file is replaced, but only once every prediction is made (on any error it is "
-                        "left as it was)")
+                        '{label: p, ...}} (classification), {"score": x} (regression), {"entities": [{"type", '
+                        '"start", "end", "text", "score"}], "tags": [...]} (token classification), {"answer", '
+                        '"start", "end", "score"} (question answering), {"embedding": [...]} (embedding). Its '
+                        "directory must exist; an existing file is replaced, but only once every prediction is "
+                        "made (on any error it is left as it was)")
     _precision_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="(default 32; examples of similar length are batched together)")

@@ -609,6 +609,11 @@ class LabelSpace:
         """Outputs of the model: the number of classes, or 1 for regression."""
         return 1 if self.task == "regression" else len(self.names)
 
+    @property
+    def num_outputs(self) -> int:
+        """The model's head width (a task spec's name for :attr:`num_labels`)."""
+        return self.num_labels
+
     def encode(self, data: TextDataset) -> torch.Tensor:
         """Targets of ``data``: int64 class ids or float32 values.
 

@@ -34,7 +34,8 @@ __all__ = [
 
 
 class UnsupportedModelError(TypeError, ValueError):
-    """The model is not a BERT/RoBERTa encoder (or its sequence-classification wrapper) this package supports."""
+    """The model is not a BERT/RoBERTa encoder (or its sequence-classification, token-classification or
+    question-answering wrapper) this package supports."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,20 @@ class EncoderArch:
     model_type = "bert"
     base_class = "BertModel"
     classifier_class = "BertForSequenceClassification"
+    token_classifier_class = "BertForTokenClassification"
+    question_answering_class = "BertForQuestionAnswering"
+
+    def class_names(self) -> tuple[str, ...]:
+        """The names of the supported transformers classes, in :meth:`classes` order."""
+        return (self.base_class, self.classifier_class, self.token_classifier_class, self.question_answering_class)
 
     def classes(self) -> dict[type, str]:
-        """Supported class → task (``"base"`` or ``"sequence_classification"``)."""
+        """Supported class → task: ``"base"`` (the bare encoder), ``"sequence_classification"``,
+        ``"token_classification"`` or ``"question_answering"``."""
         import transformers
 
-        return {getattr(transformers, self.base_class): "base",
-                getattr(transformers, self.classifier_class): "sequence_classification"}
+        tasks = ("base", "sequence_classification", "token_classification", "question_answering")
+        return {getattr(transformers, name): task for name, task in zip(self.class_names(), tasks)}
 
     def encoder(self, model: nn.Module) -> nn.Module:
         """The bare encoder inside ``model`` (the model itself for a bare encoder)."""
@@ -111,6 +119,17 @@ class EncoderArch:
         """(dense, out) of ``out(tanh(dense(h[:, 0])))``: BERT's pooler and classifier."""
         return model.bert.pooler.dense, model.classifier
 
+    def token_head(self, model: nn.Module) -> nn.Linear:
+        """The linear map applied to every token's last hidden state: ``classifier`` ``[C, D]`` of a
+        ``*ForTokenClassification`` (after dropout, the identity in eval), ``qa_outputs`` ``[2, D]``
+        of a ``*ForQuestionAnswering`` (start logits from output 0, end logits from output 1)."""
+        head = getattr(model, "qa_outputs", None)
+        if head is None:
+            head = model.classifier
+        if not isinstance(head, nn.Linear):
+            raise _unsupported(model, f"its token head is a {type(head).__name__}, not a Linear")
+        return head
+
     @staticmethod
     def token_limit(max_position_embeddings: int, pad_token_id: int) -> int:
         """The most tokens one sequence may have: each needs its own position embedding."""
@@ -126,6 +145,8 @@ class RobertaArch(EncoderArch):
     model_type = "roberta"
     base_class = "RobertaModel"
     classifier_class = "RobertaForSequenceClassification"
+    token_classifier_class = "RobertaForTokenClassification"
+    question_answering_class = "RobertaForQuestionAnswering"
 
     def classification_head(self, model: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         """(dense, out_proj) of RoBERTa's classification head."""
@@ -144,7 +165,7 @@ class RobertaArch(EncoderArch):
 
 
 ARCHS: dict[str, EncoderArch] = {"bert": EncoderArch(), "roberta": RobertaArch()}
-SUPPORTED_MODELS = tuple(name for a in ARCHS.values() for name in (a.base_class, a.classifier_class))
+SUPPORTED_MODELS = tuple(name for a in ARCHS.values() for name in a.class_names())
 
 
 def _unsupported(model: object, why: str) -> UnsupportedModelError:
@@ -187,8 +208,10 @@ def check_config(model: object, config) -> None:
 def supported_model(model: object) -> tuple[EncoderArch, str, nn.Module]:
     """``(adapter, task, encoder)`` of a supported model; :class:`UnsupportedModelError` otherwise.
 
-    ``task`` is ``"base"`` for a bare encoder, ``"sequence_classification"``
-    for its classification wrapper; ``encoder`` is the bare encoder.
+    ``task`` is ``"base"`` for a bare encoder, ``"sequence_classification"``,
+    ``"token_classification"`` or ``"question_answering"`` for its wrappers
+    (``*ForSequenceClassification``, ``*ForTokenClassification``,
+    ``*ForQuestionAnswering``); ``encoder`` is the bare encoder.
     """
     for arch in ARCHS.values():
         for cls, task in arch.classes().items():

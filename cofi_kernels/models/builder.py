@@ -33,7 +33,12 @@ heads, ``J`` = kept units):
 - classification head (BERT pooler + classifier, RoBERTa dense + out_proj,
   both ``out(tanh(dense(h[:, 0])))``): the dense input columns keep ``K``
   unscaled (the hidden state already carries ``s``); its output size stays
-  the original hidden size.
+  the original hidden size;
+- token head (``*ForTokenClassification``'s ``classifier``, ``*ForQuestionAnswering``'s
+  ``qa_outputs``, applied to every token's last hidden state): ``W[:, K]`` unscaled,
+  ``b`` as is (the gated last hidden state is 0 on the pruned dims, so this is exact);
+- sentence embedding (a bare encoder built with ``embedding=``): no head tensor; the
+  pooler of a ``BertModel`` is dropped (the embedding pools the last hidden state).
 
 Products are formed in float64 and rounded once to the model's dtype. Head
 dim and the attention scale ``d_head**-0.5`` stay those of the original.
@@ -48,7 +53,7 @@ import torch
 
 from ..modules.gated import head_rows
 from .arch import encoder_dims, supported_model
-from .pruned_model import FORMAT, FORMAT_VERSION, PrunedModel
+from .pruned_model import FORMAT, FORMAT_VERSION, POOLINGS, TOKEN_TASKS, PrunedModel
 from .size import dense_encoder_size
 
 __all__ = ["KeptLayer", "build_pruned_model"]
@@ -127,16 +132,23 @@ def build_pruned_model(
     layers: Sequence[KeptLayer],
     hidden: Indices | None = None,
     hidden_scale: Scale | None = None,
+    *,
+    embedding: dict | None = None,
 ) -> PrunedModel:
     """Cut and fold a BERT/RoBERTa model into a :class:`PrunedModel` (see the module docstring).
 
     Args:
-        model: ``BertModel``, ``RobertaModel`` or their
-            ``*ForSequenceClassification`` (not modified), as
-            :mod:`cofi_kernels.models.arch` supports them.
+        model: ``BertModel``, ``RobertaModel`` or their ``*ForSequenceClassification``,
+            ``*ForTokenClassification`` or ``*ForQuestionAnswering`` (not modified), as
+            :mod:`cofi_kernels.models.arch` supports them. The pruned model's task
+            (config ``"task"``) is the model's: ``"base"``, ``"sequence_classification"``,
+            ``"token_classification"`` or ``"question_answering"``.
         layers: one :class:`KeptLayer` per encoder layer.
         hidden: the kept hidden dims, ascending (default: all); at least one.
         hidden_scale: ``[len(hidden)]``, multiplies every hidden state's kept dims; None = 1.
+        embedding: for a bare encoder only: ``{"pooling": "mean" | "cls" | "max",
+            "normalize": bool}`` makes a sentence-embedding model (task ``"embedding"``, see
+            :meth:`PrunedModel.forward`); None (default) keeps task ``"base"``.
 
     Returns:
         A :class:`PrunedModel` in eval mode, on the CPU, in the model's dtype,
@@ -145,10 +157,13 @@ def build_pruned_model(
     Raises:
         UnsupportedModelError: a model or configuration the adapter does not support.
         ValueError: a wrong number of layers, indices out of range or not
-            increasing, no hidden dim kept, or scales of the wrong shape.
+            increasing, no hidden dim kept, scales of the wrong shape, a bad
+            ``embedding`` or one given for a model with a head.
     """
     where = "build_pruned_model"
     arch, task, enc = supported_model(model)
+    if embedding is not None:
+        _check_embedding(where, embedding, task)
     cfg = enc.config
     dims = encoder_dims(cfg)
     L, H, dh, I, D = dims.num_layers, dims.num_heads, dims.head_dim, dims.intermediate_size, dims.hidden_size
@@ -193,9 +208,22 @@ def build_pruned_model(
         tensors["head.dense_bias"] = _as_float64(dense.bias)
         tensors["head.out_weight"] = _as_float64(out.weight)
         tensors["head.out_bias"] = _as_float64(out.bias)
+    elif task in TOKEN_TASKS:
+        out = arch.token_head(model)
+        if task == "question_answering" and out.weight.shape[0] != 2:
+            raise ValueError(f"{where}: a question-answering head must have 2 outputs (start, end), "
+                             f"got {out.weight.shape[0]}")
+        tensors["head.out_weight"] = _as_float64(out.weight)[:, K]
+        tensors["head.out_bias"] = (_as_float64(out.bias) if out.bias is not None
+                                    else torch.zeros(out.weight.shape[0], dtype=torch.float64))
 
+    config = _config(arch.model_type, task, model, cfg, dims, int(K.numel()), specs)
+    if task in TOKEN_TASKS:  # the head's own output count (2 for question answering: start, end)
+        config["num_labels"] = int(tensors["head.out_bias"].shape[0])
+    if embedding is not None:
+        config.update(task="embedding", pooling=embedding["pooling"], normalize=embedding["normalize"])
     with torch.device("meta"):  # no initialisation: every tensor is assigned next
-        pruned = PrunedModel(_config(arch.model_type, task, model, cfg, dims, int(K.numel()), specs))
+        pruned = PrunedModel(config)
     state = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
     state["hidden_index"] = K.clone()
     pruned.load_state_dict(state, strict=True, assign=True)
@@ -236,8 +264,24 @@ def _ffn_tensors(prefix, parts, units, K, col, row, zh) -> dict[str, torch.Tenso
     return out
 
 
+def _check_embedding(where: str, embedding, task: str) -> None:
+    if task != "base":
+        raise ValueError(f"{where}: embedding= is for a bare encoder (BertModel, RobertaModel), "
+                         f"got a model with task {task!r}")
+    if not isinstance(embedding, dict) or set(embedding) != {"pooling", "normalize"}:
+        got = sorted(embedding) if isinstance(embedding, dict) else type(embedding).__name__
+        raise ValueError(f"{where}: embedding must be a dict with exactly the keys 'pooling' and 'normalize', "
+                         f"got {got}")
+    if embedding["pooling"] not in POOLINGS:
+        raise ValueError(f"{where}: embedding['pooling'] must be one of {', '.join(map(repr, POOLINGS))}, "
+                         f"got {embedding['pooling']!r}")
+    if not isinstance(embedding["normalize"], bool):
+        raise ValueError(f"{where}: embedding['normalize'] must be True or False, got {embedding['normalize']!r}")
+
+
 def _config(model_type, task, model, cfg, dims, hidden_size, specs) -> dict:
-    classifier = task == "sequence_classification"
+    classifier = task in ("sequence_classification",) + TOKEN_TASKS
+    num_labels = getattr(model.config, "num_labels", None) if classifier else None
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -253,12 +297,17 @@ def _config(model_type, task, model, cfg, dims, hidden_size, specs) -> dict:
         "layer_norm_eps": float(cfg.layer_norm_eps),
         "pad_token_id": int(cfg.pad_token_id if cfg.pad_token_id is not None else 0),
         "hidden_act": cfg.hidden_act,
-        "num_labels": getattr(model.config, "num_labels", None) if classifier else None,
+        "num_labels": num_labels,
         "problem_type": getattr(model.config, "problem_type", None) if classifier else None,
-        "id2label": {str(k): v for k, v in model.config.id2label.items()} if classifier else None,
+        "id2label": _id2label(model.config) if classifier else None,
         "original_hidden_size": dims.hidden_size,
         "original_num_heads": dims.num_heads,
         "original_intermediate_size": dims.intermediate_size,
         "original_size": dense_encoder_size(dims.num_layers, dims.num_heads, dims.head_dim,
                                             dims.intermediate_size, dims.hidden_size),
     }
+
+
+def _id2label(config) -> dict | None:
+    id2label = getattr(config, "id2label", None)
+    return None if id2label is None else {str(k): v for k, v in id2label.items()}

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["INPUT_NAMES", "MIN_OPSET", "OnnxExport", "check_export_settings", "export_onnx", "max_opset"]
+__all__ = ["INPUT_NAMES", "MIN_OPSET", "OnnxExport", "check_export_settings", "export_onnx", "max_opset",
+           "output_names"]
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 MIN_OPSET = 18  # the opset torch's ONNX function library is written in; lower ones need a version conversion
@@ -40,12 +41,34 @@ _TAG_BYTES = 4  # random bytes in a temporary file's name (hex: twice as many ch
 
 @dataclass(frozen=True)
 class OnnxExport:
-    """What :func:`export_onnx` wrote: the file, its size in bytes, its opset and its output's name."""
+    """What :func:`export_onnx` wrote: the file, its size in bytes, its opset and its output's name.
+
+    ``output`` is the name of the first (for every task but question answering, the only)
+    output; ``outputs`` names them all, in the file's order (``("start_logits",
+    "end_logits")`` for question answering).
+    """
 
     path: str
     size: int
     opset: int
     output: str
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.outputs:
+            object.__setattr__(self, "outputs", (self.output,))
+
+
+def output_names(config: dict) -> tuple[str, ...]:
+    """The ONNX output names of a pruned model with this config, by task: ``("logits",)`` for
+    sequence and token classification, ``("start_logits", "end_logits")`` for question answering,
+    ``("embedding",)`` for a sentence embedding, ``("last_hidden_state",)`` for a bare encoder."""
+    return {
+        "sequence_classification": ("logits",),
+        "token_classification": ("logits",),
+        "question_answering": ("start_logits", "end_logits"),
+        "embedding": ("embedding",),
+    }.get(config["task"], ("last_hidden_state",))
 
 
 def max_opset() -> int:
@@ -133,7 +156,10 @@ class _Reference(nn.Module):
         self.kwargs = {"backend": "reference"} if "backend" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids, attention_mask, token_type_ids, **self.kwargs)
+        out = self.model(input_ids, attention_mask, token_type_ids, **self.kwargs)
+        if self.model.config.get("task") == "question_answering":  # [B, T, 2] → start, end [B, T]
+            return out[..., 0], out[..., 1]
+        return out
 
 
 def _example_inputs(config: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,6 +181,33 @@ def _custom_ops(proto) -> list[str]:
     """``domain::op`` of every node outside the standard ONNX domain (graph and local functions)."""
     nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
     return sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in _STANDARD_DOMAINS})
+
+
+def _free_output_names(graph, outputs) -> None:
+    """Rename the inner values of the exported graph (an ``onnx_ir`` graph) that carry one of the
+    ``outputs`` names: the exporter names values after their aten op (``embedding`` for the word
+    lookup) and then gives the graph output its requested name, which would appear twice (ONNX
+    requires each name once)."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    wanted = set(outputs)
+    graph_outputs = {id(v) for v in graph.outputs}
+    values = list(graph.inputs) + list(graph.initializers.values())
+    values += [v for node in RecursiveGraphIterator(graph) for v in node.outputs]
+    taken = {v.name for v in values if v.name}
+    for v in values:
+        if v.name in wanted and id(v) not in graph_outputs:
+            k = 1
+            while f"{v.name}_inner_{k}" in taken:
+                k += 1
+            new = f"{v.name}_inner_{k}"
+            taken.add(new)
+            if v.name in graph.initializers and graph.initializers[v.name] is v:
+                graph.initializers.pop(v.name)
+                v.name = new
+                graph.initializers[new] = v
+            else:
+                v.name = new
 
 
 def _temp_path(directory: str, name: str) -> str:
@@ -208,7 +261,7 @@ def export_onnx(model, path, *, opset: int | None = None) -> OnnxExport:
         raise ValueError(f"export_onnx: model must be a PrunedModel, got {type(model).__name__}")
     path = _check_path(path)
     opset = check_export_settings(opset)
-    output = "logits" if model.head is not None else "last_hidden_state"
+    outputs = output_names(model.config)
     target = _cpu_fp32_copy(model)
     was_training = target.training  # the export runs in eval mode; a caller's model is left as it was
     module = _Reference(target)
@@ -233,11 +286,12 @@ def export_onnx(model, path, *, opset: int | None = None) -> OnnxExport:
                 warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*", category=UserWarning)
                 program = torch.onnx.export(
                     module, inputs, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
-                    output_names=[output], dynamic_shapes=dynamic, verbose=False, report=False,
+                    output_names=list(outputs), dynamic_shapes=dynamic, verbose=False, report=False,
                 )
         finally:
             registry_log.setLevel(level)
             target.train(was_training)
+        _free_output_names(program.model.graph, outputs)
         proto = program.model_proto
         custom = _custom_ops(proto)
         if custom:
@@ -253,4 +307,4 @@ def export_onnx(model, path, *, opset: int | None = None) -> OnnxExport:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return OnnxExport(path=path, size=os.path.getsize(path), opset=int(written), output=output)
+    return OnnxExport(path=path, size=os.path.getsize(path), opset=int(written), output=outputs[0], outputs=outputs)

@@ -16,21 +16,28 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..modules.pruned import ACTIVATIONS, ClassificationHead, PrunedAttention, PrunedEmbeddings, PrunedFFN, PrunedLayer
+from ..modules.pruned import (ACTIVATIONS, ClassificationHead, PrunedAttention, PrunedEmbeddings, PrunedFFN,
+                              PrunedLayer, TokenHead)
 from ..ops import backends as _backends
 from ..ops import varlen_attention as _varlen_op
 from .arch import ARCHS, UnsupportedModelError
 from .size import encoder_size
 
 __all__ = ["PrunedModel", "UnsupportedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME",
-           "check_finite"]
+           "POOLINGS", "TASKS", "TOKEN_TASKS", "check_finite"]
 
 FORMAT = "cofi-pruned"
 FORMAT_VERSION = 1
 CONFIG_NAME = "cofi_config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+# The tasks a pruned model computes (config "task"), see PrunedModel.forward.
+TOKEN_TASKS = ("token_classification", "question_answering")  # a TokenHead on every token
+TASKS = ("base", "sequence_classification") + TOKEN_TASKS + ("embedding",)
+POOLINGS = ("mean", "cls", "max")  # an embedding model's pooling of the last hidden state
 
 _REQUIRED_KEYS = (
     "format",
@@ -57,6 +64,13 @@ _REQUIRED_KEYS = (
 class PrunedModel(nn.Module):
     """A pruned BERT/RoBERTa encoder with per-layer head counts and FFN widths.
 
+    Its task (config ``"task"``) says what :meth:`forward` returns: ``"base"`` the last
+    hidden state ``[B, T, d]``; ``"sequence_classification"`` logits ``[B, num_labels]``
+    from the first token; ``"token_classification"`` logits ``[B, T, num_labels]`` for
+    every token; ``"question_answering"`` ``[B, T, 2]`` (start logits ``[..., 0]``, end
+    logits ``[..., 1]``); ``"embedding"`` a pooled sentence embedding ``[B, D]`` (config
+    ``"pooling"``: ``"mean"``, ``"cls"`` or ``"max"``; ``"normalize"``: L2-normalised or not).
+
     Built by :func:`~cofi_kernels.models.builder.build_pruned_model` (which
     every pruning method uses, CoFi's :func:`~cofi_kernels.prune` among them)
     or :meth:`from_pretrained`; ``config`` is the dict
@@ -72,7 +86,9 @@ class PrunedModel(nn.Module):
     ``[w_i, d]``, ``in_bias``, ``out_weight`` ``[d, w_i]`` (absent when ``w_i = 0``),
     ``out_bias``, ``ln_weight``, ``ln_bias``; with a classification head:
     ``head.dense_weight`` ``[D, d]``, ``head.dense_bias`` ``[D]``,
-    ``head.out_weight`` ``[num_labels, D]``, ``head.out_bias``; and
+    ``head.out_weight`` ``[num_labels, D]``, ``head.out_bias``; with a token head
+    (token classification, question answering): ``head.out_weight`` ``[num_labels, d]``,
+    ``head.out_bias`` ``[num_labels]``; and
     ``hidden_index`` (int64 ``[d]``): the original hidden dim of each kept dim.
     ``d`` is the reduced hidden size, ``D`` the original one.
 
@@ -102,6 +118,8 @@ class PrunedModel(nn.Module):
         )
         if cfg["task"] == "sequence_classification":
             self.head = ClassificationHead(d, cfg["original_hidden_size"], cfg["num_labels"])
+        elif cfg["task"] in TOKEN_TASKS:
+            self.head = TokenHead(d, cfg["num_labels"])
         else:
             self.head = None
         self.register_buffer("hidden_index", torch.arange(d, dtype=torch.long))
@@ -163,9 +181,25 @@ class PrunedModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False,
                 *, backend: str = "auto"):
-        """Logits ``[B, num_labels]`` when pruned from a ``*ForSequenceClassification``,
-        else the last hidden state ``[B, T, d]`` (arguments as :meth:`encode`).
+        """The task's output (arguments as :meth:`encode`), by config ``"task"``:
+
+        - ``"sequence_classification"``: logits ``[B, num_labels]`` from the first token;
+        - ``"token_classification"``: logits ``[B, T, num_labels]``, the token head on every
+          position's last hidden state;
+        - ``"question_answering"``: ``[B, T, 2]``, start logits in ``[..., 0]``, end logits in
+          ``[..., 1]``;
+        - ``"embedding"``: ``[B, D]`` (the original hidden size): the last hidden state pooled
+          over the real tokens (``"pooling"``: ``"mean"``, the sum over tokens with mask 1
+          divided by their count, as sentence-transformers; ``"cls"``, the first token;
+          ``"max"``, the maximum over real tokens), scattered to ``D`` dims by
+          :meth:`expand_hidden` (pruned dims 0), then divided by its L2 norm (``F.normalize``,
+          eps 1e-12) when ``"normalize"``; pooled in float32 (bf16/fp16 models), returned in the
+          model's dtype;
+        - ``"base"``: the last hidden state ``[B, T, d]``.
+
         With ``output_hidden_states``, returns ``(that, per_layer)`` as :meth:`encode` does.
+        The reference computes the token tasks' logits at padded positions too (they mean
+        nothing); the engine leaves them 0.
 
         ``backend``:
 
@@ -176,12 +210,17 @@ class PrunedModel(nn.Module):
           :func:`~cofi_kernels.functional.pruned_layer` on the CPU (compiled) and runs
           sublayer by sublayer on CUDA (Triton attention; an aligned copy's masked
           LayerNorms, see :func:`cofi_kernels.serving.aligned_copy`), and a
-          classification head's logits need each sequence's first token only, so from
-          the last attention's output projection on only those rows are computed. Needs
-          every sequence's first token to be real (right padding); ``ValueError`` otherwise.
+          classification head's logits (and a ``"cls"`` embedding) need each sequence's
+          first token only, so from the last attention's output projection on only those
+          rows are computed. Token tasks run every real token through every layer and
+          apply their head to the packed rows (padded positions come out 0); embeddings
+          pool the packed rows of each sequence. Needs every sequence's first token to be
+          real (right padding); ``ValueError`` otherwise.
         - ``"auto"`` (default): the engine when :meth:`engine_applies`, else the reference.
         """
         B, T = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        if self.config["task"] in TOKEN_TASKS or self.config["task"] == "embedding":
+            return self._task_forward(input_ids, attention_mask, token_type_ids, output_hidden_states, backend, B, T)
         if self.head is not None and self._use_engine(backend, attention_mask, output_hidden_states):
             packed = self._pack(input_ids, attention_mask, token_type_ids)
             return self.head.classify(self._run_packed(packed, first_only=True))
@@ -191,6 +230,60 @@ class PrunedModel(nn.Module):
                                    backend="reference" if self.head is not None else backend)
         out = h if self.head is None else self.head(h)
         return (out, per_layer) if output_hidden_states else out
+
+    def _task_forward(self, input_ids, attention_mask, token_type_ids, output_hidden_states, backend, B, T):
+        """:meth:`forward` of the token tasks and of embeddings."""
+        embedding = self.config["task"] == "embedding"
+        if self._use_engine(backend, attention_mask, output_hidden_states):
+            packed = self._pack(input_ids, attention_mask, token_type_ids)
+            if embedding and self.config["pooling"] == "cls":
+                return self._embed(self._run_packed(packed, first_only=True))
+            h = self._run_packed(packed, first_only=False)
+            if embedding:
+                return self._embed(self._pool_packed(h, packed, B, T))
+            logits = self.head(h)
+            out = logits.new_zeros(B * T, logits.shape[-1])
+            out[packed.rows] = logits
+            return out.view(B, T, -1)
+        h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True,
+                                   backend="reference")
+        out = self._embed(self._pool(h, attention_mask)) if embedding else self.head(h)
+        return (out, per_layer) if output_hidden_states else out
+
+    def _pool(self, h: torch.Tensor, attention_mask) -> torch.Tensor:
+        """The embedding pooling of a padded last hidden state ``[B, T, d]`` → ``[B, d]`` (in float32,
+        float64 for a float64 model), over the tokens with ``attention_mask`` 1 (every token where
+        it is None)."""
+        pooling = self.config["pooling"]
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        if pooling == "cls":
+            return h[:, 0]
+        if attention_mask is None:
+            return h.mean(1) if pooling == "mean" else h.amax(1)
+        real = attention_mask.bool().unsqueeze(-1)
+        if pooling == "mean":
+            count = real.sum(1).to(h.dtype).clamp_min(1e-9)  # sentence-transformers' clamp
+            return (h * real.to(h.dtype)).sum(1) / count
+        return h.masked_fill(~real, float("-inf")).amax(1)
+
+    def _pool_packed(self, h: torch.Tensor, packed: "_Packed", B: int, T: int) -> torch.Tensor:
+        """:meth:`_pool` over packed rows ``[N, d]`` (``"mean"`` or ``"max"``) → ``[B, d]``."""
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        seq = torch.div(packed.rows, T, rounding_mode="floor")  # each row's sequence (no host sync)
+        if self.config["pooling"] == "mean":
+            lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).to(h.dtype)
+            return h.new_zeros(B, h.shape[1]).index_add_(0, seq, h) / lengths[:, None]
+        index = seq[:, None].expand(-1, h.shape[1])
+        return h.new_full((B, h.shape[1]), float("-inf")).scatter_reduce_(0, index, h, "amax", include_self=False)
+
+    def _embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled rows ``[B, d]`` → the embedding ``[B, D]``: expanded, normalised when asked, in the
+        model's dtype."""
+        dtype = self.embeddings.word_embeddings.dtype
+        out = self.expand_hidden(pooled)
+        if self.config["normalize"]:
+            out = F.normalize(out, p=2.0, dim=-1, eps=1e-12)
+        return out.to(dtype)
 
     # ------------------------------------------------------------------ serving engine
 
@@ -311,7 +404,7 @@ class PrunedModel(nn.Module):
         return h
 
     def linear_sublayers(self) -> list[nn.Module]:
-        """Every sublayer with linear maps (attention, FFN, head), for serving to override
+        """Every sublayer with linear maps (attention, FFN, classification or token head), for serving to override
         them (see ``linear_overrides`` in :mod:`cofi_kernels.modules.pruned`)."""
         subs = [s for l in self.layers for s in (l.attention, l.ffn) if s is not None]
         return subs + ([self.head] if self.head is not None else [])
@@ -321,9 +414,16 @@ class PrunedModel(nn.Module):
         return [l.attention is not None or l.ffn is not None for l in self.layers]
 
     def expand_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """Scatter ``[..., d]`` back to the original hidden size ``[..., D]`` (pruned dims 0)."""
+        """Scatter ``[..., d]`` back to the original hidden size ``[..., D]`` (pruned dims 0).
+
+        On an aligned copy (:func:`cofi_kernels.serving.aligned_copy`) the padded dims (index
+        -1, always 0) are left out."""
+        index = self.hidden_index
+        real = getattr(self, "aligned_from", None)
+        if real is not None:
+            h, index = h[..., :real], index[:real]
         out = h.new_zeros(*h.shape[:-1], self.config["original_hidden_size"])
-        out[..., self.hidden_index] = h
+        out[..., index] = h
         return out
 
     # ------------------------------------------------------------------ shapes
@@ -380,9 +480,13 @@ class PrunedModel(nn.Module):
     def summary(self) -> str:
         """A readable multi-line description: shapes per layer, sizes and sparsity."""
         c = self.config
-        task = (
-            f"sequence classification ({c['num_labels']} labels)" if c["task"] == "sequence_classification" else "encoder"
-        )
+        task = {
+            "sequence_classification": f"sequence classification ({c['num_labels']} labels)",
+            "token_classification": f"token classification ({c['num_labels']} labels)",
+            "question_answering": "question answering (start/end logits)",
+            "embedding": f"sentence embedding ({c.get('pooling')} pooling"
+                         f"{', normalized' if c.get('normalize') else ''})",
+        }.get(c["task"], "encoder")
         lines = [
             f"PrunedModel({c['model_type']}, {task}, hidden {c['hidden_size']}/{c['original_hidden_size']}, "
             f"head_dim {c['head_dim']}, sparsity {100 * self.sparsity:.2f}%, "
@@ -406,10 +510,13 @@ class PrunedModel(nn.Module):
 
         Inputs: ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and
         ``token_type_ids``, int64 ``[batch, sequence]``, all three required.
-        Output: ``logits`` ``[batch, num_labels]`` (float32) for a model pruned
-        from a ``*ForSequenceClassification``, else ``last_hidden_state``
-        ``[batch, sequence, d]`` over the kept hidden dims. ``batch`` and
-        ``sequence`` are dynamic axes (sequence up to the model's token limit).
+        Outputs (float32), by task: ``logits`` ``[batch, num_labels]`` for sequence
+        classification; ``logits`` ``[batch, sequence, num_labels]`` for token
+        classification; ``start_logits`` and ``end_logits`` ``[batch, sequence]`` (two
+        outputs) for question answering; ``embedding`` ``[batch, D]`` for a sentence
+        embedding; else ``last_hidden_state`` ``[batch, sequence, d]`` over the kept
+        hidden dims. ``batch`` and ``sequence`` are dynamic axes (sequence up to the
+        model's token limit).
         ``opset``: the ONNX opset, an integer from 18 to the highest the
         installed ``onnx`` knows; ``None`` = the exporter's default (20 with
         torch 2.14). The graph is the plain PyTorch reference forward in fp32
@@ -423,7 +530,7 @@ class PrunedModel(nn.Module):
         exist, or a bad ``opset``; ``ImportError`` without ``onnx`` /
         ``onnxscript``. Returns an
         :class:`~cofi_kernels.models.onnx_export.OnnxExport` (path, size in
-        bytes, opset, output name). Exporter and choices:
+        bytes, opset, output name(s)). Exporter and choices:
         :mod:`cofi_kernels.models.onnx_export`.
         """
         from .onnx_export import export_onnx
@@ -600,8 +707,8 @@ def _validate_config(cfg, path):
         )
     if cfg["model_type"] not in ARCHS:
         raise ValueError(f"{path}: model_type {cfg['model_type']!r} is not one of {sorted(ARCHS)}")
-    if cfg["task"] not in ("base", "sequence_classification"):
-        raise ValueError(f"{path}: task {cfg['task']!r} is not 'base' or 'sequence_classification'")
+    if cfg["task"] not in TASKS:
+        raise ValueError(f"{path}: task {cfg['task']!r} is not one of {', '.join(map(repr, TASKS))}")
     if cfg["hidden_act"] not in ACTIVATIONS:
         raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}")
     for k in ("hidden_size", "head_dim", "vocab_size", "max_position_embeddings", "type_vocab_size",
@@ -609,10 +716,19 @@ def _validate_config(cfg, path):
         v = cfg[k]
         if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_CONFIG_SIZE:
             raise ValueError(f"{path}: {k!r} must be a positive integer up to {MAX_CONFIG_SIZE:,}, got {v!r}")
-    if cfg["task"] == "sequence_classification":
+    if cfg["task"] in ("sequence_classification",) + TOKEN_TASKS:
         n = cfg["num_labels"]
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_CONFIG_SIZE:
             raise ValueError(f"{path}: 'num_labels' must be a positive integer up to {MAX_CONFIG_SIZE:,}, got {n!r}")
+        if cfg["task"] == "question_answering" and n != 2:
+            raise ValueError(f"{path}: 'num_labels' of a question-answering model must be 2 (start, end), got {n!r}")
+    if cfg["task"] == "embedding":
+        if cfg.get("pooling") not in POOLINGS:
+            raise ValueError(f"{path}: 'pooling' of an embedding model must be one of "
+                             f"{', '.join(map(repr, POOLINGS))}, got {cfg.get('pooling')!r}")
+        if not isinstance(cfg.get("normalize"), bool):
+            raise ValueError(f"{path}: 'normalize' of an embedding model must be true or false, "
+                             f"got {cfg.get('normalize')!r}")
     layers = cfg["layers"]
     if not isinstance(cfg["num_layers"], int) or isinstance(cfg["num_layers"], bool) or cfg["num_layers"] < 0:
         raise ValueError(f"{path}: 'num_layers' must be an integer >= 0, got {cfg['num_layers']!r}")

@@ -23,7 +23,8 @@ from torch import nn
 from .. import functional
 from ..ops.reference import LAYER_ACTIVATIONS
 
-__all__ = ["ACTIVATIONS", "ClassificationHead", "PrunedAttention", "PrunedEmbeddings", "PrunedFFN", "PrunedLayer"]
+__all__ = ["ACTIVATIONS", "ClassificationHead", "PrunedAttention", "PrunedEmbeddings", "PrunedFFN", "PrunedLayer",
+           "TokenHead"]
 
 # The FFN activations a pruned model can compute: Hugging Face's name → the name the compiled
 # layer takes (functional.pruned_layer), whose definition is ops.reference.LAYER_ACTIVATIONS.
@@ -292,3 +293,27 @@ class ClassificationHead(_WithLinears):
     def classify(self, first: torch.Tensor) -> torch.Tensor:
         """The first token's rows ``[B, d]`` → logits ``[B, num_labels]``."""
         return self.linear("out", torch.tanh(self.linear("dense", first)))
+
+
+class TokenHead(_WithLinears):
+    """``out(h)`` on every row: a token classifier (``num_outputs`` = labels) or extractive QA's
+    ``qa_outputs`` (``num_outputs = 2``: start logits, end logits).
+
+    The linear map reads the kept hidden dims (``d``); ``out_weight`` ``[num_outputs, d]``,
+    ``out_bias`` ``[num_outputs]``.
+    """
+
+    LINEARS = ("out",)
+
+    def __init__(self, hidden_size: int, num_outputs: int):
+        super().__init__()
+        self.out_weight = _param(num_outputs, hidden_size)
+        self.out_bias = _param(num_outputs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init(self)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` (every token, padded ``[B, T, d]`` or packed ``[N, d]``) → ``[..., num_outputs]``."""
+        return self.linear("out", h)

@@ -40,9 +40,12 @@ class MethodArgument:
 class PruningMethod:
     """A registered method.
 
-    ``run(train, eval_data, out, config, *, resume, progress, stop_at, **arguments)``
+    ``run(train, eval_data, out, config, *, resume, progress, stop_at, task, **arguments)``
     runs it, where ``arguments`` are the :class:`MethodArgument` values by name
-    (``resume`` and ``stop_at`` as in :class:`~cofi_kernels.training.trainer.Trainer`).
+    (``resume`` and ``stop_at`` as in :class:`~cofi_kernels.training.trainer.Trainer`) and
+    ``task`` is the name given with ``--task`` (None: the teacher's or the data's).
+    ``tasks`` are the tasks (:mod:`cofi_kernels.tasks`) it runs; ``why_not`` says in one
+    line why it does not run the others.
     """
 
     name: str
@@ -50,6 +53,14 @@ class PruningMethod:
     config: type
     run: Callable
     arguments: tuple[MethodArgument, ...] = ()
+    tasks: tuple[str, ...] = ("classification", "regression")
+    why_not: str = "it is built for sentence classification and regression only"
+
+    def check_task(self, task: str) -> None:
+        """``ValueError`` (one line) when this method does not run ``task``."""
+        if task not in self.tasks:
+            raise ValueError(f"--method {self.name} does not run the {task} task: {self.why_not}; "
+                             f"use --method cofi")
 
 
 _METHODS: dict[str, PruningMethod] = {}

@@ -18,9 +18,8 @@ import tempfile
 import torch
 
 from ..models.pruned_model import CONFIG_NAME
-from ..data.text import Encoded, LabelSpace, TextDataset
-from ..training.evaluation import model_outputs
-from ..training.model_io import load_classifier, load_tokenizer, read_task
+from ..tasks.base import Dataset, gather_rows
+from ..training.model_io import load_task_model, load_tokenizer, read_task
 from ..training.trainer import RunError, progress_bar
 from .precision import PRECISIONS, load_for_inference
 
@@ -61,52 +60,49 @@ def load_model(model_dir: str, *, precision: str = "fp32", device: str | torch.d
         except (OSError, ValueError) as e:
             raise RunError(f"model directory {model_dir!r}: {e}") from None
         return model.eval(), "pruned"
-    return load_classifier(model_dir).to(device).eval(), "dense"
+    task = read_task(model_dir)
+    model = load_task_model(model_dir, task=task["handler"])
+    task["handler"].prepare_model(model, task["spec"])
+    return model.to(device).eval(), "dense"
 
 
-def _results(logits: torch.Tensor, labels: LabelSpace) -> list[dict]:
-    """One result dict per row of fp32 ``logits``."""
-    if labels.task == "regression":
-        return [{"score": v} for v in logits[:, 0].tolist()]
-    probs = logits.softmax(-1)
-    best = logits.argmax(-1).tolist()
-    return [{"label": labels.names[b], "probabilities": dict(zip(labels.names, p))}
-            for b, p in zip(best, probs.tolist())]
-
-
-def predict(model: torch.nn.Module, task: dict, data: TextDataset, tokenizer, *, batch_size: int = 32,
+def predict(model: torch.nn.Module, task: dict, data: Dataset, tokenizer, *, batch_size: int = 32,
             device: str | torch.device = "cpu", progress: bool = False) -> list[dict]:
-    """One result per example of ``data``, in its order: ``{"label": name, "probabilities":
-    {name: p, ...}}`` for classification (softmax of the logits in fp32; the label is the
-    most likely class), ``{"score": x}`` for regression.
+    """One result per example of ``data``, in its order, as the task decodes it
+    (:meth:`~cofi_kernels.tasks.base.Task.decode`): ``{"label": name, "probabilities": {name: p, ...}}``
+    for classification (softmax of the logits in fp32; the label is the most likely class),
+    ``{"score": x}`` for regression, ``{"entities": [...], "tags": [...]}`` for token classification,
+    ``{"answer", "start", "end", "score"}`` for question answering, ``{"embedding": [...]}`` for embeddings.
 
-    ``task`` is the directory's :func:`~cofi_kernels.training.model_io.read_task`; texts are
-    tokenized as in evaluation (truncated to its ``max_length``). Labels in ``data`` are not
-    used. Batches hold examples of similar token length (longest first); ``progress`` shows a
-    tqdm bar over examples on stderr.
+    ``task`` is the directory's :func:`~cofi_kernels.training.model_io.read_task`; inputs are
+    tokenized as in evaluation (truncated to its ``max_length``; long QA contexts split into windows).
+    Labels in ``data`` are not used. Batches hold features of similar token length (longest first);
+    ``progress`` shows a tqdm bar over features on stderr.
     """
-    labels: LabelSpace = task["label_space"]
-    enc = Encoded(data, None, tokenizer, task["max_length"])
+    handler, spec = task["handler"], task["spec"]
+    enc = handler.featurize(data, spec, tokenizer, task["max_length"], labelled=False)
     order = sorted(range(len(enc)), key=lambda i: -len(enc.input_ids[i]))  # stable: ties keep input order
-    results: list[dict | None] = [None] * len(enc)
+    rows: list[torch.Tensor | None] = [None] * len(enc)
     model.eval()
     bar = progress_bar(len(enc), 0, "predict", progress)
     try:
         with torch.inference_mode():
             for s in range(0, len(order), batch_size):
                 index = order[s : s + batch_size]
-                logits = model_outputs(model, enc.batch(index, device)).float().cpu()
-                for i, r in zip(index, _results(logits, labels)):
-                    results[i] = r
+                out = handler.outputs(model, enc.batch(index, device)).float().cpu()
+                for r, i in enumerate(index):
+                    rows[i] = out[r, : len(enc.input_ids[i])] if handler.per_token else out[r]
                 if bar is not None:
                     bar.update(len(index))
     finally:
         if bar is not None:
             bar.close()
-    return results
+    if not rows:
+        return []
+    return handler.decode(gather_rows(rows), enc, data, spec)
 
 
-def predict_dir(model_dir: str, data: TextDataset, *, precision: str = "fp32", batch_size: int = 32,
+def predict_dir(model_dir: str, data: Dataset, *, precision: str = "fp32", batch_size: int = 32,
                 device: str | torch.device = "cpu", progress: bool = False) -> list[dict]:
     """:func:`predict` with the model, task and tokenizer of ``model_dir`` (see :func:`load_model`)."""
     from ..training.config import check_device

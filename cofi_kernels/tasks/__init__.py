@@ -17,9 +17,9 @@ task                       data                                           model 
 
 from __future__ import annotations
 
-from .registry import TASK_NAMES, get_task, task_of_file
+from .registry import TASK_NAMES, get_task, task_of_data, task_of_file
 
-__all__ = ["TASK_NAMES", "get_task", "task_of_file", "entity_scores", "squad_scores"]
+__all__ = ["TASK_NAMES", "get_task", "task_of_data", "task_of_file", "entity_scores", "squad_scores"]
 
 
 def entity_scores(references, predictions) -> dict:

@@ -81,9 +81,14 @@ class Features:
         self.pad_id = int(pad_id)
         self.example_of = list(range(len(input_ids))) if example_of is None else example_of
         self.targets = None
+        self.data = None  # the examples they encode (set by Task.featurize)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def set_targets(self, targets: torch.Tensor) -> None:
+        """Targets computed outside the data (a teacher's outputs, :attr:`Task.teacher_targets`)."""
+        self.targets = targets
 
     def max_length(self) -> int:
         """The longest feature's token count."""
@@ -144,6 +149,8 @@ class Task:
     metric: ClassVar[str]
     #: the task's targets are the teacher's outputs (no labels to fine-tune on): `cofi finetune` refuses it
     teacher_targets: ClassVar[bool] = False
+    #: the class of the examples :meth:`read` returns
+    dataset_class: ClassVar[type | None] = None
     #: one line per data format, for `--help` and errors
     formats: ClassVar[str] = ""
 
@@ -164,20 +171,49 @@ class Task:
         """The task's spec learned from the training data (``forced``: the name given with ``--task``)."""
         raise NotImplementedError
 
+    def with_settings(self, spec: Spec, settings) -> Spec:
+        """The spec with what the run's settings decide for this task (QA: ``doc_stride``); here ``spec``."""
+        return spec
+
     def spec_from_json(self, obj: dict, where: str) -> Spec:
         """Inverse of ``Spec.to_json``; DataError naming ``where`` when malformed."""
         raise NotImplementedError
+
+    def spec_for_teacher(self, model_dir: str) -> Spec:
+        """The spec of a task whose targets are the teacher's outputs, read from the pre-trained
+        teacher's directory (:attr:`teacher_targets` tasks only)."""
+        raise ValueError(f"the {self.name} task takes its spec from training data, not from a model directory")
 
     def encode(self, data: Dataset, spec: Spec, tokenizer, max_length: int, *, labelled: bool = True,
                **options) -> Features:
         """Tokenize ``data``; with ``labelled`` the features carry targets (DataError for a label the spec lacks)."""
         raise NotImplementedError
 
+    def featurize(self, data: Dataset, spec: Spec, tokenizer, max_length: int, *, labelled: bool = True,
+                  **options) -> Features:
+        """:meth:`encode`, with the features remembering their examples (``features.data``) for
+        :meth:`metrics` and :meth:`decode`. What training, evaluation and prediction call."""
+        features = self.encode(data, spec, tokenizer, max_length, labelled=labelled, **options)
+        features.data = data
+        return features
+
     # -- model --------------------------------------------------------------
 
     def head_config(self, spec: Spec) -> dict:
         """Keyword arguments for ``auto_class.from_pretrained`` that size and name the head."""
         raise NotImplementedError
+
+    def prepare_model(self, model, spec: Spec) -> None:
+        """Set on a freshly loaded transformers model what :meth:`outputs` needs from the spec (no-op here)."""
+
+    def finish_pruned(self, pruned, spec: Spec):
+        """The :class:`~cofi_kernels.models.pruned_model.PrunedModel` to save for a compact model built
+        from this task's transformers model (here: ``pruned`` itself)."""
+        return pruned
+
+    def write_extras(self, directory: str, spec: Spec, max_length: int) -> None:
+        """Write what else a saved model of this task needs beside the model, tokenizer and
+        ``cofi_task.json`` (embeddings: the sentence-transformers files); nothing here."""
 
     def outputs(self, model, batch: dict, output_hidden_states: bool = False):
         """The task's outputs of ``model`` (a transformers model with this head, or a PrunedModel built

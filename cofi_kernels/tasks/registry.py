@@ -26,6 +26,18 @@ def get_task(name: str):
     return importlib.import_module(f"{__package__}.{_MODULES[name]}").TASK
 
 
+def task_of_data(data, forced: str | None = None):
+    """``(task, forced name)``: the task ``forced`` names (``--task``), else the one whose data class
+    ``data`` is (a text data set is classification; regression is told from its labels)."""
+    if forced is not None:
+        return get_task(forced), forced
+    for name in ("token_classification", "question_answering"):
+        task = get_task(name)
+        if task.dataset_class is not None and isinstance(data, task.dataset_class):
+            return task, None
+    return get_task("classification"), None
+
+
 def task_of_file(path: str) -> str:
     """The task a data file's format and columns say (``--task`` overrides it):
 
@@ -33,17 +45,18 @@ def task_of_file(path: str) -> str:
       ``context``: ``question_answering``;
     - records with ``tokens`` and ``tags``, or a CoNLL column file (``.conll``, ``.conllu``, ``.iob``,
       ``.bio`` or ``.txt`` whose lines are whitespace-separated columns): ``token_classification``;
-    - records with ``text`` and ``label``: ``classification`` (``regression`` is told from the labels);
-    - records with ``text`` only: ``embedding``.
+    - anything else: ``classification`` (``regression`` is told from the labels), whose reader says
+      what a file of texts and labels lacks.
+
+    Embeddings are never inferred: texts without labels are asked for with ``--task embedding``.
     """
     columns = _columns(path)
     if columns is None:
         return "token_classification"
-    for name in ("question_answering", "token_classification", "classification", "embedding"):
+    for name in ("question_answering", "token_classification"):
         if get_task(name).matches(columns):
             return name
-    raise DataError(f"{path}: cannot tell the task from the columns {sorted(columns)}; give data with "
-                    "text[+label], tokens+tags, question+context(+answers), or pass --task")
+    return "classification"
 
 
 def _columns(path: str) -> set[str] | None:

@@ -79,7 +79,9 @@ class RunSettings:
     """Settings every training run has (batches, tokens, checkpoints, seed, device)."""
 
     batch_size: int = setting(32, "examples per optimizer step")
-    max_length: int = setting(128, "tokens per example (longer texts are truncated)")
+    max_length: int = setting(128, "tokens per example (longer texts are truncated; question answering splits "
+                                   "long contexts into windows)")
+    doc_stride: int = setting(64, "question answering: tokens each window of a long context shares with the next")
     checkpoint_every: int = setting(50, "steps between checkpoints")
     seed: int = setting(0, "seeds the data order, dropout, gate noise and new weights")
     device: str = setting("cpu", "cpu, or cuda / cuda:N")

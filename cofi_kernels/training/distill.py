@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The prediction loss and task loss of classification live with their task; imported here for the callers
+# that know them as the distillation losses.
+from ..tasks.classification import prediction_loss, task_loss  # noqa: F401
+
 
 def default_teacher_layers(num_layers: int) -> list[int]:
     """Teacher layers to match: every third of a 12-layer model (2, 5, 8, 11), scaled to
@@ -26,39 +30,6 @@ def default_teacher_layers(num_layers: int) -> list[int]:
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     return sorted({math.ceil((k + 1) * num_layers / 4) - 1 for k in range(4)})
-
-
-def _reduced(per_batch_sum: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return per_batch_sum
-    if reduction == "mean":
-        return per_batch_sum / batch
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-
-
-def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                    reduction: str = "mean") -> torch.Tensor:
-    """``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` averaged over the batch; for one output
-    (regression) the MSE between the two predictions. ``reduction="sum"``: summed over
-    the examples instead (a process's part of a global batch's mean)."""
-    if student_logits.shape[-1] == 1:
-        total = ((student_logits.float() - teacher_logits.float()) ** 2).sum()
-    else:
-        T = temperature
-        log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
-        log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-        total = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) * (T * T)
-    return _reduced(total, student_logits.shape[0], reduction)
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy for class ids, MSE for regression values (``logits [B, 1]``), averaged
-    over the batch (``reduction="sum"``: summed)."""
-    if logits.shape[-1] == 1:
-        total = ((logits.float().squeeze(-1) - labels.float()) ** 2).sum()
-    else:
-        total = F.cross_entropy(logits.float(), labels, reduction="sum")
-    return _reduced(total, logits.shape[0], reduction)
 
 
 class LayerDistiller(nn.Module):

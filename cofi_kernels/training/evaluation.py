@@ -8,60 +8,60 @@ import time
 import torch
 from torch import nn
 
-from ..models.pruned_model import PrunedModel
-from ..data.text import Encoded, LabelSpace
-from .distill import task_loss
+from ..tasks import get_task
+from ..tasks.base import Features
+from ..tasks.classification import model_outputs
 from .distributed import World, current_world
 
 
-def evaluate(model: nn.Module, data: Encoded, labels: LabelSpace, *, batch_size: int = 64,
+def evaluate(model: nn.Module, data: Features, spec, *, batch_size: int = 64,
              device: str | torch.device = "cpu", bf16: bool = False, world: World | None = None) -> dict[str, float]:
-    """Metrics of ``model`` on ``data`` (eval mode, no gradients).
+    """Metrics of ``model`` on the encoded ``data`` (eval mode, no gradients) for the task of ``spec``.
 
-    Returns ``{"metric": name, name: value, "loss": ...}`` with ``accuracy`` for
-    classification and ``pearson`` (plus ``mse``) for regression.
+    Returns the task's metric dict (:meth:`~cofi_kernels.tasks.base.Task.metrics`):
+    ``{"metric": name, name: value, "loss": ..., ...}``, e.g. ``accuracy`` for classification,
+    ``pearson`` (plus ``mse``) for regression, ``f1`` for token classification and QA,
+    ``cosine_to_teacher`` for embeddings.
 
     With several processes (``world``, default the current one) each process runs
-    every ``size``-th batch of ``batch_size`` examples in index order and the logits
+    every ``size``-th batch of ``batch_size`` features in index order and the outputs
     are summed over the processes, so every process gets exactly the metrics one
     process computes (the same batches, the same numbers).
     """
+    task = get_task(spec.task)
+    outputs = model_outputs_of(model, task, spec, data, batch_size=batch_size, device=device, bf16=bf16, world=world)
+    return task.metrics(outputs, data, data.data, spec)
+
+
+def model_outputs_of(model: nn.Module, task, spec, data: Features, *, batch_size: int = 64,
+                     device: str | torch.device = "cpu", bf16: bool = False, world: World | None = None):
+    """``task``'s outputs of ``model`` for every feature of ``data`` (fp32, on the CPU): ``[N, C]``, or
+    ``[N, T, C]`` zero-padded to the longest feature for per-token tasks (see :func:`evaluate` for ``world``)."""
     world = world or current_world()
     was_training = model.training
     model.eval()
-    logits = torch.zeros(len(data), labels.num_labels)
+    per_feature = (data.max_length(), spec.num_outputs) if task.per_token else (spec.num_outputs,)
+    outputs = torch.zeros(len(data), *per_feature)
     with torch.no_grad(), autocast(device, bf16):
         for c, index in enumerate(data.in_order(batch_size)):
             if c % world.size == world.rank:
-                logits[index] = model_outputs(model, data.batch(index, device)).float().cpu()
+                out = task.outputs(model, data.batch(index, device)).float().cpu()
+                if task.per_token:
+                    outputs[index, : out.shape[1]] = out
+                else:
+                    outputs[index] = out
     model.train(was_training)
-    return metrics_of(world.sum(logits), data.targets, labels)
+    return world.sum(outputs)
 
 
-def metrics_of(logits: torch.Tensor, targets: torch.Tensor, labels: LabelSpace) -> dict:
-    """Metric dict (see :func:`evaluate`) of ``logits`` against ``targets``."""
-    loss = float(task_loss(logits, targets))
-    if labels.task == "regression":
-        p = logits.squeeze(-1).double()
-        y = targets.double()
-        pc, yc = p - p.mean(), y - y.mean()
-        denom = float(pc.norm() * yc.norm())
-        pearson = float((pc * yc).sum()) / denom if denom > 0 else 0.0
-        return {"metric": "pearson", "pearson": pearson, "mse": float(((p - y) ** 2).mean()), "loss": loss}
-    acc = float((logits.argmax(-1) == targets).double().mean())
-    return {"metric": "accuracy", "accuracy": acc, "loss": loss}
+def teacher_outputs_of(teacher: nn.Module, task, spec, data: Features, device, bf16: bool = False,
+                       batch_size: int = 64) -> torch.Tensor:
+    """The frozen teacher's outputs for every feature of ``data`` (one process computes all of them):
+    the targets of a task that learns from the teacher (embeddings), on the CPU in fp32."""
+    from .distributed import World
 
-
-def model_outputs(model, b, output_hidden_states: bool = False):
-    if isinstance(model, PrunedModel):
-        return model(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=output_hidden_states)
-    out = model(
-        input_ids=b["input_ids"],
-        attention_mask=b["attention_mask"],
-        token_type_ids=b["token_type_ids"],
-        output_hidden_states=output_hidden_states,
-    )
-    return (out.logits, list(out.hidden_states[1:])) if output_hidden_states else out.logits
+    return model_outputs_of(teacher, task, spec, data, batch_size=batch_size, device=device, bf16=bf16,
+                            world=World())
 
 
 def autocast(device, bf16: bool):
@@ -69,10 +69,12 @@ def autocast(device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(bf16) and device.type == "cuda")
 
 
-def throughput(model: nn.Module, data: Encoded, *, batch_size: int = 32, repeats: int = 3,
-               device: str | torch.device = "cpu", max_examples: int = 256) -> float:
+def throughput(model: nn.Module, data: Features, *, batch_size: int = 32, repeats: int = 3,
+               device: str | torch.device = "cpu", max_examples: int = 256, task=None) -> float:
     """Examples per second of ``model``'s forward over the first ``max_examples`` of ``data``
-    (eval mode, no grad): one warm-up pass, then the median of ``repeats`` timed passes."""
+    (eval mode, no grad): one warm-up pass, then the median of ``repeats`` timed passes. ``task``: whose
+    outputs are computed (default classification's: the model's logits)."""
+    outputs = model_outputs if task is None else task.outputs
     model.eval()
     n = min(len(data), max_examples)
     batches = [data.batch(ix, device) for ix in itertools.islice(data.in_order(batch_size), -(-n // batch_size))]
@@ -83,7 +85,7 @@ def throughput(model: nn.Module, data: Encoded, *, batch_size: int = 32, repeats
             _sync(device)
             t0 = time.perf_counter()
             for b in batches:
-                model_outputs(model, b)
+                outputs(model, b)
             _sync(device)
             if r:
                 times.append(time.perf_counter() - t0)

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from .config import RunSettings, check_run_settings, documented, setting
-from ..data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
-from .distill import task_loss
+from ..data.text import steps_per_epoch
+from ..tasks import task_of_data
+from ..tasks.base import Dataset, Features
 from .distributed import BatchPart, World, local_device
-from .evaluation import autocast, evaluate, model_outputs
-from .model_io import check_max_length, hf_token_limit, load_classifier, load_tokenizer, read_model_config, write_task
+from .evaluation import autocast, evaluate
+from .model_io import (check_max_length, hf_token_limit, load_task_model, load_tokenizer, read_model_config,
+                       saved_settings, write_task)
 from .optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
 from .trainer import (
     Evaluation,
@@ -53,8 +55,8 @@ def _check_finetune_config(cfg: FinetuneConfig) -> None:
 
 def finetune(
     model_dir: str,
-    train: TextDataset,
-    eval_data: TextDataset,
+    train: Dataset,
+    eval_data: Dataset,
     out: str,
     config: FinetuneConfig | None = None,
     *,
@@ -67,8 +69,10 @@ def finetune(
 
     Writes a Hugging Face model directory to ``out`` (``config.json``,
     ``model.safetensors``, the tokenizer, ``cofi_task.json``) plus
-    ``log.jsonl`` and ``run.json``. ``task`` forces ``"classification"`` or
-    ``"regression"`` (default: inferred from the labels). ``resume`` continues the
+    ``log.jsonl`` and ``run.json``. The task is the data's (:mod:`cofi_kernels.tasks`: text and label
+    data is classification, or regression when the labels are numbers; token / tag data is token
+    classification; question / context data is question answering); ``task`` forces one by name.
+    Embeddings have no fine-tuning (their teacher is the pre-trained model): refused. ``resume`` continues the
     unfinished run in ``out`` (``"any-world-size"``: also one written by another number
     of processes); ``stop_at`` stops after that many steps, with a checkpoint
     (:class:`~cofi_kernels.training.trainer.RunStopped`). Under torchrun every process
@@ -85,16 +89,20 @@ def finetune(
     cfg = config or FinetuneConfig()
     _check_finetune_config(cfg)
     check_max_length(cfg.max_length, hf_token_limit(read_model_config(model_dir)), "finetune")
-    labels = LabelSpace.from_labels(train.labels, task, source=train.source)
+    handler, forced = task_of_data(train, task)
+    if handler.teacher_targets:
+        raise RunError(f"finetune: the {handler.name} task has no labels to fine-tune on; prune the pre-trained "
+                       "model directly (`cofi prune --task embedding --teacher DIR`)")
+    labels = handler.with_settings(handler.spec(train, forced), cfg)
     tokenizer = load_tokenizer(model_dir)
-    train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
-    eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
+    train_enc = handler.featurize(train, labels, tokenizer, cfg.max_length)
+    eval_enc = handler.featurize(eval_data, labels, tokenizer, cfg.max_length)
     fingerprint = run_fingerprint(cfg, models={"model": model_dir}, data={"train": train, "eval": eval_data},
                                   labels=labels.to_json())
     run = RunDirectory(out, fingerprint, resume, "finetune")
     device = local_device(cfg.device, run.world)
     torch.manual_seed(cfg.seed)  # the new classification head's initialisation
-    model = load_classifier(model_dir, labels).to(device)
+    model = load_task_model(model_dir, labels).to(device)
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
     spe = steps_per_epoch(len(train_enc), cfg.batch_size)
@@ -109,7 +117,7 @@ def finetune(
     def write():
         model.save_pretrained(run.out)
         tokenizer.save_pretrained(run.out)
-        write_task(run.out, labels, cfg.max_length, "finetuned")
+        write_task(run.out, labels, cfg.max_length, "finetuned", **saved_settings(handler, model_dir, best))
 
     run.write(write)
     summary = {"kind": "finetune", "best": best, "steps": total, "seconds": trainer.seconds,
@@ -119,16 +127,16 @@ def finetune(
 
 
 class TaskLoss(nn.Module):
-    """The task loss of a classifier as one module (what DDP wraps): ``forward(batch, part)``
-    returns ``(loss to backpropagate, this process's share of the global batch's loss)``."""
+    """The task loss as one module (what DDP wraps): ``forward(batch, part)`` returns
+    ``(loss to backpropagate, this process's share of the global batch's loss)``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, task):
         super().__init__()
-        self.model = model
+        self.model, self.task = model, task
 
     def forward(self, batch: dict, part: BatchPart):
         part.local_noise()
-        share = part.share(task_loss(model_outputs(self.model, batch), batch["labels"], "sum"))
+        share = part.share(self.task.loss(self.task.outputs(self.model, batch), batch, "sum"))
         return part.backward_loss(share), share.detach()
 
 
@@ -140,15 +148,18 @@ class FinetuneHooks(TrainerHooks):
     ``model`` is; ``world``: the processes (DDP-wrapped loss when several).
     """
 
-    def __init__(self, model, cfg: FinetuneConfig, eval_enc: Encoded, labels: LabelSpace, total: int, device,
+    def __init__(self, model, cfg: FinetuneConfig, eval_enc: Features, labels, total: int, device,
                  world: World):
+        from ..tasks import get_task
+
         self.model, self.cfg, self.eval_enc, self.labels, self.total = model, cfg, eval_enc, labels, total
+        self.task = get_task(labels.task)
         self.device = device
         self.warmup = int(cfg.warmup_fraction * total)
         self.opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
         # Every trainable weight of a classifier gets a gradient at every step (measured in
         # tests/training/test_distributed.py).
-        self.loss_fn = world.wrap(TaskLoss(model), varying=False)
+        self.loss_fn = world.wrap(TaskLoss(model, self.task), varying=False)
         model.train()
 
     def train_step(self, phase, step, batch, part):

@@ -22,7 +22,6 @@ from ..models.pruned_model import CONFIG_NAME as PRUNED_CONFIG_NAME
 from ..models.pruned_model import PrunedModel, check_finite
 from ..models.size import dense_encoder_size
 from .config import MIN_MAX_LENGTH
-from ..data.text import LabelSpace
 from ..data.paths import check_model_dir
 from .trainer import RUN_FILE, RunError, first_line, read_json, write_json
 
@@ -191,31 +190,33 @@ def check_max_length(max_length, limit: int, where: str) -> None:
                        f"embeddings hold {limit} tokens), got {max_length}")
 
 
-def load_classifier(model_dir: str, labels: LabelSpace | None = None):
-    """A BERT/RoBERTa ``*ForSequenceClassification`` from ``model_dir`` (checked by
-    :func:`read_model_config` first; safetensors only).
+def load_task_model(model_dir: str, spec=None, *, task=None):
+    """A BERT/RoBERTa model with ``task``'s head from ``model_dir`` (checked by
+    :func:`read_model_config` first; safetensors only): ``*ForSequenceClassification``,
+    ``*ForTokenClassification``, ``*ForQuestionAnswering``, or the bare encoder for embeddings
+    (:attr:`~cofi_kernels.tasks.base.Task.auto_class`).
 
-    With ``labels`` the classification head is sized for them (a new head when
-    the directory holds a bare encoder or a head for other labels); without,
-    the directory's own head is used.
+    With ``spec`` (a task's :class:`~cofi_kernels.tasks.base.Spec`) the head is sized for it (a new
+    head when the directory holds a bare encoder or a head for other labels); without, the
+    directory's own head is used. ``task`` defaults to the spec's, else the directory's
+    ``cofi_task.json``, else classification.
     """
     import transformers as tf
 
+    from ..tasks import get_task
+
     read_model_config(model_dir)
-    kw = {}
-    if labels is not None:
-        kw = {"num_labels": labels.num_labels, "problem_type": problem_type(labels)}
-        if labels.task == "classification":
-            kw["id2label"] = dict(enumerate(labels.names))
-            kw["label2id"] = {n: i for i, n in enumerate(labels.names)}
+    if task is None:
+        task = get_task(spec.task if spec is not None else _saved_task_name(model_dir))
+    kw = {} if spec is None or task.teacher_targets else task.head_config(spec)
     try:
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
         try:
-            model = tf.AutoModelForSequenceClassification.from_pretrained(
-                model_dir, ignore_mismatched_sizes=labels is not None, use_safetensors=True, **kw
+            model = getattr(tf, task.auto_class).from_pretrained(
+                model_dir, ignore_mismatched_sizes=bool(kw), use_safetensors=True, **kw
             )
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -231,11 +232,18 @@ def load_classifier(model_dir: str, labels: LabelSpace | None = None):
         raise RunError(str(e)) from None
     if os.path.isfile(os.path.join(model_dir, MASKS_FILE)):
         apply_weight_masks(model, read_weight_masks(model_dir))
+    if spec is not None:
+        task.prepare_model(model, spec)
     return model
 
 
-def problem_type(labels: LabelSpace) -> str:
-    return "regression" if labels.task == "regression" else "single_label_classification"
+def _saved_task_name(model_dir: str) -> str:
+    """The task named in ``model_dir``'s ``cofi_task.json``; classification when it has none."""
+    path = os.path.join(model_dir, TASK_FILE)
+    if not os.path.isfile(path):
+        return "classification"
+    saved = read_json(path)
+    return saved.get("task", "classification") if isinstance(saved, dict) else "classification"
 
 
 def model_limits(model_dir: str) -> tuple[int, int]:
@@ -243,25 +251,50 @@ def model_limits(model_dir: str) -> tuple[int, int]:
     ``cofi_config.json`` or a Hugging Face ``config.json``), read from its config alone."""
     cfg = _pruned_config(model_dir)
     if cfg is not None:
-        outputs = cfg["num_labels"] if cfg["task"] == "sequence_classification" else cfg["hidden_size"]
+        heads = ("sequence_classification", "token_classification", "question_answering")
+        outputs = cfg["num_labels"] if cfg["task"] in heads else cfg["original_hidden_size"]
         return outputs, token_limit(cfg["model_type"], cfg["max_position_embeddings"], cfg["pad_token_id"])
     config = read_model_config(model_dir)
-    return config.num_labels, hf_token_limit(config)
+    outputs = config.hidden_size if _saved_task_name(model_dir) == "embedding" else config.num_labels
+    return outputs, hf_token_limit(config)
 
 
 def read_task(model_dir: str) -> dict:
-    """``cofi_task.json`` of a model written by this package (label space, max_length, kind),
-    checked against the model's own config: the labels are distinct strings, one per output
-    (one output for regression), and ``max_length`` fits the model's position embeddings."""
+    """``cofi_task.json`` of a model written by this package, checked against the model's own
+    config: ``task`` (the task's name), ``spec`` (its :class:`~cofi_kernels.tasks.base.Spec`: class
+    names, tags, QA settings, pooling; one output per class, one for regression), ``handler`` (the
+    :class:`~cofi_kernels.tasks.base.Task`), ``max_length`` (fits the model's position embeddings),
+    ``kind`` and anything else the run saved (``teacher`` for embeddings)."""
+    from ..tasks import TASK_NAMES, get_task
+
     require_dir(model_dir)
     path = os.path.join(model_dir, TASK_FILE)
     if not os.path.isfile(path):
         raise RunError(f"model directory {model_dir!r} has no {TASK_FILE}; give a model written by "
                        "`cofi finetune` or `cofi prune`")
     task = read_json(path)
-    if not isinstance(task, dict) or not {"task", "labels", "max_length"} <= task.keys():
-        raise RunError(f"{path}: malformed (needs 'task', 'labels', 'max_length')")
-    names = task["labels"]
+    if not isinstance(task, dict) or not {"task", "max_length"} <= task.keys():
+        raise RunError(f"{path}: malformed (needs 'task' and 'max_length')")
+    if task["task"] not in TASK_NAMES:
+        raise RunError(f"{path}: 'task' must be one of {', '.join(TASK_NAMES)}, got {task['task']!r}")
+    if task["task"] in ("classification", "regression"):
+        _check_class_names(task, path)
+    handler = get_task(task["task"])
+    try:
+        spec = handler.spec_from_json(task, path)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    outputs, limit = model_limits(model_dir)
+    if spec.num_outputs != outputs:
+        names = task.get("labels")
+        listed = f"lists {len(names)} class(es)" if isinstance(names, list) else f"needs {spec.num_outputs} output(s)"
+        raise RunError(f"{path}: {listed} for a {task['task']} task, but the model has {outputs} output(s)")
+    check_max_length(task["max_length"], limit, path)
+    return {**task, "spec": spec, "handler": handler}
+
+
+def _check_class_names(task: dict, path: str) -> None:
+    names = task.get("labels")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise RunError(f"{path}: 'labels' must be a list of class names (strings), got {names!r}")
     if len(set(names)) != len(names):
@@ -270,20 +303,46 @@ def read_task(model_dir: str) -> dict:
         raise RunError(f"{path}: a classification task needs at least 2 class names in 'labels', got {names!r}")
     if task["task"] == "regression" and names:
         raise RunError(f"{path}: a regression task has no class names, but 'labels' is {names!r}")
-    try:
-        task["label_space"] = labels = LabelSpace.from_json(task, path)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    outputs, limit = model_limits(model_dir)
-    if labels.num_labels != outputs:
-        raise RunError(f"{path}: lists {len(names)} class(es) for a {labels.task} task, but the model has "
-                       f"{outputs} output(s)")
-    check_max_length(task["max_length"], limit, path)
-    return task
 
 
-def write_task(directory: str, labels: LabelSpace, max_length: int, kind: str) -> None:
-    write_json(os.path.join(directory, TASK_FILE), {**labels.to_json(), "max_length": max_length, "kind": kind})
+def teacher_task(teacher_dir: str, task: str | None, where: str) -> dict:
+    """The task of a pruning run's teacher: :func:`read_task` of its ``cofi_task.json`` (``task``, when given,
+    must agree), or, for a task whose targets are the teacher's own outputs (embeddings) and a teacher
+    without one, the spec the task reads from the pre-trained directory. Adds ``token_limit``."""
+    from ..tasks import get_task
+
+    handler = None if task is None else get_task(task)
+    if handler is not None and handler.teacher_targets and not os.path.isfile(os.path.join(teacher_dir, TASK_FILE)):
+        require_dir(teacher_dir)
+        try:
+            spec = handler.spec_for_teacher(teacher_dir)
+        except ValueError as e:
+            raise RunError(f"{where}: {e}") from None
+        limit = hf_token_limit(read_model_config(teacher_dir))
+        return {"task": handler.name, "spec": spec, "handler": handler, "token_limit": limit}
+    saved = read_task(teacher_dir)
+    if handler is not None and handler is not saved["handler"]:
+        raise RunError(f"{where}: --task {task} but the teacher {teacher_dir!r} was trained for {saved['task']} "
+                       f"(its {TASK_FILE})")
+    return {**saved, "token_limit": model_limits(teacher_dir)[1]}
+
+
+def saved_settings(handler, teacher_dir: str, best: dict | None) -> dict:
+    """What a pruned model's ``cofi_task.json`` keeps beyond the spec: the teacher of a task whose metric
+    needs it (embeddings: ``cofi eval`` compares with it), settings chosen on the evaluation data
+    (QA's no-answer threshold)."""
+    extra = {}
+    if handler.teacher_targets:
+        extra["teacher"] = os.path.abspath(teacher_dir)
+    if best and "best_null_threshold" in best:
+        extra["null_threshold"] = best["best_null_threshold"]
+    return extra
+
+
+def write_task(directory: str, spec, max_length: int, kind: str, **extra) -> None:
+    """``cofi_task.json``: the task's spec, ``max_length``, ``kind`` (finetuned, pruned, masked) and ``extra``."""
+    write_json(os.path.join(directory, TASK_FILE), {**spec.to_json(), "max_length": max_length, "kind": kind,
+                                                    **extra})
 
 
 # ---------------------------------------------------------------------- weight masks (packed bits)

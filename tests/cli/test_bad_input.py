@@ -766,14 +766,14 @@ def test_a_csv_field_over_the_csv_module_limit_reads_like_jsonl(tmp_path, capsys
 
 def test_library_warnings_before_an_error_are_dropped_and_shown_after_success(monkeypatch, capsys, teacher_dir,
                                                                                files):
-    from cofi_kernels.training import data
+    from cofi_kernels.tasks import classification as data  # where the classification task reads its files
 
     def library_warns():
         warnings.warn_explicit("a library's remark", UserWarning, "/some/library/module.py", 7)
 
     real_read = data.read_examples
 
-    def warn_then_fail(path):
+    def warn_then_fail(path, **kw):
         library_warns()
         raise data.DataError(f"{path}: bad")
 
@@ -781,9 +781,9 @@ def test_library_warnings_before_an_error_are_dropped_and_shown_after_success(mo
     status, err, caught = run_cli(evaluate(SimpleNamespace(teacher=teacher_dir, eval=files.eval)), capsys)
     assert status == 2 and len(err) == 1 and caught == [], (err, caught)
 
-    def warn_then_read(path):
+    def warn_then_read(path, **kw):
         library_warns()
-        return real_read(path)
+        return real_read(path, **kw)
 
     monkeypatch.setattr(data, "read_examples", warn_then_read)
     status, err, caught = run_cli(evaluate(SimpleNamespace(teacher=teacher_dir, eval=files.eval)), capsys)

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from cofi_kernels import cli
-from cofi_kernels.data.text import DataError, Encoded, LabelSpace, read_examples
-from cofi_kernels.training.model_io import load_classifier, load_tokenizer, read_task, write_task
+from cofi_kernels.data.text import DataError, LabelSpace, read_examples
+from cofi_kernels.tasks.classification import Encoded
+from cofi_kernels.training.model_io import load_task_model, load_tokenizer, read_task, write_task
 from tests import REPO_ROOT
 from tests.training_support import toy_rows, tree_snapshot, write_csv, write_jsonl
 
@@ -48,14 +49,14 @@ def _save_pruned(hf_model, source_dir: str, out: str, labels: LabelSpace, max_le
 def pruned_dir(tmp_path_factory, teacher_dir):
     task = read_task(teacher_dir)
     out = str(tmp_path_factory.mktemp("predict") / "pruned")
-    return _save_pruned(load_classifier(teacher_dir), teacher_dir, out, task["label_space"], task["max_length"])
+    return _save_pruned(load_task_model(teacher_dir), teacher_dir, out, task["spec"], task["max_length"])
 
 
 @pytest.fixture(scope="module")
 def regression_dir(tmp_path_factory, base_dir):
     labels = LabelSpace("regression", [])
     out = str(tmp_path_factory.mktemp("predict") / "regression")
-    return _save_pruned(load_classifier(base_dir, labels), base_dir, out, labels, 16)
+    return _save_pruned(load_task_model(base_dir, labels), base_dir, out, labels, 16)
 
 
 def _rows(n: int, seed: int, pair: bool = False) -> list[dict]:
@@ -81,7 +82,7 @@ def _reference(model_dir: str, rows: list[dict]) -> torch.Tensor:
     task = read_task(model_dir)
     tok = load_tokenizer(model_dir)
     pruned = os.path.isfile(os.path.join(model_dir, CONFIG_NAME))
-    model = PrunedModel.from_pretrained(model_dir) if pruned else load_classifier(model_dir).eval()
+    model = PrunedModel.from_pretrained(model_dir) if pruned else load_task_model(model_dir).eval()
     kw = {"backend": "reference"} if pruned and "backend" in inspect.signature(model.forward).parameters else {}
     out = []
     with torch.no_grad():
@@ -221,20 +222,20 @@ def test_a_failure_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, 
 
 
 def test_a_failure_while_predicting_writes_nothing(tmp_path, pruned_dir, rows, monkeypatch, capsys):
-    from cofi_kernels.serving import predict as sp
+    from cofi_kernels.tasks.classification import ClassificationTask
 
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     before = tree_snapshot(tmp_path)
     n = []
 
-    def outputs(model, b):
+    def outputs(self, model, b, output_hidden_states=False):
         n.append(1)
         if len(n) == 3:
             raise MemoryError
-        return real(model, b)
+        return real(self, model, b, output_hidden_states)
 
-    real = sp.model_outputs
-    monkeypatch.setattr(sp, "model_outputs", outputs)
+    real = ClassificationTask.outputs
+    monkeypatch.setattr(ClassificationTask, "outputs", outputs)
     status = cli.main(["predict", "--model", pruned_dir, "--data", data, "--out", str(tmp_path / "p.jsonl"),
                        "--batch-size", "4", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()

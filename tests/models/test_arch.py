@@ -59,12 +59,12 @@ def test_a_model_directory_of_an_unsupported_model_is_refused_with_the_adapter_m
     decoder.save_pretrained(tmp_path / "decoder")
     expected = _error(arch.supported_model, decoder)
     with pytest.raises(RunError) as info:
-        model_io.load_classifier(str(tmp_path / "decoder"))
+        model_io.load_task_model(str(tmp_path / "decoder"))
     assert str(info.value).endswith(expected)
 
     tf.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(RunError, match=r"unsupported model_type 'gpt2'.*'bert', 'roberta'"):
-        model_io.load_classifier(str(tmp_path / "gpt2"))
+        model_io.load_task_model(str(tmp_path / "gpt2"))
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])

@@ -222,11 +222,11 @@ def test_bf16_on_cpu_and_missing_gpu_are_clear_errors(tmp_path, teacher_dir, toy
 
 def test_teacher_cache_holds_the_teachers_outputs(teacher_dir, toy):
     """The cached logits and layer outputs equal a direct teacher forward on the training batch."""
-    from cofi_kernels.data.text import Encoded
+    from cofi_kernels.tasks.classification import Encoded
 
     task = model_io.read_task(teacher_dir)
-    enc = Encoded(toy[0], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_PRUNE["max_length"])
-    teacher = model_io.load_classifier(teacher_dir).eval()
+    enc = Encoded(toy[0], task["spec"], model_io.load_tokenizer(teacher_dir), FAST_PRUNE["max_length"])
+    teacher = model_io.load_task_model(teacher_dir).eval()
     index = [7, 0, 31, 12, 44, 3]
 
     def outputs(b):
@@ -266,7 +266,7 @@ def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
     teacher = str(tmp_path / "teacher")
     ft.finetune(base_dir, train, ev, teacher, ft.FinetuneConfig(**FAST_FINETUNE), progress=False)
     task = model_io.read_task(teacher)
-    assert task["task"] == "regression" and model_io.load_classifier(teacher).config.num_labels == 1
+    assert task["task"] == "regression" and model_io.load_task_model(teacher).config.num_labels == 1
     out = str(tmp_path / "pruned")
     result = pl.cofi_prune(teacher, train, ev, out, pl.PruneConfig(**FAST_PRUNE), progress=False)
     assert result.metrics["metric"] == "pearson" and -1.0 <= result.metrics["pearson"] <= 1.0
@@ -274,9 +274,9 @@ def test_regression_with_text_pairs_end_to_end(tmp_path, base_dir):
     assert all(r["distill_pred"] >= 0 for r in steps)
     model = PrunedModel.from_pretrained(out)
     assert model.config["num_labels"] == 1
-    from cofi_kernels.data.text import Encoded
+    from cofi_kernels.tasks.classification import Encoded
 
-    enc = Encoded(ev, task["label_space"], model_io.load_tokenizer(out), FAST_PRUNE["max_length"])
+    enc = Encoded(ev, task["spec"], model_io.load_tokenizer(out), FAST_PRUNE["max_length"])
     assert enc.token_type_ids[0].count(1) > 0  # the pair is its own segment
-    m = evaluation.evaluate(model, enc, task["label_space"])
+    m = evaluation.evaluate(model, enc, task["spec"])
     assert m["pearson"] == pytest.approx(result.metrics["pearson"], abs=1e-6)

@@ -71,12 +71,12 @@ def make_architecture(directory, teacher_dir, z, run=None) -> str:
 
     from cofi_kernels.pruning.cofi.fold import prune
 
-    teacher = model_io.load_classifier(teacher_dir)
+    teacher = model_io.load_task_model(teacher_dir)
     pruned = prune(teacher, z=z)
     pruned.save_pretrained(directory)
     model_io.load_tokenizer(teacher_dir).save_pretrained(directory)
     task = model_io.read_task(teacher_dir)
-    model_io.write_task(str(directory), task["label_space"], PRUNING_LENGTH, "pruned")
+    model_io.write_task(str(directory), task["spec"], PRUNING_LENGTH, "pruned")
     save_file({f"z.{t}": v.contiguous() for t, v in z.items()}, os.path.join(directory, pl.GATES_FILE))
     run = run or {"kind": "prune", "config": {**ARCH_EPOCHS, "max_length": PRUNING_LENGTH}}
     with open(os.path.join(directory, tr.RUN_FILE), "w") as f:
@@ -256,7 +256,7 @@ def test_random_init_is_berts_documented_initialisation():
 
 def test_random_scratch_model_is_seeded_and_keeps_the_hidden_index(arch_dir):
     arch = PrunedModel.from_pretrained(arch_dir)
-    labels = model_io.read_task(arch_dir)["label_space"]
+    labels = model_io.read_task(arch_dir)["spec"]
     a, b, c = (sl.scratch_model(arch, "random", s, labels) for s in (5, 5, 6))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.layers[0].ffn.in_weight, c.layers[0].ffn.in_weight)
@@ -268,7 +268,7 @@ def test_pretrained_slice_copies_exactly_the_kept_pretrained_weights(arch_dir, b
     import transformers as tf
 
     arch = PrunedModel.from_pretrained(arch_dir)
-    labels = model_io.read_task(arch_dir)["label_space"]
+    labels = model_io.read_task(arch_dir)["spec"]
     kept = sl.kept_indices(arch_dir, arch.config, arch.hidden_index)
     model = sl.scratch_model(arch, "pretrained-slice", 0, labels, base_dir, kept)
     assert model.layer_shapes() == arch.layer_shapes() and model.embeddings.word_embeddings.dtype == torch.float32

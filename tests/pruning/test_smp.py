@@ -17,7 +17,8 @@ from cofi_kernels.pruning.static import loop as sl
 from cofi_kernels.pruning.static import scores as sc
 from cofi_kernels.training import model_io
 from cofi_kernels.training import trainer as tr
-from cofi_kernels.data.text import Encoded, LabelSpace
+from cofi_kernels.data.text import LabelSpace
+from cofi_kernels.tasks.classification import Encoded
 from tests.training_support import (
     Killed,
     files_equal_tensors,
@@ -37,7 +38,7 @@ LABELS = LabelSpace.from_labels(["money", "music", "sport"])
 
 
 def _masked(base_dir, structured: bool) -> sc.MaskedClassifier:
-    model = model_io.load_classifier(base_dir, LABELS)
+    model = model_io.load_task_model(base_dir, LABELS)
     return sc.MaskedClassifier(model, structured=structured)
 
 
@@ -199,7 +200,7 @@ def test_frozen_weights_are_bitwise_unchanged_and_scores_and_head_train(runs, ba
     assert compared == len(base)  # every pre-trained tensor is in the output, unchanged
     # The head did train (it starts from a seeded random init) and the masks are not the all-first entries.
     torch.manual_seed(FAST_SMP.get("seed", 0))
-    fresh = model_io.load_classifier(base_dir, LABELS)
+    fresh = model_io.load_task_model(base_dir, LABELS)
     assert not torch.equal(fresh.classifier.weight, saved["classifier.weight"])
     masks = model_io.read_weight_masks(runs[False])
     m = masks["bert.encoder.layer.0.attention.self.query.weight"].reshape(-1)
@@ -284,8 +285,8 @@ def test_unstructured_output_is_evaluated_with_its_masks(runs, toy, base_dir):
         assert int(m.sum()) == sc.kept_count(0.3, m.numel()) == run["kept_per_matrix"][name]
     kept = sum(int(m.sum()) for m in masks.values())
     assert run["sparsity"] == pytest.approx(1 - kept / sum(m.numel() for m in masks.values()))
-    # load_classifier applies them: the loaded weights are zero exactly where the masks are.
-    model = model_io.load_classifier(out)
+    # load_task_model applies them: the loaded weights are zero exactly where the masks are.
+    model = model_io.load_task_model(out)
     params = dict(model.named_parameters())
     for name, m in masks.items():
         assert torch.equal(params[name] != 0, m), name

@@ -76,7 +76,7 @@ def _random_batch(vocab: int, batch: int = 5, seq: int = 12):
 
 
 def _teacher_model(teacher_dir, layers=2) -> TheseusModel:
-    return TheseusModel(model_io.load_classifier(teacher_dir), layers)
+    return TheseusModel(model_io.load_task_model(teacher_dir), layers)
 
 
 def _perturb_successor(model: TheseusModel) -> None:
@@ -158,7 +158,7 @@ def _reference_logits(teacher_dir, layers, ids, mask, types):
     """A plain HF classifier whose encoder runs exactly ``layers`` (the teacher's embeddings and head)."""
     import copy
 
-    net = model_io.load_classifier(teacher_dir).eval()
+    net = model_io.load_task_model(teacher_dir).eval()
     net.bert.encoder.layer = torch.nn.ModuleList(copy.deepcopy(l) for l in layers)
     net.config.num_hidden_layers = len(layers)
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_successor_as_a_pruned_model_computes_the_successor(kind):
 
 def test_frozen_tensors_are_bitwise_unchanged_and_only_the_successor_trains(reference, teacher_dir):
     _, _, model = reference
-    teacher = model_io.load_classifier(teacher_dir)
+    teacher = model_io.load_task_model(teacher_dir)
     net = dict(model.net.named_parameters())
     ref = dict(teacher.named_parameters())
     assert net.keys() == ref.keys()
@@ -245,7 +245,7 @@ def test_frozen_tensors_are_bitwise_unchanged_and_only_the_successor_trains(refe
 def test_output_is_a_pruned_model_whose_logits_equal_the_trained_successor(reference, teacher_dir, toy):
     out, result, model = reference
     pruned = PrunedModel.from_pretrained(out)
-    teacher = model_io.load_classifier(teacher_dir)
+    teacher = model_io.load_task_model(teacher_dir)
     cfg = teacher.config
     assert pruned.layer_shapes() == [{"heads": cfg.num_attention_heads, "ffn_width": cfg.intermediate_size,
                                       "hidden": cfg.hidden_size}] * FAST["layers"]
@@ -265,12 +265,12 @@ def test_output_is_a_pruned_model_whose_logits_equal_the_trained_successor(refer
     # The best fine-tuning evaluation is the kept state and the reported metric.
     evals = [r for r in read_log(out) if r["event"] == "eval" and r["phase"] == "finetune"]
     assert result.metrics["accuracy"] == max(r["accuracy"] for r in evals)
-    from cofi_kernels.data.text import Encoded
+    from cofi_kernels.tasks.classification import Encoded
     from cofi_kernels.training.evaluation import evaluate
 
     task = model_io.read_task(out)
-    enc = Encoded(toy[1], task["label_space"], model_io.load_tokenizer(out), FAST["max_length"])
-    assert evaluate(pruned, enc, task["label_space"])["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    enc = Encoded(toy[1], task["spec"], model_io.load_tokenizer(out), FAST["max_length"])
+    assert evaluate(pruned, enc, task["spec"])["accuracy"] == pytest.approx(result.metrics["accuracy"])
 
 
 def test_distill_adds_prediction_distillation_from_the_predecessor(reference_distill, teacher_dir, toy):
@@ -279,17 +279,17 @@ def test_distill_adds_prediction_distillation_from_the_predecessor(reference_dis
     assert all(r["loss"] == pytest.approx(r["task"] + r["distill_pred"], rel=1e-6) for r in steps)
     assert all(r["distill_pred"] >= 0 for r in steps)
     # The cached targets are the predecessor's eval-mode logits.
-    from cofi_kernels.data.text import Encoded
+    from cofi_kernels.tasks.classification import Encoded
 
     task = model_io.read_task(teacher_dir)
-    enc = Encoded(toy[0], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST["max_length"])
-    teacher = model_io.load_classifier(teacher_dir).eval()
+    enc = Encoded(toy[0], task["spec"], model_io.load_tokenizer(teacher_dir), FAST["max_length"])
+    teacher = model_io.load_task_model(teacher_dir).eval()
     b = enc.batch([3, 17, 40])
     with torch.no_grad():
         want = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        token_type_ids=b["token_type_ids"]).logits
     hooks = tl._TheseusRun(tl.TheseusConfig(**{**FAST, "distill": True}), tl._Plan(tl.TheseusConfig(**FAST), 48),
-                           stub_run(), model, task["label_space"], enc, enc, torch.device("cpu"))
+                           stub_run(), model, task["spec"], enc, enc, torch.device("cpu"))
     hooks.on_start(0, [3, 17, 40])
     torch.testing.assert_close(hooks.teacher.batch_logits([3, 17, 40], "cpu"), want, rtol=1e-5, atol=1e-5)
     assert sorted(hooks.teacher.logits) == [3, 17, 40]  # only this process's examples are kept

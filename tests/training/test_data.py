@@ -16,7 +16,6 @@ import torch
 import cofi_kernels.data.text as data_module
 from cofi_kernels.data.text import (
     DataError,
-    Encoded,
     LabelSpace,
     TextDataset,
     bbc_news,
@@ -26,6 +25,7 @@ from cofi_kernels.data.text import (
     split_held_out,
 )
 
+from cofi_kernels.tasks.classification import Encoded
 from tests.training_support import toy_rows, tokenizer, write_csv, write_jsonl
 
 

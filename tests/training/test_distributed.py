@@ -115,9 +115,9 @@ def _cofi_args(job, teacher: str, out) -> list[str]:
 def _masks(teacher: str, gates_state: dict) -> dict:
     """The deterministic gates' zero patterns of a CoFi checkpoint's gates."""
     from cofi_kernels.pruning.cofi.patch import apply_cofi
-    from cofi_kernels.training.model_io import load_classifier
+    from cofi_kernels.training.model_io import load_task_model
 
-    gates = apply_cofi(load_classifier(teacher))
+    gates = apply_cofi(load_task_model(teacher))
     gates.load_state_dict(gates_state)
     return {t: v == 0 for t, v in gates.deterministic().items() if v is not None}
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from cofi_kernels.tasks.classification import ClassificationTask
 from cofi_kernels.training import distill, evaluation, model_io
 from cofi_kernels.training import finetune as ft
 from cofi_kernels.training import trainer as tr
@@ -25,17 +26,17 @@ def test_finetune_writes_a_loadable_teacher(teacher_dir, toy):
     assert {"config.json", "model.safetensors", model_io.TASK_FILE, tr.RUN_FILE, tr.LOG_FILE} <= files
     assert tr.CHECKPOINT_DIR not in files  # removed once the run finished
     task = model_io.read_task(teacher_dir)
-    assert task["label_space"].names == ["money", "music", "sport"]
-    model = model_io.load_classifier(teacher_dir)
+    assert task["spec"].names == ["money", "music", "sport"]
+    model = model_io.load_task_model(teacher_dir)
     assert model.config.num_labels == 3
     run = json.load(open(os.path.join(teacher_dir, tr.RUN_FILE)))
     evals = [r for r in read_log(teacher_dir) if r["event"] == "eval"]
     # The kept weights are those of the best evaluation, and they reproduce its accuracy.
     assert run["best"]["accuracy"] == max(r["accuracy"] for r in evals)
-    from cofi_kernels.data.text import Encoded
+    from cofi_kernels.tasks.classification import Encoded
 
-    enc = Encoded(toy[1], task["label_space"], model_io.load_tokenizer(teacher_dir), FAST_FINETUNE["max_length"])
-    assert evaluation.evaluate(model, enc, task["label_space"])["accuracy"] == pytest.approx(run["best"]["accuracy"])
+    enc = Encoded(toy[1], task["spec"], model_io.load_tokenizer(teacher_dir), FAST_FINETUNE["max_length"])
+    assert evaluation.evaluate(model, enc, task["spec"])["accuracy"] == pytest.approx(run["best"]["accuracy"])
 
 def test_finetune_learns_the_toy_task(teacher_dir):
     run = json.load(open(os.path.join(teacher_dir, tr.RUN_FILE)))
@@ -45,7 +46,7 @@ def test_finetune_learns_the_toy_task(teacher_dir):
 def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, base_dir, teacher_dir, toy):
     out = str(tmp_path / "ft")
     cfg = ft.FinetuneConfig(**FAST_FINETUNE)
-    original = distill.task_loss
+    original = ClassificationTask.loss
     seen = {"n": 0}
 
     def dying_loss(*a, **kw):
@@ -55,7 +56,7 @@ def test_finetune_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch,
         return original(*a, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(ft, "task_loss", dying_loss)
+        m.setattr(ClassificationTask, "loss", dying_loss)
         with pytest.raises(Killed):
             ft.finetune(base_dir, *toy, out, cfg, progress=False)
     ft.finetune(base_dir, *toy, out, cfg, resume=True, progress=False)

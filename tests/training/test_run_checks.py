@@ -141,7 +141,7 @@ def _edit_json(path, **changes):
 
 
 def test_read_task_checks_labels_and_max_length_against_the_model(teacher_dir, tmp_path):
-    assert model_io.read_task(teacher_dir)["label_space"].names == ["money", "music", "sport"]
+    assert model_io.read_task(teacher_dir)["spec"].names == ["money", "music", "sport"]
     d = _copy(teacher_dir, tmp_path)
     task = d / model_io.TASK_FILE
     for changes, message in [
@@ -172,7 +172,7 @@ def test_read_model_config_refuses_pickles_and_configs_bigger_than_the_weights(t
     d = _copy(teacher_dir, tmp_path, "pickled")
     os.replace(d / "model.safetensors", d / "pytorch_model.bin")
     with pytest.raises(tr.RunError, match=r"holds its weights only as pytorch_model\.bin, a pickle"):
-        model_io.load_classifier(str(d))
+        model_io.load_task_model(str(d))
     os.remove(d / "pytorch_model.bin")
     with pytest.raises(tr.RunError, match=r"has no model\.safetensors"):
         model_io.read_model_config(str(d))

@@ -27,19 +27,20 @@ from torch import nn
 from ...models.plots import write_shapes_png
 from ...models.pruned_model import PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
-from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
-from ...training.distill import LayerDistiller, prediction_loss, task_loss
+from ...data.text import steps_per_epoch
+from ...tasks.base import Dataset, Features
+from ...training.distill import LayerDistiller
 from ...training.distributed import BatchPart, local_device
-from ...training.evaluation import autocast, evaluate, model_outputs
+from ...training.evaluation import autocast, evaluate, teacher_outputs_of
 from ...training.model_io import (
     TASK_FILE,
     check_max_length,
     hf_token_limit,
-    load_classifier,
+    load_task_model,
     load_tokenizer,
-    model_limits,
     read_model_config,
-    read_task,
+    saved_settings,
+    teacher_task,
     write_task,
 )
 from ...training.optim import decay_groups, freeze_embeddings, linear_schedule, set_lr
@@ -165,8 +166,8 @@ class _PrunePlan:
 
 def cofi_prune(
     teacher_dir: str,
-    train: TextDataset,
-    eval_data: TextDataset,
+    train: Dataset,
+    eval_data: Dataset,
     out: str,
     config: PruneConfig | None = None,
     *,
@@ -175,12 +176,14 @@ def cofi_prune(
     resume: bool | str = False,
     progress: bool = True,
     stop_at: int | None = None,
+    task: str | None = None,
 ) -> RunResult:
     """CoFi-prune the fine-tuned model in ``teacher_dir`` to ``config.target_sparsity``.
 
     Args:
         teacher_dir: a directory written by :func:`finetune` (or any BERT/RoBERTa
-            classifier with a ``cofi_task.json``).
+            model with a ``cofi_task.json``); for ``task="embedding"`` the pre-trained
+            embedding model itself (a sentence-transformers folder or a bare encoder).
         train, eval_data: training data, and the data the best state is chosen on.
         out: the run directory; at the end it holds the pruned model
             (:class:`~cofi_kernels.models.pruned_model.PrunedModel` files, tokenizer,
@@ -198,26 +201,35 @@ def cofi_prune(
         stop_at: stop after that many steps, with a checkpoint
             (:class:`~cofi_kernels.training.trainer.RunStopped`).
         progress: show a progress bar (loss, expected sparsity ŝ, target, λ).
+        task: the task by name (:mod:`cofi_kernels.tasks`); default: the teacher's ``cofi_task.json``.
+            The losses, metrics and the compact model's head are the task's.
 
     Raises:
         DataError, RunError: as :func:`finetune`; also a target sparsity outside (0, 1).
     """
     cfg = config or PruneConfig()
     check_prune_config(cfg)
-    task = read_task(teacher_dir)
-    labels: LabelSpace = task["label_space"]
-    limit = model_limits(teacher_dir)[1]
+    saved = teacher_task(teacher_dir, task, "prune")
+    handler, labels = saved["handler"], saved["handler"].with_settings(saved["spec"], cfg)
+    if handler.teacher_targets and not distill:
+        raise RunError(f"prune: the {handler.name} task learns from the teacher's outputs; it cannot run without "
+                       "distillation (drop --no-distill)")
+    limit = saved["token_limit"]
     if student_dir is not None:
         limit = min(limit, hf_token_limit(read_model_config(student_dir)))
     check_max_length(cfg.max_length, limit, "prune")
     tokenizer = load_tokenizer(teacher_dir)
-    train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
-    eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
+    train_enc = handler.featurize(train, labels, tokenizer, cfg.max_length)
+    eval_enc = handler.featurize(eval_data, labels, tokenizer, cfg.max_length)
+    extra = {} if handler.name in ("classification", "regression") else {"task": handler.name}
     fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir, "student": student_dir},
-                                  data={"train": train, "eval": eval_data}, distill=bool(distill))
+                                  data={"train": train, "eval": eval_data}, distill=bool(distill), **extra)
     run = RunDirectory(out, fingerprint, resume, "prune")
     device = local_device(cfg.device, run.world)
-    teacher, student, gates, distiller = _build_models(cfg, teacher_dir, student_dir, distill, labels, device)
+    teacher, student, gates, distiller = _build_models(cfg, teacher_dir, student_dir, distill, handler, labels,
+                                                       device)
+    if handler.teacher_targets:
+        eval_enc.set_targets(teacher_outputs_of(teacher, handler, labels, eval_enc, device, cfg.bf16))
 
     plan = _PrunePlan(cfg, len(train_enc))
     method = _CoFiRun(cfg, plan, run, student, teacher, gates, distiller, labels, train_enc, eval_enc, device)
@@ -229,17 +241,19 @@ def cofi_prune(
     pruned.requires_grad_(False)
     pruned.config["target_sparsity"] = cfg.target_sparsity
 
+    best = trainer.best.get("finetune")
+
     def write():
         pruned.save_pretrained(run.out)
         write_shapes_png(pruned, run.out)
         write_lagrangian_png(run.records(), run.out, cfg.target_sparsity, cfg.epsilon,
                              plan.distill_end + plan.warmup)
         tokenizer.save_pretrained(run.out)
-        write_task(run.out, labels, cfg.max_length, "pruned")
+        write_task(run.out, labels, cfg.max_length, "pruned", **saved_settings(handler, teacher_dir, best))
+        handler.write_extras(run.out, labels, cfg.max_length)
         _save_gates(os.path.join(run.out, GATES_FILE), method.selected_gates)
 
     run.write(write)
-    best = trainer.best.get("finetune")
     summary = {
         "kind": "prune",
         "selected": method.selected,
@@ -257,23 +271,25 @@ def cofi_prune(
                      {"sparsity": pruned.sparsity, "target_sparsity": cfg.target_sparsity})
 
 
-def _build_models(cfg: PruneConfig, teacher_dir, student_dir, distill: bool, labels: LabelSpace, device):
+def _build_models(cfg: PruneConfig, teacher_dir, student_dir, distill: bool, handler, labels, device):
     """``(teacher or None, gated student, its gates, LayerDistiller or None)`` on ``device``."""
-    teacher = load_classifier(teacher_dir).to(device).eval() if distill else None
+    teacher = load_task_model(teacher_dir, task=handler).to(device).eval() if distill else None
     if teacher is not None:
+        handler.prepare_model(teacher, labels)
         teacher.requires_grad_(False)
-        if teacher.config.num_labels != labels.num_labels:
+        if not handler.teacher_targets and teacher.config.num_labels != labels.num_outputs:
             raise RunError(
                 f"teacher {teacher_dir!r}: its head has {teacher.config.num_labels} output(s) but its "
-                f"{TASK_FILE} lists {labels.num_labels}"
+                f"{TASK_FILE} lists {labels.num_outputs}"
             )
     torch.manual_seed(cfg.seed)  # a new classification head, when the student brings none
     if student_dir is not None:
-        student = load_classifier(student_dir, labels)
+        student = load_task_model(student_dir, labels)
     elif teacher is not None:
         student = copy.deepcopy(teacher)
     else:
-        student = load_classifier(teacher_dir)
+        student = load_task_model(teacher_dir, task=handler)
+        handler.prepare_model(student, labels)
     student.to(device).requires_grad_(True)
     if cfg.freeze_embeddings:
         freeze_embeddings(student)
@@ -315,9 +331,9 @@ class CoFiLoss(nn.Module):
     part's shares, the Lagrangian (when ``target`` is given) is whole.
     """
 
-    def __init__(self, cfg: PruneConfig, model: nn.Module, gates, distiller):
+    def __init__(self, cfg: PruneConfig, model: nn.Module, gates, distiller, task):
         super().__init__()
-        self.cfg, self.model, self.gates, self.distiller = cfg, model, gates, distiller
+        self.cfg, self.model, self.gates, self.distiller, self.task = cfg, model, gates, distiller, task
 
     def forward(self, b: dict, part: BatchPart, teacher_out, target: float | None, sample: bool):
         z = None
@@ -339,15 +355,15 @@ class CoFiLoss(nn.Module):
         return loss, {k: v.detach() for k, v in shares.items()}, whole, match
 
     def _data_loss(self, b, part: BatchPart, teacher_out, z):
-        cfg, model = self.cfg, self.model
+        cfg, model, task = self.cfg, self.model, self.task
         if teacher_out is None:
-            task = part.share(task_loss(model_outputs(model, b), b["labels"], "sum"))
-            return {"loss": task, "task": task}, None
+            loss = part.share(task.loss(task.outputs(model, b), b, "sum"))
+            return {"loss": loss, "task": loss}, None
         t_logits, t_hidden = teacher_out
         need_layers = self.distiller is not None
-        s_out = model_outputs(model, b, output_hidden_states=need_layers)
+        s_out = task.outputs(model, b, output_hidden_states=need_layers)
         s_logits, s_hidden = s_out if need_layers else (s_out, None)
-        pred = cfg.alpha_pred * part.share(prediction_loss(s_logits, t_logits, cfg.temperature, "sum"))
+        pred = cfg.alpha_pred * part.share(task.distill_loss(s_logits, t_logits, b, cfg.temperature, "sum"))
         shares = {"loss": pred, "distill_pred": pred}
         if not need_layers:
             return shares, None
@@ -369,6 +385,9 @@ class _CoFiRun(TrainerHooks):
         self.cfg, self.plan, self.run = cfg, plan, run
         self.student, self.teacher, self.gates, self.distiller = student, teacher, gates, distiller
         self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
+        from ...tasks import get_task
+
+        self.task = get_task(labels.task)
         self.pruned = None
         self.selected = None
         self.selected_gates = None
@@ -385,13 +404,13 @@ class _CoFiRun(TrainerHooks):
         size = TeacherCache.size_mb(self.train_enc, examples, len(layers), self.teacher.config.hidden_size)
         if size <= self.cfg.teacher_cache_mb:
             self.cache = TeacherCache(self._teacher_outputs, self.train_enc, examples, layers, self.device,
-                                      self.cfg.bf16)
+                                      self.cfg.bf16, per_token=self.task.per_token)
             self.run.log({"event": "teacher_cache", "examples": len(examples), "megabytes": round(size, 1)})
 
     def _teacher_outputs(self, b: dict):
         """``(logits, hidden states or None)`` of the frozen teacher on ``b``."""
         with torch.no_grad():
-            out = model_outputs(self.teacher, b, output_hidden_states=self.distiller is not None)
+            out = self.task.outputs(self.teacher, b, output_hidden_states=self.distiller is not None)
         return out if self.distiller is not None else (out, None)
 
     # -- optimisers --------------------------------------------------------
@@ -407,7 +426,7 @@ class _CoFiRun(TrainerHooks):
         cfg = self.cfg
         # Distill and prune phases: the gates and λ get no gradient in the distill phase, and live-only
         # compute skips the weights of heads, units and sublayers whose sampled gate is 0.
-        self.loss_fn = self.world.wrap(CoFiLoss(cfg, self.student, self.gates, self.distiller), varying=True)
+        self.loss_fn = self.world.wrap(CoFiLoss(cfg, self.student, self.gates, self.distiller, self.task), varying=True)
         self.opt_model = torch.optim.AdamW(self._model_groups(self.student), lr=cfg.lr)
         self.opt_gates = torch.optim.AdamW(list(self.gates.log_alpha.values()), lr=cfg.reg_lr, weight_decay=0.0)
         # Plain gradient ascent: λ += lambda_lr·∂L_c/∂λ (the gradients are negated before the step). An
@@ -418,7 +437,8 @@ class _CoFiRun(TrainerHooks):
     def _make_finetune_optimizer(self):
         # The compact model computes every weight it has at every step (tests/training/test_distributed.py
         # measures the set of parameters with a gradient, step after step).
-        self.loss_fn = self.world.wrap(CoFiLoss(self.cfg, self.pruned, None, self.distiller), varying=False)
+        self.loss_fn = self.world.wrap(CoFiLoss(self.cfg, self.pruned, None, self.distiller, self.task),
+                                       varying=False)
         self.opt_model = torch.optim.AdamW(self._model_groups(self.pruned), lr=self.cfg.finetune_lr)
         self.opt_gates = self.opt_lambda = None
 
@@ -572,7 +592,7 @@ class _CoFiRun(TrainerHooks):
             "z": {t: (None if v is None else v.detach().clone().cpu()) for t, v in z.items()},
         }
         self.student.eval()
-        pruned = prune(self.student, self.gates, z)
+        pruned = self.task.finish_pruned(prune(self.student, self.gates, z), self.labels)
         self.run.log({"event": "pruned", "step": self.plan.prune_end, **self.selected,
                       "layer_shapes": pruned.layer_shapes()})
         self._become_pruned(pruned)

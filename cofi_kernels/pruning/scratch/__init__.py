@@ -11,7 +11,7 @@ from .budget import B_CAP, BUDGETS, Budget, pruning_run_record, scratch_budget
 from .loop import INITS, ScratchConfig, scratch_train
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, architecture,
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, task=None, architecture,
          pretrained=None):
     return scratch_train(architecture, train, eval_data, out, config, pretrained_dir=pretrained, resume=resume,
                          progress=progress, stop_at=stop_at)

@@ -41,13 +41,14 @@ from ...models.builder import KeptLayer, build_pruned_model
 from ...models.plots import write_shapes_png
 from ...models.pruned_model import CONFIG_NAME, PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, setting
-from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
+from ...data.text import LabelSpace, TextDataset, steps_per_epoch
+from ...tasks.classification import Encoded, model_outputs, prediction_loss, task_loss
 from ...training.distributed import local_device
 from ...training.finetune import FinetuneHooks
 from ...training.model_io import (
     TASK_FILE,
     check_max_length,
-    load_classifier,
+    load_task_model,
     load_tokenizer,
     read_model_config,
     read_task,
@@ -203,7 +204,7 @@ def scratch_model(architecture: PrunedModel, init: str, seed: int, labels: Label
             model.hidden_index.copy_(architecture.hidden_index)
         model.requires_grad_(False)
     elif init == "pretrained-slice":
-        hf = load_classifier(pretrained_dir, labels)
+        hf = load_task_model(pretrained_dir, labels)
         layers = [KeptLayer(heads=h, units=u) for h, u in kept]
         model = build_pruned_model(hf, layers, hidden=architecture.hidden_index).float()
         model.config["id2label"] = architecture.config.get("id2label")
@@ -261,7 +262,7 @@ def scratch_train(
         raise RunError(f"prune: --pretrained is used with --init pretrained-slice only (this run's init is "
                        f"{cfg.init!r})")
     task = read_task(architecture_dir)
-    labels: LabelSpace = task["label_space"]
+    labels: LabelSpace = task["spec"]
     architecture = _read_architecture(architecture_dir)
     arch_cfg = architecture.config
     pruning_epochs, pruning_length = pruning_run_record(architecture_dir)

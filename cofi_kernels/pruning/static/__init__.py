@@ -12,7 +12,7 @@ from .loop import SMPConfig, smp_prune
 __all__ = ["SMPConfig", "smp_prune"]
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, model, teacher=None,
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, task=None, model, teacher=None,
          structured=False, unstructured=False):
     if structured == unstructured:  # both or neither
         raise RunError("prune: --method smp needs exactly one of --structured (whole heads and FFN units: a compact, "

@@ -44,16 +44,16 @@ from ...models.builder import KeptLayer, build_pruned_model
 from ...models.plots import write_shapes_png
 from ...models.size import dense_encoder_size, encoder_size
 from ...training.config import RunSettings, check_run_settings, documented, fraction, setting
-from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
-from ...training.distill import prediction_loss, task_loss
+from ...data.text import LabelSpace, TextDataset, steps_per_epoch
+from ...tasks.classification import Encoded, model_outputs, prediction_loss, task_loss
 from ...training.distributed import BatchPart, local_device
-from ...training.evaluation import autocast, evaluate, model_outputs
+from ...training.evaluation import autocast, evaluate
 from ...training.model_io import (
     MASKS_FILE,
     TASK_FILE,
     check_max_length,
     hf_token_limit,
-    load_classifier,
+    load_task_model,
     load_tokenizer,
     model_limits,
     read_model_config,
@@ -169,7 +169,7 @@ def smp_prune(
     limit = hf_token_limit(read_model_config(model_dir))
     tokenizer = load_tokenizer(model_dir)
     if teacher_dir is not None:
-        labels: LabelSpace = read_task(teacher_dir)["label_space"]
+        labels: LabelSpace = read_task(teacher_dir)["spec"]
         limit = min(limit, model_limits(teacher_dir)[1])
         if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
             raise RunError(f"--teacher {teacher_dir!r} has another vocabulary than --model {model_dir!r}; "
@@ -186,13 +186,13 @@ def smp_prune(
     device = local_device(cfg.device, run.world)
     teacher = None
     if teacher_dir is not None:
-        teacher = load_classifier(teacher_dir).to(device).eval()
+        teacher = load_task_model(teacher_dir).to(device).eval()
         teacher.requires_grad_(False)
         if teacher.config.num_labels != labels.num_labels:
             raise RunError(f"teacher {teacher_dir!r}: its head has {teacher.config.num_labels} output(s) but its "
                            f"{TASK_FILE} lists {labels.num_labels}")
     torch.manual_seed(cfg.seed)  # the new classification head
-    model = load_classifier(model_dir, labels).to(device)
+    model = load_task_model(model_dir, labels).to(device)
     masked = MaskedClassifier(model, structured=structured)
 
     plan = SMPPlan(cfg, len(train_enc))

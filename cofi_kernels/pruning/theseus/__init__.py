@@ -15,7 +15,7 @@ __all__ = ["ReplaceSchedule", "TheseusConfig", "TheseusModel", "check_theseus_co
            "theseus_prune"]
 
 
-def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, teacher):
+def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=None, task=None, teacher):
     return theseus_prune(teacher, train, eval_data, out, config, resume=resume, progress=progress, stop_at=stop_at)
 
 

@@ -35,14 +35,14 @@ import torch
 from torch import nn
 
 from ...training.config import RunSettings, check_run_settings, documented, setting
-from ...data.text import Encoded, LabelSpace, TextDataset, steps_per_epoch
-from ...training.distill import prediction_loss, task_loss
+from ...data.text import LabelSpace, TextDataset, steps_per_epoch
+from ...tasks.classification import Encoded, model_outputs, prediction_loss, task_loss
 from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate
 from ...training.model_io import (
     TASK_FILE,
     check_max_length,
-    load_classifier,
+    load_task_model,
     load_tokenizer,
     model_limits,
     read_model_config,
@@ -217,7 +217,7 @@ def theseus_prune(
     check_theseus_config(cfg)
     check_dense_teacher(teacher_dir)
     task = read_task(teacher_dir)
-    labels: LabelSpace = task["label_space"]
+    labels: LabelSpace = task["spec"]
     depth = read_model_config(teacher_dir).num_hidden_layers
     check_layers(cfg.layers, depth, teacher_dir)
     check_max_length(cfg.max_length, model_limits(teacher_dir)[1], WHERE)
@@ -299,7 +299,7 @@ def _write_shapes(pruned, out: str) -> None:
 
 def _build_model(cfg: TheseusConfig, teacher_dir: str, labels: LabelSpace, device) -> TheseusModel:
     """The predecessor (frozen) with its successor layers (trainable) on ``device``."""
-    net = load_classifier(teacher_dir)
+    net = load_task_model(teacher_dir)
     if net.config.num_labels != labels.num_labels:
         raise RunError(f"teacher {teacher_dir!r}: its head has {net.config.num_labels} output(s) but its "
                        f"{TASK_FILE} lists {labels.num_labels}")
