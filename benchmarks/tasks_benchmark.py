@@ -98,7 +98,11 @@ def prepare(out: str, task: str) -> dict[str, str]:
 
 
 def run(argv: list[str], log: str) -> float:
-    """One `cofi` command in its own process (its output to ``log``); seconds taken."""
+    """One `cofi` command in its own process (its output to ``log``); seconds taken. A run directory left
+    unfinished by an earlier, interrupted benchmark is resumed."""
+    out = argv[argv.index("--out") + 1]
+    if os.path.isdir(out) and os.listdir(out):
+        argv = [*argv, "--resume"]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         subprocess.run([sys.executable, "-m", "cofi_kernels.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
@@ -106,8 +110,8 @@ def run(argv: list[str], log: str) -> float:
     return time.perf_counter() - t0
 
 
-def evaluate(model: str, data: str | None, log: str) -> dict:
-    argv = ["eval", "--model", model, "--json"] + ([] if data is None else ["--data", data])
+def evaluate(model: str, data: str | None, log: str, precision: str = "fp32") -> dict:
+    argv = ["eval", "--model", model, "--json", "--precision", precision] + ([] if data is None else ["--data", data])
     with open(log, "w") as f:
         res = subprocess.run([sys.executable, "-m", "cofi_kernels.cli", *argv], capture_output=True, text=True,
                              check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
@@ -139,7 +143,14 @@ def bench_supervised(out: str, task: str, minilm: str) -> list[dict]:
                            "--target-sparsity", str(target)], f"{pruned}.log")
         rows.append({"task": task, "row": f"CoFi {target}", "model": pruned, "train_seconds": seconds,
                      **evaluate(pruned, files["test"], f"{pruned}.eval.log")})
+        rows += _other_precisions(task, target, pruned, files["test"])
     return rows
+
+
+def _other_precisions(task: str, target: float, pruned: str, data: str | None) -> list[dict]:
+    """The pruned model served in bf16 and int8 (the engine's other precisions), judged by the task metric."""
+    return [{"task": task, "row": f"CoFi {target}, {p}", "model": pruned, "train_seconds": None,
+             **evaluate(pruned, data, f"{pruned}.eval-{p}.log", p)} for p in ("bf16", "int8")]
 
 
 def bench_embedding(out: str, minilm: str) -> list[dict]:
@@ -169,6 +180,7 @@ def bench_embedding(out: str, minilm: str) -> list[dict]:
                           f"{pruned}.log")
         rows.append({"task": "embedding", "row": f"CoFi {target}", "model": pruned, "train_seconds": seconds,
                      **evaluate(pruned, None, f"{pruned}.eval.log")})
+        rows += _other_precisions("embedding", target, pruned, None)
     return rows
 
 

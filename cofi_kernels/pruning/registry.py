@@ -15,7 +15,25 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["MethodArgument", "PruningMethod", "get_method", "method_names", "register_method"]
+__all__ = ["LABELLED_TASKS", "MethodArgument", "PruningMethod", "get_method", "labelled_task", "method_names",
+           "register_method"]
+
+# The tasks trained on labels; the embedding task's targets are the teacher's outputs, which only CoFi's loop computes.
+LABELLED_TASKS = ("classification", "regression", "token_classification", "question_answering")
+NOT_LABELLED = ("its loss needs labels, and an embedding's targets are the teacher's outputs, which only CoFi's loop "
+                "computes")
+
+
+def labelled_task(saved: dict, settings, method: str):
+    """``(task, spec with the run's settings)`` of a model directory's task (``saved``:
+    :func:`~cofi_kernels.training.model_io.read_task`) for a method that trains on labels;
+    :class:`~cofi_kernels.training.trainer.RunError` (one line) for a task without labels."""
+    from ..training.trainer import RunError
+
+    handler = saved["handler"]
+    if handler.name not in LABELLED_TASKS:
+        raise RunError(f"--method {method} does not run the {handler.name} task: {NOT_LABELLED}; use --method cofi")
+    return handler, handler.with_settings(saved["spec"], settings)
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,11 @@ class Task:
         from one) on ``batch``; with ``output_hidden_states``, ``(outputs, per-layer hidden states)``."""
         raise NotImplementedError
 
+    def from_model_output(self, output) -> torch.Tensor:
+        """The task's outputs from a transformers ``ModelOutput`` of this task's head (here its ``logits``);
+        for code that calls a wrapped transformers model itself (Theseus' module replacing)."""
+        return output.logits
+
     def loss(self, outputs: torch.Tensor, batch: dict, reduction: str = "mean") -> torch.Tensor:
         """The task loss against ``batch``'s targets."""
         raise NotImplementedError

@@ -651,8 +651,13 @@ def _qa_outputs(model, b: dict, output_hidden_states: bool = False):
         return model(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=output_hidden_states)
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
                 output_hidden_states=output_hidden_states)
-    logits = torch.stack([out.start_logits, out.end_logits], dim=-1)
+    logits = _stacked(out)
     return (logits, list(out.hidden_states[1:])) if output_hidden_states else logits
+
+
+def _stacked(out) -> torch.Tensor:
+    """``[B, T, 2]``: a transformers QA output's start and end logits."""
+    return torch.stack([out.start_logits, out.end_logits], dim=-1)
 
 
 def _feature_mask(features: QAFeatures, T: int) -> torch.Tensor:
@@ -704,6 +709,10 @@ class QuestionAnsweringTask(Task):
         """``[B, T, 2]`` (start, end logits) of a transformers QA model or a QA PrunedModel; with
         ``output_hidden_states``, ``(that, [every layer's output [B, T, d]])``."""
         return _qa_outputs(model, batch, output_hidden_states)
+
+    def from_model_output(self, output) -> torch.Tensor:
+        """``[B, T, 2]`` from a transformers QA output (start and end logits stacked)."""
+        return _stacked(output)
 
     def loss(self, outputs, batch, reduction="mean"):
         """See :func:`qa_loss`."""

@@ -48,6 +48,27 @@ def qa_files(tmp_path_factory):
             "eval": write_jsonl(d / "eval.jsonl", squad_examples(16, 1, impossible=0.25))}
 
 
+def _exported_outputs(tmp_path, pruned: str) -> dict:
+    """`cofi export` of ``pruned``, run in ONNX Runtime on one padded batch: ``{output name: array}``, and
+    the same batch through the model's reference forward."""
+    import onnxruntime as ort
+
+    path = str(tmp_path / "model.onnx")
+    assert cli.main(["export", "--model", pruned, "--out", path]) == 0
+    model = PrunedModel.from_pretrained(pruned)
+    ids = torch.randint(1000, 2000, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    types = torch.zeros_like(ids)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()}
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, (torch.from_numpy(a) for a in session.run(None, feeds))))
+    with torch.no_grad():
+        want = model(ids, mask, types, backend="reference")
+    return got, want, mask
+
+
 def _finetune_and_prune(tmp_path, base_dir, files, task_flags=()):
     teacher, pruned = str(tmp_path / "teacher"), str(tmp_path / "pruned")
     assert cli.main(["finetune", "--model", base_dir, "--data", files["train"], "--eval-data", files["eval"],
@@ -76,6 +97,10 @@ def test_token_classification_through_the_product(tmp_path, base_dir, ner_files,
     text = "Anna Berg works at Globex in  Oslo"
     for e in rows[0]["entities"]:
         assert text[e["start"]:e["end"]] == e["text"] and 0.0 <= e["score"] <= 1.0
+    got, want, mask = _exported_outputs(tmp_path, pruned)
+    assert list(got) == ["logits"] and got["logits"].shape == want.shape
+    real = mask.bool()
+    torch.testing.assert_close(got["logits"][real], want[real], rtol=1e-4, atol=1e-5)
 
 
 def test_question_answering_through_the_product(tmp_path, base_dir, qa_files, capsys):
@@ -95,6 +120,11 @@ def test_question_answering_through_the_product(tmp_path, base_dir, qa_files, ca
         assert {"answer", "start", "end", "score"} <= r.keys()
         if r["answer"]:
             assert c[r["start"]:r["end"]] == r["answer"]
+    got, want, mask = _exported_outputs(tmp_path, pruned)
+    assert list(got) == ["start_logits", "end_logits"]
+    real = mask.bool()
+    torch.testing.assert_close(got["start_logits"][real], want[..., 0][real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["end_logits"][real], want[..., 1][real], rtol=1e-4, atol=1e-5)
 
 
 def test_embedding_through_the_product(tmp_path, base_dir, capsys):
@@ -119,6 +149,9 @@ def test_embedding_through_the_product(tmp_path, base_dir, capsys):
     assert cli.main(["predict", "--model", pruned, "--data", held, "--out", out, "--quiet"]) == 0
     vectors = torch.tensor([json.loads(l)["embedding"] for l in open(out)])
     assert vectors.shape == (16, 32) and torch.isfinite(vectors).all()
+    got, want, _ = _exported_outputs(tmp_path, pruned)
+    assert list(got) == ["embedding"]
+    torch.testing.assert_close(got["embedding"], want, rtol=1e-4, atol=1e-5)
     # The saved embedder loads in sentence-transformers and gives the same vectors.
     from cofi_kernels.tasks.embedding import load_sentence_transformer
 
@@ -128,17 +161,32 @@ def test_embedding_through_the_product(tmp_path, base_dir, capsys):
     torch.testing.assert_close(got, vectors, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["theseus", "smp", "scratch"])
-def test_methods_that_do_not_run_a_task_refuse_it_in_one_line(tmp_path, base_dir, ner_files, method, capsys):
+@pytest.mark.parametrize("method,task", [("smp", "token_classification"), ("theseus", "embedding"),
+                                         ("scratch", "embedding")])
+def test_methods_that_do_not_run_a_task_refuse_it_in_one_line(tmp_path, base_dir, ner_files, method, task, capsys):
     flags = {"theseus": ["--teacher", base_dir, "--layers", "1"],
              "smp": ["--model", base_dir, "--unstructured", "--remaining", "0.5"],
              "scratch": ["--architecture", base_dir, "--budget", "E"]}[method]
+    data = ner_files["train"] if task == "token_classification" else write_jsonl(tmp_path / "t.jsonl", toy_rows(8, 0))
     capsys.readouterr()
-    assert cli.main(["prune", "--method", method, *flags, "--data", ner_files["train"],
+    assert cli.main(["prune", "--method", method, *flags, "--data", data, "--task", task,
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--method {method} does not run the token_classification task" in err[0]
+    assert len(err) == 1 and f"--method {method} does not run the {task} task" in err[0]
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["theseus", "scratch"])
+def test_theseus_and_scratch_run_token_classification(tmp_path, base_dir, ner_files, method, capsys):
+    teacher, pruned = _finetune_and_prune(tmp_path, base_dir, ner_files)
+    out = str(tmp_path / method)
+    data = ["--data", ner_files["train"], "--eval-data", ner_files["eval"], "--max-length", "32", "--quiet",
+            "--batch-size", "8", "--checkpoint-every", "50"]
+    flags = (["--teacher", teacher, "--layers", "1", "--replace-epochs", "2", "--finetune-epochs", "1"] if method == "theseus"
+             else ["--architecture", pruned, "--budget", "E"])
+    assert cli.main(["prune", "--method", method, *flags, *data, "--out", out]) == 0
+    r = _json_out(capsys, ["eval", "--model", out, "--data", ner_files["eval"], "--json"])
+    assert r["task"] == "token_classification" and 0.0 <= r["f1"] <= 1.0 and r["kind"] == "pruned"
 
 
 def _one_line_error(capsys, argv) -> str:

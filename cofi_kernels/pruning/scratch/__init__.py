@@ -6,7 +6,7 @@ run's epochs (Scratch-E) or its computation (Scratch-B) (:mod:`.budget`, :mod:`.
 Registered as the pruning method ``scratch``.
 """
 
-from ..registry import MethodArgument, PruningMethod, register_method
+from ..registry import LABELLED_TASKS, NOT_LABELLED, MethodArgument, PruningMethod, register_method
 from .budget import B_CAP, BUDGETS, Budget, pruning_run_record, scratch_budget
 from .loop import INITS, ScratchConfig, scratch_train
 
@@ -23,6 +23,8 @@ register_method(PruningMethod(
             "pretrained-slice start)",
     config=ScratchConfig,
     run=_run,
+    tasks=LABELLED_TASKS,
+    why_not=NOT_LABELLED,
     arguments=(
         MethodArgument("--architecture", "output directory of `cofi prune` whose per-layer shapes, labels, tokenizer "
                                          "and run.json (the pruning run's epochs) are used", required=True),

@@ -41,8 +41,8 @@ from ...models.builder import KeptLayer, build_pruned_model
 from ...models.plots import write_shapes_png
 from ...models.pruned_model import CONFIG_NAME, PrunedModel
 from ...training.config import RunSettings, check_run_settings, documented, setting
-from ...data.text import LabelSpace, TextDataset, steps_per_epoch
-from ...tasks.classification import Encoded, model_outputs, prediction_loss, task_loss
+from ...data.text import steps_per_epoch
+from ...tasks.base import Dataset
 from ...training.distributed import local_device
 from ...training.finetune import FinetuneHooks
 from ...training.model_io import (
@@ -52,8 +52,10 @@ from ...training.model_io import (
     load_tokenizer,
     read_model_config,
     read_task,
+    saved_settings,
     write_task,
 )
+from ..registry import labelled_task
 from ...training.optim import freeze_embeddings
 from ...training.trainer import Phase, RunDirectory, RunError, RunResult, Trainer, run_fingerprint
 from .budget import BUDGETS, pruning_run_record, scratch_budget
@@ -120,9 +122,9 @@ def _read_architecture(architecture_dir: str) -> PrunedModel:
         model = PrunedModel.from_pretrained(architecture_dir)
     except (OSError, ValueError) as e:
         raise RunError(f"{where}: {e}") from None
-    if model.config["task"] != "sequence_classification":
-        raise RunError(f"{where} holds an encoder without a classification head; scratch training needs a "
-                       "classifier's architecture")
+    if model.config["task"] not in ("sequence_classification", "token_classification", "question_answering"):
+        raise RunError(f"{where} holds a model without a head to train ({model.config['task']}); scratch training "
+                       "needs a classifier's, tagger's or QA model's architecture")
     return model
 
 
@@ -187,7 +189,7 @@ def _check_pretrained(pretrained_dir: str, config: dict) -> None:
         raise RunError(f"{where} is not the model the architecture was pruned from: {'; '.join(diff)}")
 
 
-def scratch_model(architecture: PrunedModel, init: str, seed: int, labels: LabelSpace,
+def scratch_model(architecture: PrunedModel, init: str, seed: int, labels,
                   pretrained_dir: str | None = None, kept=None) -> PrunedModel:
     """A fresh float32 :class:`PrunedModel` of ``architecture``'s exact shapes (on the CPU, eval mode,
     parameters without grad).
@@ -218,8 +220,8 @@ def scratch_model(architecture: PrunedModel, init: str, seed: int, labels: Label
 
 def scratch_train(
     architecture_dir: str,
-    train: TextDataset,
-    eval_data: TextDataset,
+    train: Dataset,
+    eval_data: Dataset,
     out: str,
     config: ScratchConfig | None = None,
     *,
@@ -261,8 +263,7 @@ def scratch_train(
     if cfg.init != "pretrained-slice" and pretrained_dir is not None:
         raise RunError(f"prune: --pretrained is used with --init pretrained-slice only (this run's init is "
                        f"{cfg.init!r})")
-    task = read_task(architecture_dir)
-    labels: LabelSpace = task["spec"]
+    handler, labels = labelled_task(read_task(architecture_dir), cfg, "scratch")
     architecture = _read_architecture(architecture_dir)
     arch_cfg = architecture.config
     pruning_epochs, pruning_length = pruning_run_record(architecture_dir)
@@ -274,8 +275,8 @@ def scratch_train(
     check_max_length(cfg.max_length, token_limit(arch_cfg["model_type"], arch_cfg["max_position_embeddings"],
                                                  arch_cfg["pad_token_id"]), "prune")
     tokenizer = load_tokenizer(architecture_dir)
-    train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
-    eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
+    train_enc = handler.featurize(train, labels, tokenizer, cfg.max_length)
+    eval_enc = handler.featurize(eval_data, labels, tokenizer, cfg.max_length)
     fingerprint = run_fingerprint(cfg, models={"architecture": architecture_dir, "pretrained": pretrained_dir},
                                   data={"train": train, "eval": eval_data}, method="scratch")
     run = RunDirectory(out, fingerprint, resume, "prune")
@@ -300,10 +301,10 @@ def scratch_train(
         model.save_pretrained(run.out)
         write_shapes_png(model, run.out)
         tokenizer.save_pretrained(run.out)
-        write_task(run.out, labels, cfg.max_length, "pruned")
+        write_task(run.out, labels, cfg.max_length, "pruned", **saved_settings(handler, architecture_dir, best))
 
-    run.write(write)
     best = trainer.best["scratch"]
+    run.write(write)
     summary = {
         "kind": "prune",
         "method": "scratch",

@@ -26,6 +26,8 @@ register_method(PruningMethod(
     summary="static model pruning (SMP): frozen pre-trained weights, learned top-v masks and a linear head",
     config=SMPConfig,
     run=_run,
+    why_not="it trains a sentence classifier's head beside the masks (the setting of its paper); token, span and "
+            "embedding outputs are not wired into its masked model",
     arguments=(
         MethodArgument("--model", "the pre-trained (not fine-tuned) model directory; its weights stay frozen",
                        required=True),

@@ -170,6 +170,9 @@ def smp_prune(
     tokenizer = load_tokenizer(model_dir)
     if teacher_dir is not None:
         labels: LabelSpace = read_task(teacher_dir)["spec"]
+        if labels.task not in ("classification", "regression"):
+            raise RunError(f"--method smp does not run the {labels.task} task of --teacher {teacher_dir!r}: it trains a "
+                           "sentence classifier's head beside the masks; use --method cofi")
         limit = min(limit, model_limits(teacher_dir)[1])
         if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
             raise RunError(f"--teacher {teacher_dir!r} has another vocabulary than --model {model_dir!r}; "

@@ -6,7 +6,7 @@ replaces it (:mod:`.schedule`, :mod:`.model`), then the successor is
 fine-tuned alone (:mod:`.loop`). Registered as the pruning method ``theseus``.
 """
 
-from ..registry import MethodArgument, PruningMethod, register_method
+from ..registry import LABELLED_TASKS, NOT_LABELLED, MethodArgument, PruningMethod, register_method
 from .loop import TheseusConfig, check_theseus_config, theseus_prune
 from .model import TheseusModel, successor_pruned_model
 from .schedule import ReplaceSchedule
@@ -24,6 +24,8 @@ register_method(PruningMethod(
     summary="BERT-of-Theseus: successor layers progressively replace modules of n/m teacher layers, leaving m layers",
     config=TheseusConfig,
     run=_run,
+    tasks=LABELLED_TASKS,
+    why_not=NOT_LABELLED,
     arguments=(
         MethodArgument("--teacher", "directory written by `cofi finetune` (the predecessor to compress)",
                        required=True),

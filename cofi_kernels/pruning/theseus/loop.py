@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from ...training.config import RunSettings, check_run_settings, documented, setting
-from ...data.text import LabelSpace, TextDataset, steps_per_epoch
-from ...tasks.classification import Encoded, model_outputs, prediction_loss, task_loss
+from ...data.text import steps_per_epoch
+from ...tasks.base import Dataset
+from ...tasks import get_task
 from ...training.distributed import BatchPart, local_device
 from ...training.evaluation import autocast, evaluate
 from ...training.model_io import (
@@ -47,8 +48,10 @@ from ...training.model_io import (
     model_limits,
     read_model_config,
     read_task,
+    saved_settings,
     write_task,
 )
+from ..registry import labelled_task
 from ...training.optim import decay_groups, linear_schedule, set_lr
 from ...training.trainer import (
     Evaluation,
@@ -175,8 +178,8 @@ class _Plan:
 
 def theseus_prune(
     teacher_dir: str,
-    train: TextDataset,
-    eval_data: TextDataset,
+    train: Dataset,
+    eval_data: Dataset,
     out: str,
     config: TheseusConfig | None = None,
     *,
@@ -216,14 +219,13 @@ def theseus_prune(
     cfg = config or TheseusConfig()
     check_theseus_config(cfg)
     check_dense_teacher(teacher_dir)
-    task = read_task(teacher_dir)
-    labels: LabelSpace = task["spec"]
+    handler, labels = labelled_task(read_task(teacher_dir), cfg, "theseus")
     depth = read_model_config(teacher_dir).num_hidden_layers
     check_layers(cfg.layers, depth, teacher_dir)
     check_max_length(cfg.max_length, model_limits(teacher_dir)[1], WHERE)
     tokenizer = load_tokenizer(teacher_dir)
-    train_enc = Encoded(train, labels, tokenizer, cfg.max_length)
-    eval_enc = Encoded(eval_data, labels, tokenizer, cfg.max_length)
+    train_enc = handler.featurize(train, labels, tokenizer, cfg.max_length)
+    eval_enc = handler.featurize(eval_data, labels, tokenizer, cfg.max_length)
     fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir}, data={"train": train, "eval": eval_data},
                                   method="theseus")
     run = RunDirectory(out, fingerprint, resume, "prune")
@@ -245,7 +247,7 @@ def theseus_prune(
     def write():
         pruned.save_pretrained(run.out)
         tokenizer.save_pretrained(run.out)
-        write_task(run.out, labels, cfg.max_length, "pruned")
+        write_task(run.out, labels, cfg.max_length, "pruned", **saved_settings(handler, teacher_dir, metrics))
         _write_shapes(pruned, run.out)
 
     run.write(write)
@@ -274,19 +276,19 @@ class TheseusLoss(nn.Module):
     ``(loss to backpropagate, {name: this process's share})``; ``teacher_logits`` (the
     predecessor's, with ``--distill``) come from outside."""
 
-    def __init__(self, cfg: TheseusConfig, model: TheseusModel):
+    def __init__(self, cfg: TheseusConfig, model: TheseusModel, task):
         super().__init__()
-        self.cfg, self.model = cfg, model
+        self.cfg, self.model, self.task = cfg, model, task
 
     def forward(self, b: dict, part: BatchPart, use_successor, teacher_logits):
         cfg = self.cfg
         part.local_noise()
-        logits = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                            use_successor=use_successor).logits
-        task = part.share(task_loss(logits, b["labels"], "sum"))
+        logits = self.task.from_model_output(self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                                        use_successor=use_successor))
+        task = part.share(self.task.loss(logits, b, "sum"))
         shares = {"task": task, "loss": task}
         if teacher_logits is not None:
-            kd = part.share(prediction_loss(logits, teacher_logits, cfg.temperature, "sum"))
+            kd = part.share(self.task.distill_loss(logits, teacher_logits, b, cfg.temperature, "sum"))
             shares.update(distill_pred=kd, loss=task + cfg.alpha_pred * kd)
         return part.backward_loss(shares["loss"]), {k: v.detach() for k, v in shares.items()}
 
@@ -297,12 +299,12 @@ def _write_shapes(pruned, out: str) -> None:
     write_shapes_png(pruned, out)
 
 
-def _build_model(cfg: TheseusConfig, teacher_dir: str, labels: LabelSpace, device) -> TheseusModel:
+def _build_model(cfg: TheseusConfig, teacher_dir: str, labels, device) -> TheseusModel:
     """The predecessor (frozen) with its successor layers (trainable) on ``device``."""
     net = load_task_model(teacher_dir)
-    if net.config.num_labels != labels.num_labels:
+    if net.config.num_labels != labels.num_outputs:
         raise RunError(f"teacher {teacher_dir!r}: its head has {net.config.num_labels} output(s) but its "
-                       f"{TASK_FILE} lists {labels.num_labels}")
+                       f"{TASK_FILE} lists {labels.num_outputs}")
     model = TheseusModel(net, cfg.layers).to(device)
     # Only the successor trains: embeddings, predecessor layers and the head stay as fine-tuned.
     model.requires_grad_(False)
@@ -317,9 +319,10 @@ class _TheseusRun(TrainerHooks):
     def __init__(self, cfg, plan: _Plan, run, model: TheseusModel, labels, train_enc, eval_enc, device):
         self.cfg, self.plan, self.run, self.model = cfg, plan, run, model
         self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
+        self.task = get_task(labels.task)
         self.teacher = None
         # The successor modules that run change from step to step.
-        self.loss_fn_local = TheseusLoss(cfg, model)
+        self.loss_fn_local = TheseusLoss(cfg, model, self.task)
         self.loss_fn = run.world.wrap(self.loss_fn_local, varying=True)
         # One optimizer per phase: the successor-only fine-tuning starts afresh, as the paper's separate run.
         self.opt_replace = torch.optim.AdamW(decay_groups(model.successor, cfg.weight_decay), lr=cfg.lr)
@@ -331,12 +334,13 @@ class _TheseusRun(TrainerHooks):
             return
         self.model.eval()
         self.teacher = TeacherCache(self._predecessor_logits, self.train_enc, examples, [], self.device,
-                                    self.cfg.bf16)
+                                    self.cfg.bf16, per_token=self.task.per_token)
         self.model.train()
 
     def _predecessor_logits(self, b: dict):
         # Called by TeacherCache, under no_grad and autocast.
-        return self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], predecessor=True).logits, None
+        out = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"], predecessor=True)
+        return self.task.from_model_output(out), None
 
     # -- checkpoint: only the successor and the optimizers change -------------
 
@@ -377,7 +381,8 @@ class _TheseusRun(TrainerHooks):
         # With every module on its (frozen) predecessor nothing trains: the step runs outside DDP, which
         # would wait for gradients that never come.
         loss_fn = self.loss_fn if trains else self.loss_fn_local
-        teacher = None if self.teacher is None else self.teacher.batch_logits(part.index, self.device)
+        teacher = None if self.teacher is None else self.teacher.batch_logits(part.index, self.device,
+                                                                                b["input_ids"].shape[1])
         with autocast(self.device, cfg.bf16):
             loss, shares = loss_fn(b, part, use, teacher)
         if trains:
