@@ -115,7 +115,7 @@ def _training_data(args, task: str | None):
     if args.data is None:
         if args.eval_data is not None:
             raise _Usage("--eval-data needs --data (the default data set brings its own validation part)")
-        if task not in (None, "classification", "embedding"):
+        if task is not None and not get_task(task).default_data:
             raise _Usage(f"the {task} task has no default data; pass --data FILE")
         train, validation, _ = default_splits()
         return train, validation
@@ -331,7 +331,7 @@ def _eval_data(args):
 
     handler = read_task(args.model)["handler"]
     if args.data is None:
-        if handler.name not in ("classification", "embedding"):
+        if not handler.default_data:
             raise _Usage(f"the {handler.name} task has no default data; pass --data FILE")
         return default_splits()[2]
     return handler.read(args.data)

@@ -149,6 +149,8 @@ class Task:
     metric: ClassVar[str]
     #: the task's targets are the teacher's outputs (no labels to fine-tune on): `cofi finetune` refuses it
     teacher_targets: ClassVar[bool] = False
+    #: the commands' default data (BBC News) serves this task when no --data is given
+    default_data: ClassVar[bool] = False
     #: the class of the examples :meth:`read` returns
     dataset_class: ClassVar[type | None] = None
     #: one line per data format, for `--help` and errors
@@ -188,6 +190,10 @@ class Task:
                **options) -> Features:
         """Tokenize ``data``; with ``labelled`` the features carry targets (DataError for a label the spec lacks)."""
         raise NotImplementedError
+
+    def config_outputs(self, config) -> int:
+        """The head width of a transformers model of this task with ``config`` (its ``num_labels``)."""
+        return config.num_labels
 
     def featurize(self, data: Dataset, spec: Spec, tokenizer, max_length: int, *, labelled: bool = True,
                   **options) -> Features:

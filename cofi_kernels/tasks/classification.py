@@ -106,6 +106,7 @@ class ClassificationTask(Task):
     per_token = False
     metric = "accuracy"
     formats = "CSV or JSONL with text [, text_pair], label"
+    default_data = True
 
     def matches(self, columns: set[str]) -> bool:
         return "text" in columns and "label" in columns
@@ -118,6 +119,17 @@ class ClassificationTask(Task):
                                       source=train.source)
 
     def spec_from_json(self, obj: dict, where: str) -> LabelSpace:
+        """The label space saved in ``cofi_task.json``: distinct class names (at least 2), none for
+        regression; ``DataError`` naming ``where`` otherwise."""
+        names = obj.get("labels")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{where}: 'labels' must be a list of class names (strings), got {names!r}")
+        if len(set(names)) != len(names):
+            raise DataError(f"{where}: 'labels' lists a class twice: {names!r}")
+        if obj.get("task") == "classification" and len(names) < 2:
+            raise DataError(f"{where}: a classification task needs at least 2 class names in 'labels', got {names!r}")
+        if obj.get("task") == "regression" and names:
+            raise DataError(f"{where}: a regression task has no class names, but 'labels' is {names!r}")
         return LabelSpace.from_json(obj, where)
 
     def encode(self, data: TextDataset, spec: LabelSpace, tokenizer, max_length: int, *, labelled: bool = True,

@@ -403,6 +403,11 @@ class EmbeddingTask(Task):
     metric = "cosine_to_teacher"
     teacher_targets = True
     formats = "CSV or JSONL with text [, label (only for the retrieval check)]"
+    default_data = True
+
+    def config_outputs(self, config) -> int:
+        """The embedding's width: the encoder's hidden size."""
+        return config.hidden_size
 
     def prepare_model(self, model, spec: EmbeddingSpec) -> None:
         """The pooling of ``spec`` on a transformers encoder (:func:`configure`)."""

@@ -251,12 +251,13 @@ def model_limits(model_dir: str) -> tuple[int, int]:
     ``cofi_config.json`` or a Hugging Face ``config.json``), read from its config alone."""
     cfg = _pruned_config(model_dir)
     if cfg is not None:
-        heads = ("sequence_classification", "token_classification", "question_answering")
-        outputs = cfg["num_labels"] if cfg["task"] in heads else cfg["original_hidden_size"]
+        # A model without a head (an encoder, an embedder) outputs vectors of the original hidden size.
+        outputs = cfg["num_labels"] if cfg.get("num_labels") is not None else cfg["original_hidden_size"]
         return outputs, token_limit(cfg["model_type"], cfg["max_position_embeddings"], cfg["pad_token_id"])
     config = read_model_config(model_dir)
-    outputs = config.hidden_size if _saved_task_name(model_dir) == "embedding" else config.num_labels
-    return outputs, hf_token_limit(config)
+    from ..tasks import get_task
+
+    return get_task(_saved_task_name(model_dir)).config_outputs(config), hf_token_limit(config)
 
 
 def read_task(model_dir: str) -> dict:
@@ -277,8 +278,6 @@ def read_task(model_dir: str) -> dict:
         raise RunError(f"{path}: malformed (needs 'task' and 'max_length')")
     if task["task"] not in TASK_NAMES:
         raise RunError(f"{path}: 'task' must be one of {', '.join(TASK_NAMES)}, got {task['task']!r}")
-    if task["task"] in ("classification", "regression"):
-        _check_class_names(task, path)
     handler = get_task(task["task"])
     try:
         spec = handler.spec_from_json(task, path)
@@ -291,18 +290,6 @@ def read_task(model_dir: str) -> dict:
         raise RunError(f"{path}: {listed} for a {task['task']} task, but the model has {outputs} output(s)")
     check_max_length(task["max_length"], limit, path)
     return {**task, "spec": spec, "handler": handler}
-
-
-def _check_class_names(task: dict, path: str) -> None:
-    names = task.get("labels")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise RunError(f"{path}: 'labels' must be a list of class names (strings), got {names!r}")
-    if len(set(names)) != len(names):
-        raise RunError(f"{path}: 'labels' lists a class twice: {names!r}")
-    if task["task"] == "classification" and len(names) < 2:
-        raise RunError(f"{path}: a classification task needs at least 2 class names in 'labels', got {names!r}")
-    if task["task"] == "regression" and names:
-        raise RunError(f"{path}: a regression task has no class names, but 'labels' is {names!r}")
 
 
 def teacher_task(teacher_dir: str, task: str | None, where: str) -> dict:

@@ -221,6 +221,7 @@ def cofi_prune(
     tokenizer = load_tokenizer(teacher_dir)
     train_enc = handler.featurize(train, labels, tokenizer, cfg.max_length)
     eval_enc = handler.featurize(eval_data, labels, tokenizer, cfg.max_length)
+    # Classification runs keep the fingerprint they had before tasks were named in it (their checkpoints resume).
     extra = {} if handler.name in ("classification", "regression") else {"task": handler.name}
     fingerprint = run_fingerprint(cfg, models={"teacher": teacher_dir, "student": student_dir},
                                   data={"train": train, "eval": eval_data}, distill=bool(distill), **extra)

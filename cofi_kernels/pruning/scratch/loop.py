@@ -122,7 +122,7 @@ def _read_architecture(architecture_dir: str) -> PrunedModel:
         model = PrunedModel.from_pretrained(architecture_dir)
     except (OSError, ValueError) as e:
         raise RunError(f"{where}: {e}") from None
-    if model.config["task"] not in ("sequence_classification", "token_classification", "question_answering"):
+    if model.head is None:
         raise RunError(f"{where} holds a model without a head to train ({model.config['task']}); scratch training "
                        "needs a classifier's, tagger's or QA model's architecture")
     return model
