@@ -322,7 +322,7 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
         "examples_per_second": speed,
         "threads": torch.get_num_threads(),
         "device": device,
-        "precision": precision,
+        "serving_precision": precision,  # not "precision": that is token classification's entity precision
     }
 
 
@@ -353,7 +353,7 @@ def _cmd_eval(args) -> int:
         return 0
     name = result["metric"]
     rows = [
-        ("model", f"{result['model']} ({result['kind']}, {result['precision']})"),
+        ("model", f"{result['model']} ({result['kind']}, {result['serving_precision']})"),
         ("examples", f"{result['examples']}"),
         (name, f"{result[name]:.4f}"),
         ("realised sparsity", _sparsity_text(result["sparsity"], result["target_sparsity"])),

@@ -290,7 +290,7 @@ def test_eval_reports_its_precision(capsys, pruned_dir, tmp_path, precision):
     data = write_jsonl(tmp_path / "data.jsonl", toy_rows(24, seed=2))
     assert cli.main(["eval", "--model", pruned_dir, "--data", data, "--precision", precision, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["precision"] == precision and r["kind"] == "pruned" and r["examples"] == 24
+    assert r["serving_precision"] == precision and r["kind"] == "pruned" and r["examples"] == 24
     assert 0.0 <= r["accuracy"] <= 1.0 and r["examples_per_second"] > 0
     assert cli.main(["eval", "--model", pruned_dir, "--data", data, "--precision", precision]) == 0
     assert f"(pruned, {precision})" in capsys.readouterr().out
@@ -300,4 +300,4 @@ def test_evaluate_dir_defaults_to_fp32(teacher_dir, toy):
     from cofi_kernels.cli import evaluate_dir
 
     r = evaluate_dir(teacher_dir, toy[1], repeats=1)
-    assert r["precision"] == "fp32" and r["kind"] == "dense"
+    assert r["serving_precision"] == "fp32" and r["kind"] == "dense"

@@ -87,6 +87,8 @@ def test_token_classification_through_the_product(tmp_path, base_dir, ner_files,
         assert r["metric"] == "f1" and r["task"] == "token_classification"
         assert {"precision", "recall", "f1", "accuracy", "sparsity", "examples_per_second"} <= r.keys()
         assert 0.0 <= r["f1"] <= 1.0 and r["examples"] == 16
+        assert all(isinstance(r[k], float) for k in ("precision", "recall", "f1", "accuracy"))
+        assert r["serving_precision"] == "fp32"
     assert _json_out(capsys, ["eval", "--model", pruned, "--data", ner_files["eval"], "--json"])["sparsity"] > 0.3
     data = write_jsonl(tmp_path / "texts.jsonl", [{"text": "Anna Berg works at Globex in  Oslo"},
                                                    {"tokens": ["Tom", "visited", "Lima"]}])
