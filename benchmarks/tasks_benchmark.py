@@ -127,6 +127,14 @@ def _done(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, "cofi_task.json"))
 
 
+def _seconds(directory: str, measured: float | None) -> float | None:
+    """The run's training time: as measured now, else as its ``run.json`` recorded it."""
+    if measured is not None:
+        return measured
+    path = os.path.join(directory, "run.json")
+    return json.load(open(path)).get("seconds") if os.path.isfile(path) else None
+
+
 def bench_supervised(out: str, task: str, minilm: str) -> list[dict]:
     files = prepare(out, task)
     extra = ["--max-length", str(MAX_LENGTH[task])] + (["--doc-stride", "64"] if task == "qa" else [])
@@ -137,7 +145,7 @@ def bench_supervised(out: str, task: str, minilm: str) -> list[dict]:
     if not _done(teacher):
         seconds = run(["finetune", "--model", minilm, *data, "--out", teacher, "--quiet", *FINETUNE, *extra],
                       f"{teacher}.log")
-    rows.append({"task": task, "row": "teacher", "model": teacher, "train_seconds": seconds,
+    rows.append({"task": task, "row": "teacher", "model": teacher, "train_seconds": _seconds(teacher, seconds),
                  **evaluate(teacher, files["test"], f"{teacher}.eval.log")})
     for target in TARGETS:
         pruned = os.path.join(out, f"{task}-cofi-{target}")
@@ -145,7 +153,7 @@ def bench_supervised(out: str, task: str, minilm: str) -> list[dict]:
         if not _done(pruned):
             seconds = run(["prune", "--teacher", teacher, *data, "--out", pruned, "--quiet", *PRUNE, *extra,
                            "--target-sparsity", str(target)], f"{pruned}.log")
-        rows.append({"task": task, "row": f"CoFi {target}", "model": pruned, "train_seconds": seconds,
+        rows.append({"task": task, "row": f"CoFi {target}", "model": pruned, "train_seconds": _seconds(pruned, seconds),
                      **evaluate(pruned, files["test"], f"{pruned}.eval.log")})
         rows += _other_precisions(task, target, pruned, files["test"])
     return rows
@@ -182,7 +190,8 @@ def bench_embedding(out: str, minilm: str) -> list[dict]:
             seconds = run(["prune", "--task", "embedding", "--teacher", minilm, "--out", pruned, "--quiet", *PRUNE,
                            "--max-length", str(MAX_LENGTH["embedding"]), "--target-sparsity", str(target)],
                           f"{pruned}.log")
-        rows.append({"task": "embedding", "row": f"CoFi {target}", "model": pruned, "train_seconds": seconds,
+        rows.append({"task": "embedding", "row": f"CoFi {target}", "model": pruned,
+                     "train_seconds": _seconds(pruned, seconds),
                      **evaluate(pruned, None, f"{pruned}.eval.log")})
         rows += _other_precisions("embedding", target, pruned, None)
     return rows
@@ -239,7 +248,7 @@ def bench_sts(out: str, minilm: str) -> list[dict]:
 def _metric_text(r: dict) -> str:
     if r["task"] == "embedding":
         return f"cosine {r['cosine_to_teacher']:.4f}, retrieval {100 * r['retrieval_accuracy']:.2f}%"
-    if r["task"] == "qa":
+    if r["task"] == "question_answering":
         return f"F1 {r['f1']:.2f}, EM {r['exact_match']:.2f}"
     return f"entity F1 {100 * r['f1']:.2f} (P {100 * r['precision']:.2f}, R {100 * r['recall']:.2f})"
 
