@@ -34,8 +34,8 @@ import time
 from cofi_kernels import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SIZES = {"ner": (4000, 500, 1000), "qa": (3000, 300, 1000)}  # train, validation, held-out test
-MAX_LENGTH = {"ner": 64, "qa": 192, "embedding": cli.DEMO_MAX_LENGTH}
+SIZES = {"ner": (4000, 500, 1000), "qa": (1500, 200, 500)}  # train, validation, held-out test
+MAX_LENGTH = {"ner": 64, "qa": 160, "embedding": cli.DEMO_MAX_LENGTH}
 FINETUNE = ["--epochs", "2", "--lr", "1e-4", "--batch-size", "32", "--eval-every", "40"]
 # The demo's CoFi schedule (cofi_kernels.cli.DEMO_PRUNE) at each target.
 PRUNE = [f"--{k.replace('_', '-')}={v}" for k, v in cli.DEMO_PRUNE.items() if k != "target_sparsity"]
@@ -137,7 +137,7 @@ def _seconds(directory: str, measured: float | None) -> float | None:
 
 def bench_supervised(out: str, task: str, minilm: str) -> list[dict]:
     files = prepare(out, task)
-    extra = ["--max-length", str(MAX_LENGTH[task])] + (["--doc-stride", "64"] if task == "qa" else [])
+    extra = ["--max-length", str(MAX_LENGTH[task])] + (["--doc-stride", "48"] if task == "qa" else [])
     data = ["--data", files["train"], "--eval-data", files["eval"]]
     teacher = os.path.join(out, f"{task}-teacher")
     rows = []
