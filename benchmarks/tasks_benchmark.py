@@ -275,7 +275,7 @@ def main() -> int:
     p.add_argument("--tasks", default="ner,qa,embedding")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    minilm = cli.default_model_dir()
+    minilm = str(cli.default_model_dir())
     rows = []
     for task in args.tasks.split(","):
         if task == "sts":
