@@ -434,15 +434,23 @@ class _Refused(Exception):
     """A JSON value the reader refuses; raised by the json hooks, given its line by :func:`_json_line`."""
 
 
-def _read_jsonl(where: str, text: str, labelled: bool = True) -> list[tuple]:
-    """``(line, text, text_pair or None, label or None)`` per non-blank line of a decoded JSONL file."""
-    rows = []
+def json_records(where: str, text: str, expected: str = "a JSON object"):
+    """``(line number, object)`` per non-blank line of a decoded JSONL file, read with the strict rules
+    of :func:`_json_line`; ``DataError`` naming the line for one that is not a JSON object
+    (``expected`` says what a line should be). Lines end at ``\\n``, ``\\r`` or ``\\r\\n`` only."""
     for line_no, line in enumerate(io.StringIO(text, newline=""), 1):
         if not line.strip():
             continue
         obj = _json_line(where, line_no, line)
         if not isinstance(obj, dict):
-            raise DataError(f"{where}:{line_no}: each line must be a JSON object, got {type(obj).__name__}")
+            raise DataError(f"{where}:{line_no}: each line must be {expected}, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def _read_jsonl(where: str, text: str, labelled: bool = True) -> list[tuple]:
+    """``(line, text, text_pair or None, label or None)`` per non-blank line of a decoded JSONL file."""
+    rows = []
+    for line_no, obj in json_records(where, text):
         _require_columns(where, obj.keys(), line_no, labelled)
         rows.append((line_no, obj["text"], obj.get("text_pair"), obj.get("label")))
     return rows

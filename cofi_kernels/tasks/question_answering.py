@@ -39,6 +39,7 @@ from ..data.text import (
     _read_bytes,
     _Refused,
     _shown,
+    json_records,
 )
 from .base import Features, Task, reduce_examples
 
@@ -101,19 +102,17 @@ class QADataset:
             yield [self.ids[i], self.questions[i], self.contexts[i], self.answers[i]]
 
 
-def _load_json(where: str, text: str, line_no: int | None = None):
-    """``text`` parsed as JSON with the strict rules of the text reader (no repeated keys, no NaN)."""
-    at = "" if line_no is None else f":{line_no}"
+def _load_json(where: str, text: str):
+    """A whole SQuAD JSON file parsed with the strict rules of the text reader (no repeated keys, no NaN)."""
     try:
         return json.loads(text, object_pairs_hook=_json_object, parse_constant=_json_constant,
                           parse_float=_json_float, parse_int=_json_int)
     except json.JSONDecodeError as e:
-        pos = f"column {e.colno}" if line_no is not None else f"line {e.lineno} column {e.colno}"
-        raise DataError(f"{where}{at}: not valid JSON ({e.msg} at {pos}); fix the file") from None
+        raise DataError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix the file") from None
     except _Refused as e:
-        raise DataError(f"{where}{at}: {e}") from None
+        raise DataError(f"{where}: {e}") from None
     except RecursionError:
-        raise DataError(f"{where}{at}: JSON nested too deeply to read") from None
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
 
 
 def _is_int(x) -> bool:
@@ -205,13 +204,8 @@ def _read_squad(path: str, where: str, obj, labelled: bool) -> QADataset:
 
 def _read_jsonl(path: str, where: str, text: str, labelled: bool) -> QADataset:
     ids, questions, contexts, answers = [], [], [], []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = _load_json(where, line, line_no)
+    for line_no, rec in json_records(where, text, "a JSON object with 'question', 'context' and 'answers'"):
         at = f"{where}:{line_no}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{at}: each line must be a JSON object with 'question', 'context' and 'answers'")
         qid = rec.get("id", line_no)
         if not ((_is_int(qid) or isinstance(qid, str)) and str(qid)):
             raise DataError(f"{at}: 'id' must be a non-empty string or an integer")

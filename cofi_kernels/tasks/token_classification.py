@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.paths import check_input_file
-from ..data.text import DataError, _decode, _json_line, _quote, _read_bytes, _shown
+from ..data.text import DataError, _decode, _quote, _read_bytes, _shown, json_records
 from .base import Features, Task, reduce_examples
 from .classification import model_outputs
 
@@ -184,12 +184,7 @@ def _check_tags(where: str, line: int, tags, n_words: int) -> list[str]:
 
 def _read_jsonl(where: str, text: str, labelled: bool) -> TokenDataset:
     tokens, tags, raw, lines = [], [] if labelled else None, [], []
-    for line_no, line in enumerate(io.StringIO(text, newline=""), 1):
-        if not line.strip():
-            continue
-        obj = _json_line(where, line_no, line)
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}:{line_no}: each line must be a JSON object, got {type(obj).__name__}")
+    for line_no, obj in json_records(where, text):
         if "tokens" in obj:
             words = _check_words(where, line_no, obj["tokens"])
             raw_text = None
