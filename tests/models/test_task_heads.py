@@ -22,7 +22,7 @@ import cofi_kernels
 from cofi_kernels.models import arch
 from cofi_kernels.models.builder import KeptLayer, build_pruned_model
 from cofi_kernels.models.pruned_model import CONFIG_NAME, PrunedModel
-from tests.cofi_model_ref import cofi_reference_forward, random_gates
+from tests.cofi_model_ref import cofi_reference_forward, random_gates, randomized
 from tests.compare import FP32_TOL, rel_err
 from tests.models.test_builder import D, H, I, L, _random_structure
 
@@ -46,17 +46,7 @@ def hf_model(kind: str, task: str, *, layers=L, seed=0):
         max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu", pad_token_id=1 if kind == "roberta" else 0,
         num_labels=2 if task == "question_answering" else NUM_LABELS, attn_implementation="eager",
     )
-    model = getattr(tf, prefix + suffix)(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("LayerNorm.weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return randomized(getattr(tf, prefix + suffix)(cfg), seed)
 
 
 def batch(model_or_cfg, batch_size=5, seq=11, lengths=None):
