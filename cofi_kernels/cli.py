@@ -293,22 +293,27 @@ def evaluate_dir(model_dir: str, data, *, batch_size: int = 32, device: str = "c
     with torch.inference_mode():
         metrics = evaluate(model, enc, spec, batch_size=batch_size, device=device)
         speed = throughput(model, enc, batch_size=batch_size, repeats=repeats, device=device, task=handler)
+    from .training.model_io import weight_mask_counts
+
     target = None
     if kind == "pruned":
         sparsity, encoder, target = model.sparsity, model.encoder_size, model.target_sparsity
+        dense = model.config["original_size"]
     else:
         from .models.arch import encoder_dims
         from .models.size import dense_encoder_size
-        from .training.model_io import weight_mask_counts
 
         d = encoder_dims(model.config)
         sparsity = 0.0
-        encoder = dense_encoder_size(d.num_layers, d.num_heads, d.head_dim, d.intermediate_size, d.hidden_size)
-        counts = weight_mask_counts(model_dir)  # unstructured masks (smp), applied when the model was loaded
-        if counts is not None:
-            kind, dense = "masked", encoder
-            encoder -= counts[1] - counts[0]
-            sparsity = 1.0 - encoder / dense
+        encoder = dense = dense_encoder_size(d.num_layers, d.num_heads, d.head_dim, d.intermediate_size,
+                                             d.hidden_size)
+    # Unstructured masks (smp): zeros in the saved weights (a full-shaped PrunedModel), or applied to a
+    # dense Hugging Face model when it was loaded (directories of earlier versions).
+    counts = weight_mask_counts(model_dir)
+    if counts is not None:
+        kind = "masked"
+        encoder -= counts[1] - counts[0]
+        sparsity = 1.0 - encoder / dense
     return {
         "model": model_dir,
         "kind": kind,

@@ -145,14 +145,20 @@ def cofi_reference_forward(model, z, input_ids, attention_mask=None, token_type_
 
 
 @torch.no_grad()
-def cofi_reference_logits(model, z, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+def cofi_reference_logits(model, z, input_ids, attention_mask=None, token_type_ids=None, *,
+                          pooling: str = "cls") -> torch.Tensor:
     """Logits ``[B, num_labels]`` of a ``Bert/RobertaForSequenceClassification`` under gates ``z``.
 
-    BERT: ``classifier(tanh(pooler.dense(h[:, 0])))``; RoBERTa:
-    ``out_proj(tanh(dense(h[:, 0])))``; no dropout.
+    BERT: ``classifier(tanh(pooler.dense(x)))``; RoBERTa: ``out_proj(tanh(dense(x)))``; no
+    dropout; ``x`` is ``h[:, 0]`` (``pooling="cls"``) or each sequence's mean over its real
+    tokens, taken one sequence at a time (``"mean"``).
     """
     h = cofi_reference_forward(model, z, input_ids, attention_mask, token_type_ids)
-    cls = h[:, 0]
+    if pooling == "cls":
+        cls = h[:, 0]
+    else:
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        cls = torch.stack([h[b, real[b].bool()].mean(0) for b in range(h.shape[0])])
     if model_kind(model) == "bert":
         pooler = model.bert.pooler.dense
         pooled = torch.tanh(F.linear(cls, pooler.weight, pooler.bias))

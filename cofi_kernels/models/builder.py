@@ -53,7 +53,7 @@ import torch
 
 from ..modules.gated import head_rows
 from .arch import encoder_dims, supported_model
-from .pruned_model import FORMAT, FORMAT_VERSION, POOLINGS, TOKEN_TASKS, PrunedModel
+from .pruned_model import CLASSIFIER_POOLINGS, FORMAT, FORMAT_VERSION, POOLINGS, TOKEN_TASKS, PrunedModel
 from .size import dense_encoder_size
 
 __all__ = ["KeptLayer", "build_pruned_model"]
@@ -134,6 +134,7 @@ def build_pruned_model(
     hidden_scale: Scale | None = None,
     *,
     embedding: dict | None = None,
+    pooling: str = "cls",
 ) -> PrunedModel:
     """Cut and fold a BERT/RoBERTa model into a :class:`PrunedModel` (see the module docstring).
 
@@ -149,6 +150,9 @@ def build_pruned_model(
         embedding: for a bare encoder only: ``{"pooling": "mean" | "cls" | "max",
             "normalize": bool}`` makes a sentence-embedding model (task ``"embedding"``, see
             :meth:`PrunedModel.forward`); None (default) keeps task ``"base"``.
+        pooling: for a sequence classifier only: what its head reads, ``"cls"`` (default: the
+            first token, as the Hugging Face model's head) or ``"mean"`` (the mean of the last
+            hidden state over the real tokens; config ``"pooling": "mean"``).
 
     Returns:
         A :class:`PrunedModel` in eval mode, on the CPU, in the model's dtype,
@@ -164,6 +168,11 @@ def build_pruned_model(
     arch, task, enc = supported_model(model)
     if embedding is not None:
         _check_embedding(where, embedding, task)
+    if pooling not in CLASSIFIER_POOLINGS:
+        raise ValueError(f"{where}: pooling must be one of {', '.join(map(repr, CLASSIFIER_POOLINGS))}, "
+                         f"got {pooling!r}")
+    if pooling != "cls" and task != "sequence_classification":
+        raise ValueError(f"{where}: pooling= is for a sequence classifier, got a model with task {task!r}")
     cfg = enc.config
     dims = encoder_dims(cfg)
     L, H, dh, I, D = dims.num_layers, dims.num_heads, dims.head_dim, dims.intermediate_size, dims.hidden_size
@@ -222,6 +231,8 @@ def build_pruned_model(
         config["num_labels"] = int(tensors["head.out_bias"].shape[0])
     if embedding is not None:
         config.update(task="embedding", pooling=embedding["pooling"], normalize=embedding["normalize"])
+    if pooling == "mean":
+        config["pooling"] = "mean"
     with torch.device("meta"):  # no initialisation: every tensor is assigned next
         pruned = PrunedModel(config)
     state = {k: v.to(dtype).contiguous() for k, v in tensors.items()}

@@ -38,6 +38,8 @@ WEIGHTS_NAME = "model.safetensors"
 TOKEN_TASKS = ("token_classification", "question_answering")  # a TokenHead on every token
 TASKS = ("base", "sequence_classification") + TOKEN_TASKS + ("embedding",)
 POOLINGS = ("mean", "cls", "max")  # an embedding model's pooling of the last hidden state
+# What a sequence classifier's head reads (config "pooling"; absent: "cls", the first token).
+CLASSIFIER_POOLINGS = ("cls", "mean")
 
 _REQUIRED_KEYS = (
     "format",
@@ -66,7 +68,8 @@ class PrunedModel(nn.Module):
 
     Its task (config ``"task"``) says what :meth:`forward` returns: ``"base"`` the last
     hidden state ``[B, T, d]``; ``"sequence_classification"`` logits ``[B, num_labels]``
-    from the first token; ``"token_classification"`` logits ``[B, T, num_labels]`` for
+    from the first token (or, with config ``"pooling": "mean"``, from the mean of the last
+    hidden state over the real tokens); ``"token_classification"`` logits ``[B, T, num_labels]`` for
     every token; ``"question_answering"`` ``[B, T, 2]`` (start logits ``[..., 0]``, end
     logits ``[..., 1]``); ``"embedding"`` a pooled sentence embedding ``[B, D]`` (config
     ``"pooling"``: ``"mean"``, ``"cls"`` or ``"max"``; ``"normalize"``: L2-normalised or not).
@@ -183,7 +186,9 @@ class PrunedModel(nn.Module):
                 *, backend: str = "auto"):
         """The task's output (arguments as :meth:`encode`), by config ``"task"``:
 
-        - ``"sequence_classification"``: logits ``[B, num_labels]`` from the first token;
+        - ``"sequence_classification"``: logits ``[B, num_labels]`` from the first token, or with
+          config ``"pooling": "mean"`` from the last hidden state's mean over the real tokens
+          (pooled as an embedding's ``"mean"``, then the head in the model's dtype);
         - ``"token_classification"``: logits ``[B, T, num_labels]``, the token head on every
           position's last hidden state;
         - ``"question_answering"``: ``[B, T, 2]``, start logits in ``[..., 0]``, end logits in
@@ -219,7 +224,7 @@ class PrunedModel(nn.Module):
         - ``"auto"`` (default): the engine when :meth:`engine_applies`, else the reference.
         """
         B, T = self._check_inputs(input_ids, attention_mask, token_type_ids)
-        if self.config["task"] in TOKEN_TASKS or self.config["task"] == "embedding":
+        if self.config["task"] in TOKEN_TASKS or self.config["task"] == "embedding" or self.mean_pooled_head:
             return self._task_forward(input_ids, attention_mask, token_type_ids, output_hidden_states, backend, B, T)
         if self.head is not None and self._use_engine(backend, attention_mask, output_hidden_states):
             packed = self._pack(input_ids, attention_mask, token_type_ids)
@@ -231,9 +236,15 @@ class PrunedModel(nn.Module):
         out = h if self.head is None else self.head(h)
         return (out, per_layer) if output_hidden_states else out
 
+    @property
+    def mean_pooled_head(self) -> bool:
+        """True for a sequence classifier whose head reads the mean over the real tokens."""
+        return self.config["task"] == "sequence_classification" and self.config.get("pooling", "cls") == "mean"
+
     def _task_forward(self, input_ids, attention_mask, token_type_ids, output_hidden_states, backend, B, T):
-        """:meth:`forward` of the token tasks and of embeddings."""
+        """:meth:`forward` of the token tasks, of embeddings and of mean-pooled classifiers."""
         embedding = self.config["task"] == "embedding"
+        classify = self.mean_pooled_head
         if self._use_engine(backend, attention_mask, output_hidden_states):
             packed = self._pack(input_ids, attention_mask, token_type_ids)
             if embedding and self.config["pooling"] == "cls":
@@ -241,13 +252,20 @@ class PrunedModel(nn.Module):
             h = self._run_packed(packed, first_only=False)
             if embedding:
                 return self._embed(self._pool_packed(h, packed, B, T))
+            if classify:
+                return self.head.classify(self._pool_packed(h, packed, B, T).to(h.dtype))
             logits = self.head(h)
             out = logits.new_zeros(B * T, logits.shape[-1])
             out[packed.rows] = logits
             return out.view(B, T, -1)
         h, per_layer = self.encode(input_ids, attention_mask, token_type_ids, output_hidden_states=True,
                                    backend="reference")
-        out = self._embed(self._pool(h, attention_mask)) if embedding else self.head(h)
+        if embedding:
+            out = self._embed(self._pool(h, attention_mask))
+        elif classify:
+            out = self.head.classify(self._pool(h, attention_mask).to(h.dtype))
+        else:
+            out = self.head(h)
         return (out, per_layer) if output_hidden_states else out
 
     def _pool(self, h: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -481,7 +499,8 @@ class PrunedModel(nn.Module):
         """A readable multi-line description: shapes per layer, sizes and sparsity."""
         c = self.config
         task = {
-            "sequence_classification": f"sequence classification ({c['num_labels']} labels)",
+            "sequence_classification": f"sequence classification ({c['num_labels']} labels"
+                                       f"{', mean pooling' if c.get('pooling') == 'mean' else ''})",
             "token_classification": f"token classification ({c['num_labels']} labels)",
             "question_answering": "question answering (start/end logits)",
             "embedding": f"sentence embedding ({c.get('pooling')} pooling"
@@ -722,6 +741,9 @@ def _validate_config(cfg, path):
             raise ValueError(f"{path}: 'num_labels' must be a positive integer up to {MAX_CONFIG_SIZE:,}, got {n!r}")
         if cfg["task"] == "question_answering" and n != 2:
             raise ValueError(f"{path}: 'num_labels' of a question-answering model must be 2 (start, end), got {n!r}")
+    if cfg["task"] == "sequence_classification" and cfg.get("pooling", "cls") not in CLASSIFIER_POOLINGS:
+        raise ValueError(f"{path}: 'pooling' of a sequence classifier must be one of "
+                         f"{', '.join(map(repr, CLASSIFIER_POOLINGS))} (absent: 'cls'), got {cfg.get('pooling')!r}")
     if cfg["task"] == "embedding":
         if cfg.get("pooling") not in POOLINGS:
             raise ValueError(f"{path}: 'pooling' of an embedding model must be one of "

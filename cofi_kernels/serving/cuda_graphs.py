@@ -180,9 +180,11 @@ class GraphedPrunedModel:
                  warmup: int = 2):
         if not isinstance(model, PrunedModel):
             raise TypeError(f"GraphedPrunedModel: model must be a PrunedModel, got {type(model).__name__}")
-        if model.config["task"] not in GRAPHED_TASKS:
-            raise ValueError(f"GraphedPrunedModel: a {model.config['task']} model is not captured yet (graphs are "
-                             f"built for {' and '.join(GRAPHED_TASKS)} models); serve it without cuda_graphs")
+        if model.config["task"] not in GRAPHED_TASKS or model.mean_pooled_head:
+            what = "mean-pooled sequence_classification" if model.mean_pooled_head else model.config["task"]
+            raise ValueError(f"GraphedPrunedModel: a {what} model is not captured yet (graphs are built for "
+                             f"{' and '.join(GRAPHED_TASKS)} models reading the first token); serve it without "
+                             "cuda_graphs")
         p = model.embeddings.word_embeddings
         if p.device.type != "cuda":
             raise ValueError(f"GraphedPrunedModel: model must be on a CUDA device (CUDA graphs replay GPU work), "

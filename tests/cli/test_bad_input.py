@@ -615,7 +615,12 @@ CASES = [
     *[Case(f"smp-remaining-{v}", lambda c, v=v: smp(c, "--remaining", v), r"--remaining.*(\(0, 1\)|number)")
       for v in ("0", "1", "1.5", "nan")],
     Case("smp-schedule-longer-than-run", lambda c: smp(c, "--schedule-epochs", "2"),
-         r"prune: schedule_epochs must be in \(0, epochs = 1.0\], got 2.0"),
+         r"prune: schedule_epochs must be in \(0, epochs - head_warmup_epochs = 0.5\], got 2.0"),
+    Case("smp-warmup-as-long-as-run", lambda c: smp(c, "--head-warmup-epochs", "1"),
+         r"prune: head_warmup_epochs must be in \[0, epochs = 1.0\), got 1.0"),
+    Case("smp-pooling", lambda c: smp(c, "--pooling", "max"), r"prune: pooling must be one of mean, cls, got 'max'"),
+    Case("smp-score-init", lambda c: smp(c, "--score-init", "ones"),
+         r"prune: score_init must be one of magnitude, zero, got 'ones'"),
     Case("smp-lr-0", lambda c: smp(c, "--lr", "0"), r"prune: lr must be > 0, got 0.0"),
     Case("smp-lambda-negative", lambda c: smp(c, "--lambda-max", "-1"), r"prune: lambda_max must be >= 0"),
     Case("smp-max-length", lambda c: smp(c, "--max-length", "100"),

@@ -31,15 +31,27 @@ from tests.training_support import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# 48 examples, batch 8: 6 steps an epoch; the schedule reaches v_f after 6 steps, the run ends after 12.
-FAST_SMP = dict(remaining=0.3, epochs=2.0, schedule_epochs=1.0, batch_size=8, max_length=16, checkpoint_every=3,
-                eval_every=2, lr=5e-2, head_lr=1e-2, lambda_max=2.0)
+# 48 examples, batch 8: 6 steps an epoch; the head alone trains 3 steps, the schedule reaches v_f 6 steps
+# later, the run ends after 12.
+FAST_SMP = dict(remaining=0.3, epochs=2.0, schedule_epochs=1.0, head_warmup_epochs=0.5, batch_size=8, max_length=16,
+                checkpoint_every=3, eval_every=2, lr=5e-2, head_lr=1e-2, lambda_max=2.0)
 LABELS = LabelSpace.from_labels(["money", "music", "sport"])
 
 
-def _masked(base_dir, structured: bool) -> sc.MaskedClassifier:
+def _masked(base_dir, structured: bool, pooling: str = "cls") -> sc.MaskedClassifier:
     model = model_io.load_task_model(base_dir, LABELS)
-    return sc.MaskedClassifier(model, structured=structured)
+    return sc.MaskedClassifier(model, structured=structured, pooling=pooling)
+
+
+def _head_logits(masked: sc.MaskedClassifier, out, mask) -> torch.Tensor:
+    """The logits the masked classifier's head computes from a Hugging Face output (computed with
+    ``output_hidden_states``): the model's own (``"cls"``), or ``out(tanh(dense(·)))`` of each sequence's
+    mean over its real tokens, one sequence at a time (``"mean"``)."""
+    if masked.pooling == "cls":
+        return out.logits
+    h = out.hidden_states[-1]
+    pooled = torch.stack([h[b, mask[b].bool()].mean(0) for b in range(h.shape[0])])
+    return masked.head_out(torch.tanh(masked.head_dense(pooled)))
 
 
 def _random_scores(masked: sc.MaskedClassifier) -> None:
@@ -91,9 +103,10 @@ def test_kept_count_rounds_half_up_without_float_trouble():
 
 
 @pytest.mark.parametrize("structured", [False, True])
-def test_straight_through_gradient_is_the_masked_products_gradient_times_w(base_dir, structured):
+@pytest.mark.parametrize("pooling", sc.POOLINGS)
+def test_straight_through_gradient_is_the_masked_products_gradient_times_w(base_dir, structured, pooling):
     """∂L/∂S = (∂L/∂W') ⊙ W, with ∂L/∂W' from autograd of the model run on W' = M ⊙ W as leaves."""
-    masked = _masked(base_dir, structured)
+    masked = _masked(base_dir, structured, pooling)
     _random_scores(masked)
     masked.remaining = 0.4
     masked.eval()  # no dropout: both passes see the same function
@@ -103,13 +116,33 @@ def test_straight_through_gradient_is_the_masked_products_gradient_times_w(base_
     masks = masked.masks()
     leaves = {t.name: (m * w).detach().requires_grad_(True)
               for t, m, w in zip(masked.targets, masks, masked.weights())}
-    out = torch.func.functional_call(masked.model, leaves, args=(), kwargs=b).logits
-    (out * upstream).sum().backward()
+    out = torch.func.functional_call(masked.model, leaves, args=(), kwargs={**b, "output_hidden_states": True})
+    (_head_logits(masked, out, b["attention_mask"]) * upstream).sum().backward()
     for t, s, w in zip(masked.targets, masked.scores, masked.weights()):
         want = leaves[t.name].grad * w
         assert want.abs().max() > 0, t.name  # the comparison has something to compare
         torch.testing.assert_close(s.grad, want, rtol=1e-5, atol=1e-8, msg=t.name)
         assert w.grad is None
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_scores_start_at_each_matrix_magnitude_or_at_zero(base_dir, structured):
+    """"magnitude": S = |W| / mean |W| per matrix, so the first unstructured masks are magnitude pruning's;
+    "zero": every entry tied, so a top-v keeps the lowest indices (what the magnitude start avoids)."""
+    model = model_io.load_task_model(base_dir, LABELS)
+    masked = sc.MaskedClassifier(model, structured=structured, score_init="magnitude")
+    for s, w in zip(masked.scores, masked.weights()):
+        torch.testing.assert_close(s.detach(), w.abs() / w.abs().mean(), rtol=1e-6, atol=0)
+        assert s.requires_grad and not torch.equal(s, torch.zeros_like(s))
+    if not structured:
+        for m, w in zip(masked.masks(0.3), masked.weights()):
+            assert torch.equal(m, sc.top_count_mask(w.abs(), sc.kept_count(0.3, w.numel())))
+    zero = sc.MaskedClassifier(model_io.load_task_model(base_dir, LABELS), structured=structured, score_init="zero")
+    assert all(not s.detach().any() for s in zero.scores)
+    first = zero.masks(0.5)[0].reshape(-1)
+    assert bool(first[: int(first.sum())].all())  # the tie keeps the first entries (or first heads' rows)
+    with pytest.raises(ValueError, match="score_init must be one of magnitude, zero, got 'ones'"):
+        sc.MaskedClassifier(model, structured=structured, score_init="ones")
 
 
 def test_straight_through_function_alone():
@@ -162,14 +195,47 @@ def test_the_run_masks_every_step_at_its_scheduled_count(tmp_path, monkeypatch, 
     plan = sl.SMPPlan(cfg, len(toy[0]))
     assert len(seen) == plan.total
     masked = _masked(base_dir, structured)
+    assert plan.warmup == 3 and plan.final_from == 9
     for step, (v, counts) in enumerate(seen):
-        assert v == sc.remaining_fraction(step, cfg.remaining, plan.schedule_steps)
+        want = 1.0 if step < 3 else sc.remaining_fraction(step - 3, cfg.remaining, plan.schedule_steps)
+        assert v == want
         _random_scores(masked)
         assert counts == [int(m.sum()) for m in masked.masks(v)], step  # counts depend on v only
     steps = [r for r in read_log(str(tmp_path / "run")) if r["event"] == "step"]
     assert [r["remaining"] for r in steps] == [v for v, _ in seen]
-    assert [r["lambda"] for r in steps] == [sc.regulariser_weight(t, cfg.lambda_max, plan.total)
-                                           for t in range(plan.total)]
+    assert [r["lambda"] for r in steps] == [0.0] * 3 + [sc.regulariser_weight(t, cfg.lambda_max, plan.total - 3)
+                                                       for t in range(plan.total - 3)]
+
+
+def test_the_head_warms_up_alone_then_the_scores_train(base_dir, toy):
+    """During the warm-up the scores stay 0 (no gradient reaches Adam) and v is 1; the head trains from
+    step 0; the learning-rate factors decay to 0 at the end, the scores' from the warm-up's end."""
+    cfg = sl.SMPConfig(**FAST_SMP)
+    masked = _masked(base_dir, structured=False, pooling="mean")
+    plan = sl.SMPPlan(cfg, 48)
+    assert [plan.lr_factors(t) for t in (0, 2, 3, 11)] == [(0.0, 1.0), (0.0, 10 / 12), (1.0, 9 / 12), (1 / 9, 1 / 12)]
+    enc = Encoded(toy[0], LABELS, model_io.load_tokenizer(base_dir), 16)
+    hooks = sl._SMPRun(cfg, plan, stub_run(), masked, None, LABELS, enc, enc, torch.device("cpu"))
+    head = [p.detach().clone() for p in masked.head_parameters()]
+    for step in range(4):
+        index = list(range(step * 8, step * 8 + 8))
+        rec = hooks.train_step("prune", step, enc.batch(index), one_process_part(enc, index, step))
+        moved = any(float(s.detach().abs().max()) > 0 for s in masked.scores)
+        assert moved == (step >= 3), step
+        assert rec["remaining"] == (1.0 if step < 3 else plan.remaining(step, cfg.remaining))
+        if step == 0:
+            assert all(not torch.equal(a, b) for a, b in zip(head, masked.head_parameters()))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"head_warmup_epochs": 2.0}, r"head_warmup_epochs must be in \[0, epochs = 2.0\), got 2.0"),
+    ({"head_warmup_epochs": 1.5}, r"schedule_epochs must be in \(0, epochs - head_warmup_epochs = 0.5\], got 1.0"),
+    ({"pooling": "max"}, r"pooling must be one of mean, cls, got 'max'"),
+    ({"score_init": "random"}, r"score_init must be one of magnitude, zero, got 'random'"),
+])
+def test_bad_settings_are_refused_naming_them(changes, match):
+    with pytest.raises(tr.RunError, match=match):
+        sl.check_smp_config(sl.SMPConfig(**{**FAST_SMP, **changes}))
 
 
 def test_schedules_start_and_end_where_the_formulas_say():
@@ -186,32 +252,46 @@ def test_schedules_start_and_end_where_the_formulas_say():
 
 
 def test_frozen_weights_are_bitwise_unchanged_and_scores_and_head_train(runs, base_dir):
+    """The unstructured output's weights are the pre-trained ones, times its masks where masked."""
     from safetensors.torch import load_file
 
     base = load_file(os.path.join(base_dir, "model.safetensors"))
-    saved = load_file(os.path.join(runs[False], "model.safetensors"))
-    encoder = {k: v for k, v in saved.items() if not k.startswith("classifier.")}
-    compared = 0
-    for k, v in encoder.items():
-        ref = base.get(k.removeprefix("bert."))
-        if ref is not None:
-            assert torch.equal(v, ref), k
-            compared += 1
-    assert compared == len(base)  # every pre-trained tensor is in the output, unchanged
-    # The head did train (it starts from a seeded random init) and the masks are not the all-first entries.
-    torch.manual_seed(FAST_SMP.get("seed", 0))
-    fresh = model_io.load_task_model(base_dir, LABELS)
-    assert not torch.equal(fresh.classifier.weight, saved["classifier.weight"])
+    saved = PrunedModel.from_pretrained(runs[False]).state_dict()
     masks = model_io.read_weight_masks(runs[False])
+    assert torch.equal(saved["embeddings.word_embeddings"], base["embeddings.word_embeddings.weight"])
+    compared = 0
+    for i in range(4):
+        pre = f"encoder.layer.{i}."
+        m = {k.removeprefix(f"bert.{pre}"): v for k, v in masks.items() if k.startswith(f"bert.{pre}")}
+        qkv = [base[pre + f"attention.self.{n}.weight"] * m[f"attention.self.{n}.weight"]
+               for n in ("query", "key", "value")]
+        pairs = [(f"layers.{i}.attention.qkv_weight", torch.cat(qkv)),
+                 (f"layers.{i}.attention.out_weight",
+                  base[pre + "attention.output.dense.weight"] * m["attention.output.dense.weight"]),
+                 (f"layers.{i}.ffn.in_weight", base[pre + "intermediate.dense.weight"] * m["intermediate.dense.weight"]),
+                 (f"layers.{i}.ffn.out_weight", base[pre + "output.dense.weight"] * m["output.dense.weight"]),
+                 (f"layers.{i}.attention.ln_weight", base[pre + "attention.output.LayerNorm.weight"]),
+                 (f"layers.{i}.ffn.ln_bias", base[pre + "output.LayerNorm.bias"])]
+        for name, want in pairs:
+            assert torch.equal(saved[name], want), name
+            compared += 1
+    assert compared == 24
+    # The head did train (dense from the pre-trained pooler, out from a seeded random init) and the masks
+    # are not the all-first entries.
+    assert not torch.equal(saved["head.dense_weight"], base["pooler.dense.weight"])
     m = masks["bert.encoder.layer.0.attention.self.query.weight"].reshape(-1)
     k = int(m.sum())
     assert not bool(m[:k].all())  # 0-scores would keep the first k entries (ties to the lower index)
+    w = base["encoder.layer.0.attention.self.query.weight"].reshape(-1)
+    assert not torch.equal(m, sc.top_count_mask(w.abs(), k))  # the scores moved from their magnitude start
 
 
 def test_in_memory_training_leaves_the_models_tensors_alone(base_dir, toy):
     """The model's own parameters (not just the saved file) are bitwise the same after steps."""
-    masked = _masked(base_dir, structured=False)
-    before = {k: v.clone() for k, v in masked.model.state_dict().items() if not k.startswith("classifier.")}
+    masked = _masked(base_dir, structured=False, pooling="mean")
+    head = {n for n, p in masked.model.named_parameters() if p.requires_grad}
+    assert head == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    before = {k: v.clone() for k, v in masked.model.state_dict().items() if k not in head}
     plan = sl.SMPPlan(sl.SMPConfig(**FAST_SMP), 48)
     enc = Encoded(toy[0], LABELS, model_io.load_tokenizer(base_dir), 16)
     hooks = sl._SMPRun(sl.SMPConfig(**FAST_SMP), plan, stub_run(), masked, None, LABELS, enc, enc,
@@ -226,23 +306,33 @@ def test_in_memory_training_leaves_the_models_tensors_alone(base_dir, toy):
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 @pytest.mark.parametrize("v", [0.5, 0.1])
-def test_structured_compaction_equals_the_masked_model(tmp_path, kind, v):
-    """Logits of the PrunedModel built from the kept heads and units equal the masked model's (≤ 1e-5);
-    v = 0.1 keeps 0 of 4 heads per layer (a sublayer of bias + LayerNorm)."""
+@pytest.mark.parametrize("pooling", sc.POOLINGS)
+@pytest.mark.parametrize("structured", [True, False])
+def test_the_output_model_equals_the_masked_model(tmp_path, kind, v, pooling, structured):
+    """Logits of the PrunedModel built from the kept heads and units (structured), or from every head
+    and unit with the masked weights zeroed (unstructured), equal the masked model's (≤ 1e-5); v = 0.1
+    keeps 0 of 4 heads per layer (a sublayer of bias + LayerNorm)."""
     from tests.training_support import tiny_bert_dir
 
     d = tiny_bert_dir(tmp_path / "m", seed=3, kind=kind)
-    masked = _masked(d, structured=True)
+    masked = _masked(d, structured=structured, pooling=pooling)
     _random_scores(masked)
     with torch.no_grad():
-        for p in masked.model.classifier.parameters():
+        for p in masked.head_parameters():
             p.normal_()
     masked.remaining = v
     masked.eval()
-    pruned = sl._compact(masked)
-    heads, units = masked.kept_units()
-    assert [s["heads"] for s in pruned.layer_shapes()] == heads.sum(1).tolist()
-    assert [s["ffn_width"] for s in pruned.layer_shapes()] == units.sum(1).tolist()
+    if structured:
+        pruned = sl._compact(masked)
+        heads, units = masked.kept_units()
+        assert [s["heads"] for s in pruned.layer_shapes()] == heads.sum(1).tolist()
+        assert [s["ffn_width"] for s in pruned.layer_shapes()] == units.sum(1).tolist()
+    else:
+        before = {k: t.clone() for k, t in masked.model.state_dict().items()}
+        pruned = sl._zeroed(masked, masked.masks())
+        assert all(torch.equal(before[k], t) for k, t in masked.model.state_dict().items())  # a copy was zeroed
+        assert pruned.sparsity == 0.0  # dense shapes
+    assert pruned.config.get("pooling", "cls") == pooling
     b = _batch(masked.model.config.vocab_size)
     with torch.no_grad():
         want = masked(**b).logits
@@ -250,8 +340,9 @@ def test_structured_compaction_equals_the_masked_model(tmp_path, kind, v):
             got = pruned(b["input_ids"], b["attention_mask"], b["token_type_ids"], backend=backend)
             assert (got - want).abs().max() <= 1e-5, backend
     # And the masked model is not the dense one (the comparison is not vacuous).
+    masked.remaining = 1.0
     with torch.no_grad():
-        dense = masked.model(**b).logits
+        dense = masked(**b).logits
     assert (dense - want).abs().max() > 1e-3
 
 
@@ -285,13 +376,10 @@ def test_unstructured_output_is_evaluated_with_its_masks(runs, toy, base_dir):
         assert int(m.sum()) == sc.kept_count(0.3, m.numel()) == run["kept_per_matrix"][name]
     kept = sum(int(m.sum()) for m in masks.values())
     assert run["sparsity"] == pytest.approx(1 - kept / sum(m.numel() for m in masks.values()))
-    # load_task_model applies them: the loaded weights are zero exactly where the masks are.
-    model = model_io.load_task_model(out)
-    params = dict(model.named_parameters())
-    for name, m in masks.items():
-        assert torch.equal(params[name] != 0, m), name
     result = cli.evaluate_dir(out, toy[1], repeats=1)
     assert result["kind"] == "masked"
+    model = PrunedModel.from_pretrained(out)  # a full-shaped PrunedModel: no speed-up
+    assert model.config["pooling"] == "mean" and model.sparsity == 0.0
     assert result["accuracy"] == pytest.approx(run["best"]["accuracy"])
     assert result["sparsity"] == pytest.approx(run["sparsity"])
     assert result["encoder_parameters"] == kept
@@ -370,7 +458,7 @@ def test_resume_refuses_another_structure(tmp_path, monkeypatch, base_dir, toy):
 
 def test_teacher_distillation_mixes_ce_and_kl(tmp_path, base_dir, teacher_dir, toy):
     out = str(tmp_path / "kd")
-    cfg = sl.SMPConfig(**{**FAST_SMP, "epochs": 0.5, "schedule_epochs": 0.5})
+    cfg = sl.SMPConfig(**{**FAST_SMP, "epochs": 0.5, "schedule_epochs": 0.5, "head_warmup_epochs": 0.0})
     sl.smp_prune(base_dir, *toy, out, cfg, structured=True, teacher_dir=teacher_dir, progress=False)
     steps = [r for r in read_log(out) if r["event"] == "step"]
     for r in steps:

@@ -11,21 +11,31 @@ fine-tuned teacher. Both learning rates decay linearly to 0 over the run (SMP tr
 Hugging Face trainer's default linear schedule).
 
 SMP reads its predictions from the frozen masked-LM head through label words. all-MiniLM-L6-v2
-(and any encoder saved without one) has no masked-LM head, so a linear classification head
-(``model.classifier``; RoBERTa: its dense + out_proj) is trained beside the scores instead; BERT's
-pre-trained pooler stays frozen.
+(and any encoder saved without one) has no masked-LM head, so a classification head
+``out(tanh(dense(x)))`` is trained beside the scores instead (BERT: its pooler dense and classifier;
+RoBERTa: its classifier's dense and out_proj). By default (``pooling="mean"``) ``x`` is the mean
+of the last hidden state over the real tokens, what a sentence-transformers model was trained
+for: with 90% of every matrix masked, the first token's state barely depends on the input (its
+per-dimension spread across BBC News articles is 0.0015 against 0.048 for the mean), and a head
+reading it stays at chance. ``pooling="cls"`` reads the first token through BERT's frozen
+pre-trained pooler and trains ``model.classifier`` only (the earlier behaviour).
 
-Output:
+Every ``ranking_every`` steps the log gets a ``ranking`` record: the share of the kept set at
+``v_f`` that the previous record's scores kept too, the scores' statistics, and the mean absolute
+gradient on the scores from the regulariser and from the task loss.
 
-- ``structured=True``: whole heads and FFN units are kept per layer; the result is a
-  :class:`~cofi_kernels.models.pruned_model.PrunedModel` built by the generic builder, whose logits
-  equal the masked model's, plus ``shapes.png`` and ``smp_structure.safetensors`` (head and unit
-  scores, kept masks). Hidden dims are not pruned.
-- ``structured=False``: per-matrix masks, saved as packed bits
-  (:data:`~cofi_kernels.training.model_io.MASKS_FILE`) beside the dense classifier, whose
-  weights are the unchanged pre-trained ones; ``cofi eval`` / ``cofi predict`` apply the masks
-  when they load it. Unstructured zeros give no speed-up on dense hardware: the matrices keep
-  their shapes.
+Output: a :class:`~cofi_kernels.models.pruned_model.PrunedModel` (with the run's head and pooling)
+in both cases, whose logits equal the masked model's.
+
+- ``structured=True``: whole heads and FFN units are kept per layer, cut by the generic builder,
+  plus ``shapes.png`` and ``smp_structure.safetensors`` (head and unit scores, kept masks).
+  Hidden dims are not pruned.
+- ``structured=False``: every head and unit kept, each masked weight ``M ⊙ W`` (zeros where
+  pruned; the pre-trained values elsewhere), and the masks as packed bits
+  (:data:`~cofi_kernels.training.model_io.MASKS_FILE`), which ``cofi eval`` counts for the
+  realised sparsity. Unstructured zeros give no speed-up on dense hardware: the matrices keep
+  their shapes. (Directories of earlier versions, a dense Hugging Face classifier beside the
+  masks, still load: the masks are applied then.)
 
 Both also hold the tokenizer, ``cofi_task.json``, ``log.jsonl`` and ``run.json``. States are
 evaluated only once ``v`` has reached ``v_f``; the best of those is the output.
@@ -33,6 +43,7 @@ evaluated only once ``v`` has reached ``v_f``; the best of those is the output.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -73,7 +84,7 @@ from ...training.trainer import (
     run_fingerprint,
 )
 from ...training.teacher import TeacherCache
-from .scores import MaskedClassifier, kept_count, regulariser_weight, remaining_fraction
+from .scores import POOLINGS, SCORE_INITS, MaskedClassifier, kept_count, kept_overlap, regulariser_weight, remaining_fraction
 
 STRUCTURE_FILE = "smp_structure.safetensors"
 
@@ -89,6 +100,9 @@ class SMPConfig(RunSettings):
     epochs: float = setting(3.0, "the whole run (passes over the training data)")
     schedule_epochs: float = setting(2.0, "v falls from 1 to v_f (cubic) over this part of the run, then stays "
                                           "at v_f; only states at v_f are evaluated")
+    head_warmup_epochs: float = setting(0.5, "the classification head alone trains this first part of the run "
+                                             "(v = 1, scores frozen), so that the scores' first-order signal "
+                                             "comes from a head that separates the classes")
     lr: float = setting(2e-2, "AdamW learning rate of the scores (no weight decay; decays linearly to 0)")
     head_lr: float = setting(2e-3, "AdamW learning rate of the linear classification head (no weight decay; "
                                    "decays linearly to 0)")
@@ -98,6 +112,13 @@ class SMPConfig(RunSettings):
     alpha_distil: float = setting(0.5, "weight of KL(T) * T^2 against --teacher")
     eval_every: int = setting(0, "evaluate every N steps once v has reached v_f (0: twice per epoch), and at "
                                  "the end; the best evaluation's scores and head are the output")
+    score_init: str = setting("magnitude", "how the scores start: magnitude (|W| / mean |W| of each matrix: the "
+                                           "first masks are magnitude pruning's) or zero (all tied: the first "
+                                           "masks keep the lowest indices of every matrix)", choices=SCORE_INITS)
+    pooling: str = setting("mean", "what the classification head reads: mean (the mean of the last hidden state "
+                                   "over the real tokens, what a sentence-transformers model was trained for) or "
+                                   "cls (the first token, through BERT's frozen pre-trained pooler)",
+                           choices=POOLINGS)
 
 
 def check_smp_config(cfg: SMPConfig) -> None:
@@ -108,24 +129,53 @@ def check_smp_config(cfg: SMPConfig) -> None:
         raise RunError(f"prune: remaining must be in (0, 1) (e.g. 0.1 keeps 10%), got {v!r}")
     if not cfg.epochs > 0:
         raise RunError(f"prune: epochs must be > 0, got {cfg.epochs}")
-    if not 0 < cfg.schedule_epochs <= cfg.epochs:
-        raise RunError(f"prune: schedule_epochs must be in (0, epochs = {cfg.epochs}], got {cfg.schedule_epochs}")
+    if not 0 <= cfg.head_warmup_epochs < cfg.epochs:
+        raise RunError(f"prune: head_warmup_epochs must be in [0, epochs = {cfg.epochs}), got {cfg.head_warmup_epochs}")
+    room = cfg.epochs - cfg.head_warmup_epochs
+    if not 0 < cfg.schedule_epochs <= room + 1e-9:
+        raise RunError(f"prune: schedule_epochs must be in (0, epochs - head_warmup_epochs = {room:g}], "
+                       f"got {cfg.schedule_epochs}")
     for name in ("lr", "head_lr", "temperature"):
         if not getattr(cfg, name) > 0:
             raise RunError(f"prune: {name} must be > 0, got {getattr(cfg, name)}")
     for name in ("lambda_max", "alpha_ce", "alpha_distil"):
         if not getattr(cfg, name) >= 0:
             raise RunError(f"prune: {name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.score_init not in SCORE_INITS:
+        raise RunError(f"prune: score_init must be one of {', '.join(SCORE_INITS)}, got {cfg.score_init!r}")
+    if cfg.pooling not in POOLINGS:
+        raise RunError(f"prune: pooling must be one of {', '.join(POOLINGS)}, got {cfg.pooling!r}")
 
 
 class SMPPlan:
-    """Step counts of a run: ``total`` (T), ``schedule_steps`` (T_s <= T), evaluation interval."""
+    """Step counts of a run and its schedules: ``total`` steps, the first ``warmup`` of which train the
+    head alone (v = 1, the scores frozen), then the cubic fall of v over ``schedule_steps`` (T_s), v_f
+    from step ``final_from`` on; the evaluation interval, and the interval of the ``ranking`` log
+    records (ten per epoch)."""
 
     def __init__(self, cfg: SMPConfig, n: int):
         spe = steps_per_epoch(n, cfg.batch_size)
         self.total = max(1, math.ceil(cfg.epochs * spe))
-        self.schedule_steps = min(self.total, max(1, math.ceil(cfg.schedule_epochs * spe)))
+        self.warmup = min(self.total - 1, math.ceil(cfg.head_warmup_epochs * spe))
+        self.schedule_steps = min(self.total - self.warmup, max(1, math.ceil(cfg.schedule_epochs * spe)))
+        self.final_from = self.warmup + self.schedule_steps
         self.eval_every = cfg.eval_every or max(1, spe // 2)
+        self.ranking_every = max(1, spe // 10)
+
+    def remaining(self, step: int, final: float) -> float:
+        """v at ``step``: 1 during the head's warm-up, then :func:`remaining_fraction`."""
+        return 1.0 if step < self.warmup else remaining_fraction(step - self.warmup, final, self.schedule_steps)
+
+    def regulariser_weight(self, step: int, lambda_max: float) -> float:
+        """λ at ``step``: 0 during the head's warm-up, then :func:`regulariser_weight` over the rest."""
+        return 0.0 if step < self.warmup else regulariser_weight(step - self.warmup, lambda_max,
+                                                                  self.total - self.warmup)
+
+    def lr_factors(self, step: int) -> tuple[float, float]:
+        """(scores, head) learning-rate factors at ``step``: each decays linearly to 0 at the end of the
+        run, the head's over the whole run, the scores' from the end of the warm-up (0 before)."""
+        scores = 0.0 if step < self.warmup else (self.total - step) / (self.total - self.warmup)
+        return scores, (self.total - step) / self.total
 
 
 def smp_prune(
@@ -196,7 +246,7 @@ def smp_prune(
                            f"{TASK_FILE} lists {labels.num_labels}")
     torch.manual_seed(cfg.seed)  # the new classification head
     model = load_task_model(model_dir, labels).to(device)
-    masked = MaskedClassifier(model, structured=structured)
+    masked = MaskedClassifier(model, structured=structured, pooling=cfg.pooling, score_init=cfg.score_init)
 
     plan = SMPPlan(cfg, len(train_enc))
     hooks = _SMPRun(cfg, plan, run, masked, teacher, labels, train_enc, eval_enc, device)
@@ -228,9 +278,10 @@ def smp_prune(
                        layer_shapes=pruned.layer_shapes())
     else:
         masks = masked.masks(cfg.remaining)
+        pruned = _zeroed(masked, masks)
 
         def write():
-            model.save_pretrained(run.out)
+            pruned.save_pretrained(run.out)
             write_task(run.out, labels, cfg.max_length, "masked")
             write_weight_masks(os.path.join(run.out, MASKS_FILE), {t.name: m for t, m in zip(masked.targets, masks)})
             tokenizer.save_pretrained(run.out)
@@ -269,7 +320,19 @@ def _compact(masked: MaskedClassifier):
     attention output bias and LayerNorm, as the masked model does)."""
     heads, units = masked.kept_units()
     layers = [KeptLayer(heads=h.nonzero().flatten(), units=u.nonzero().flatten()) for h, u in zip(heads, units)]
-    return build_pruned_model(masked.model, layers)
+    return build_pruned_model(masked.model, layers, pooling=masked.pooling)
+
+
+def _zeroed(masked: MaskedClassifier, masks: list[torch.Tensor]):
+    """The :class:`PrunedModel` of an unstructured run: every head and unit kept, each masked weight
+    ``M ⊙ W`` (a copy: the pre-trained tensors are not written), the run's head and pooling. Its
+    logits equal the masked model's; its shapes are the dense ones (no speed-up)."""
+    model = copy.deepcopy(masked.model)
+    with torch.no_grad():
+        for t, m in zip(masked.targets, masks):
+            model.get_parameter(t.name).mul_(m.to(model.get_parameter(t.name).dtype))
+    all_kept = KeptLayer(heads=torch.arange(masked.num_heads), units=torch.arange(masked.intermediate_size))
+    return build_pruned_model(model, [all_kept] * masked.num_layers, pooling=masked.pooling)
 
 
 def _save_structure(path: str, masked: MaskedClassifier) -> None:
@@ -312,6 +375,7 @@ class _SMPRun(TrainerHooks):
         self.cfg, self.plan, self.run, self.masked, self.teacher = cfg, plan, run, masked, teacher
         self.labels, self.train_enc, self.eval_enc, self.device = labels, train_enc, eval_enc, device
         self.cache = None
+        self.ranked: list[torch.Tensor] | None = None  # the last ranking record's masks at v_f
         # Every score gets a gradient through the straight-through mask, and the head is always used.
         self.loss_fn = run.world.wrap(SMPLoss(cfg, masked), varying=False)
         self.opt = torch.optim.AdamW(
@@ -326,11 +390,10 @@ class _SMPRun(TrainerHooks):
 
     def train_step(self, phase: str, step: int, b: dict, part: BatchPart) -> dict:
         cfg, plan, masked = self.cfg, self.plan, self.masked
-        v = remaining_fraction(step, cfg.remaining, plan.schedule_steps)
-        lam = regulariser_weight(step, cfg.lambda_max, plan.total)
-        decay = (plan.total - step) / plan.total
-        for g in self.opt.param_groups:
-            g["lr"] = g["base_lr"] * decay
+        v = plan.remaining(step, cfg.remaining)
+        lam = plan.regulariser_weight(step, cfg.lambda_max)
+        for g, factor in zip(self.opt.param_groups, plan.lr_factors(step)):
+            g["lr"] = g["base_lr"] * factor
         masked.remaining = v
         masked.train()
         rec: dict = {"remaining": v, "lambda": lam}
@@ -338,18 +401,61 @@ class _SMPRun(TrainerHooks):
         with autocast(self.device, cfg.bf16):
             loss, shares, reg = self.loss_fn(b, part, teacher, lam)
         loss.backward()
+        warmup = step < plan.warmup
+        if warmup:  # the head alone: no Adam state for the scores from a head that does not separate yet
+            for s in masked.scores:
+                s.grad = None
+        ranking = not warmup and ((step + 1) % plan.ranking_every == 0 or step + 1 == plan.total)
+        gradients = self._gradient_split(lam) if ranking else {}
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         rec.update(part.totals(shares), regulariser=reg.item())
         rec["loss"] += lam * rec["regulariser"]
+        if ranking:
+            self.run.log({**self._ranking(step + 1), **gradients})
         return rec
+
+    def _gradient_split(self, lam: float) -> dict:
+        """The mean absolute gradient on the scores from the regulariser (``λ·σ'(S)/(M·numel)``, known in
+        closed form) and from the task loss (the rest of the gradient), and the regulariser's share."""
+        with torch.no_grad():
+            reg_sum = task_sum = 0.0
+            n = 0
+            for s in self.masked.scores:
+                sig = torch.sigmoid(s.detach())
+                reg = lam * sig * (1 - sig) / (len(self.masked.scores) * s.numel())
+                grad = s.grad if s.grad is not None else torch.zeros_like(s)
+                reg_sum += float(reg.abs().sum())
+                task_sum += float((grad - reg).abs().sum())
+                n += s.numel()
+        reg_mean, task_mean = reg_sum / n, task_sum / n
+        total = reg_mean + task_mean
+        return {"task_gradient": task_mean, "regulariser_gradient": reg_mean,
+                "regulariser_gradient_share": reg_mean / total if total else 0.0}
+
+    def _ranking(self, step: int) -> dict:
+        """A ``ranking`` log record after ``step`` steps: how stable the final kept set is (the share of
+        the entries kept at v_f by the previous record's scores that these scores keep too) and the
+        scores' statistics."""
+        masked = self.masked
+        masked.eval()  # a measurement, not a training forward's masks (the next step sets train mode again)
+        final = masked.masks(self.cfg.remaining)
+        overlap = None if self.ranked is None else kept_overlap(self.ranked, final)
+        self.ranked = final
+        with torch.no_grad():
+            flat = torch.cat([s.detach().reshape(-1) for s in masked.scores]).float()
+            kept = torch.cat([s.detach().reshape(-1)[m.reshape(-1)] for s, m in zip(masked.scores, final)]).float()
+        return {"event": "ranking", "step": step, "overlap_with_previous": overlap,
+                "score_mean": flat.mean().item(), "score_std": flat.std().item(), "score_min": flat.min().item(),
+                "score_max": flat.max().item(), "kept_score_mean": kept.mean().item(),
+                "share_at_zero": (flat == 0).float().mean().item()}
 
     def postfix(self, phase: str, rec: dict) -> dict:
         return {"loss": f"{rec['loss']:.4f}", "v": f"{rec['remaining']:.3f}", "λ": f"{rec['lambda']:.1f}"}
 
     def evaluate(self, phase: str, step: int) -> Evaluation:
-        v = remaining_fraction(step, self.cfg.remaining, self.plan.schedule_steps)
-        if step < self.plan.schedule_steps:  # before v reaches v_f a state cannot be the output
+        v = self.plan.remaining(step, self.cfg.remaining)
+        if step < self.plan.final_from:  # before v reaches v_f a state cannot be the output
             return Evaluation({"remaining": v, "eligible": False, "skipped": True})
         self.masked.remaining = v
         m = evaluate(self.masked, self.eval_enc, self.labels, device=self.device, bf16=self.cfg.bf16)
@@ -358,21 +464,22 @@ class _SMPRun(TrainerHooks):
                           {**m, "realised_sparsity": s})
 
     def snapshot(self, phase: str) -> dict:
-        return {"scores": clone_state(self.masked.scores), "head": clone_state(self.masked.model.classifier)}
+        return {"scores": clone_state(self.masked.scores), "head": self.masked.head_state()}
 
     def end_phase(self, phase: str, best: dict | None, best_state: dict | None) -> bool:
         if best_state is None:
             return False
         self.masked.scores.load_state_dict(best_state["scores"])
-        self.masked.model.classifier.load_state_dict(best_state["head"])
+        self.masked.load_head_state(best_state["head"])
         self.run.log({"event": "selected", **best})
         return True
 
     def state_dict(self) -> dict:
-        return {"scores": self.masked.scores.state_dict(), "head": self.masked.model.classifier.state_dict(),
-                "optimizer": self.opt.state_dict()}
+        return {"scores": self.masked.scores.state_dict(), "head": self.masked.head_state(),
+                "optimizer": self.opt.state_dict(), "ranked": self.ranked}
 
     def load_state_dict(self, state: dict) -> None:
         self.masked.scores.load_state_dict(state["scores"])
-        self.masked.model.classifier.load_state_dict(state["head"])
+        self.masked.load_head_state(state["head"])
         self.opt.load_state_dict(state["optimizer"])
+        self.ranked = state["ranked"]

@@ -32,8 +32,11 @@ from ...models.arch import encoder_dims, supported_model
 __all__ = [
     "MaskedClassifier",
     "StraightThroughMask",
+    "POOLINGS",
+    "SCORE_INITS",
     "Target",
     "kept_count",
+    "kept_overlap",
     "regulariser_weight",
     "remaining_fraction",
     "top_count_mask",
@@ -110,32 +113,61 @@ class Target:
 
 _KINDS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
+#: how the scores start: ``"magnitude"``, ``|W| / mean |W|`` of each matrix (the first masks are
+#: magnitude pruning's), or ``"zero"`` (every entry tied: the first masks keep the lowest indices)
+SCORE_INITS = ("magnitude", "zero")
+
+#: what the classification head reads: ``"mean"``, the mean of the last hidden state over the real
+#: tokens (what a sentence-transformers model was trained for), or ``"cls"``, the first token
+POOLINGS = ("mean", "cls")
+
+
+def kept_overlap(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """The share of the entries kept in ``before`` (bool masks) that ``after`` keeps too: 1 when the
+    kept sets are equal, about ``v`` for two independent random top-v sets."""
+    kept = sum(int(b.sum()) for b in before)
+    both = sum(int((b & a).sum()) for b, a in zip(before, after))
+    return both / kept if kept else 1.0
+
 
 class MaskedClassifier(nn.Module):
     """A BERT/RoBERTa classifier whose six linear weights per layer run as ``W' = M ⊙ W``.
 
-    The model's own parameters are frozen (``requires_grad`` off) except its classification head
-    (``model.classifier``: BERT's linear layer, RoBERTa's dense + out_proj), which trains beside the
-    scores; BERT's pooler stays frozen. ``forward`` substitutes the masked weights through
+    The model's own parameters are frozen (``requires_grad`` off) except its classification head,
+    which trains beside the scores. ``forward`` substitutes the masked weights through
     :func:`torch.func.functional_call`, so the model's tensors are never written.
 
     Args:
         model: ``BertForSequenceClassification`` or ``RobertaForSequenceClassification``.
         structured: masks of whole heads and FFN units (see the module docstring) instead of
             per-matrix top-v entries.
+        pooling: what the head reads (:data:`POOLINGS`). ``"cls"``: the model's own forward, the
+            first token (BERT: through its frozen pre-trained pooler; the trained head is
+            ``model.classifier``). ``"mean"``: ``out(tanh(dense(mean of the last hidden state over
+            the real tokens)))`` with the (dense, out) pair of the model's classification head
+            (BERT: pooler dense and classifier; RoBERTa: classifier dense and out_proj), both
+            trained, no dropout: the head of a ``PrunedModel`` with ``"pooling": "mean"``.
 
     Attributes:
-        scores: one ``S`` per :attr:`targets` entry, same shape as its weight, initialised at 0.
+        scores: one ``S`` per :attr:`targets` entry, same shape as its weight, started by
+            :func:`initial_scores` (``score_init``).
         remaining: the current remaining fraction ``v`` (set by the training loop before each step).
     """
 
-    def __init__(self, model: nn.Module, *, structured: bool):
+    def __init__(self, model: nn.Module, *, structured: bool, pooling: str = "cls", score_init: str = "zero"):
         super().__init__()
         arch, task, enc = supported_model(model)
         if task != "sequence_classification":
             raise ValueError("MaskedClassifier: needs a *ForSequenceClassification model")
+        if pooling not in POOLINGS:
+            raise ValueError(f"MaskedClassifier: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if score_init not in SCORE_INITS:
+            raise ValueError(f"MaskedClassifier: score_init must be one of {', '.join(SCORE_INITS)}, "
+                             f"got {score_init!r}")
         self.model = model
         self.structured = structured
+        self.pooling = pooling
+        self.head_dense, self.head_out = arch.classification_head(model)
         dims = encoder_dims(enc.config)
         self.num_layers, self.num_heads, self.head_dim = dims.num_layers, dims.num_heads, dims.head_dim
         self.intermediate_size = dims.intermediate_size
@@ -147,8 +179,9 @@ class MaskedClassifier(nn.Module):
                 targets.append(Target(f"{names[id(lin)]}.weight", i, kind))
         self.targets: list[Target] = targets
         model.requires_grad_(False)
-        model.classifier.requires_grad_(True)
-        self.scores = nn.ParameterList(nn.Parameter(torch.zeros_like(w)) for w in self.weights())
+        for p in self.head_parameters():
+            p.requires_grad_(True)
+        self.scores = nn.ParameterList(nn.Parameter(initial_scores(w, score_init)) for w in self.weights())
         self.remaining = 1.0
         self._cache = None
 
@@ -156,9 +189,31 @@ class MaskedClassifier(nn.Module):
         """The frozen weights of :attr:`targets`, looked up by name (so they follow ``.to()``)."""
         return [self.model.get_parameter(t.name) for t in self.targets]
 
+    def head_modules(self) -> list[nn.Module]:
+        """The modules of the classification head trained beside the scores: ``model.classifier``
+        (``"cls"`` pooling), or the head's dense and out layers (``"mean"``)."""
+        if self.pooling == "cls":
+            return [self.model.classifier]
+        return [self.head_dense, self.head_out]
+
     def head_parameters(self) -> list[nn.Parameter]:
         """The classification head's parameters (trained beside the scores)."""
-        return list(self.model.classifier.parameters())
+        return [p for m in self.head_modules() for p in m.parameters()]
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The trained head's tensors by their names in the model (a checkpoint's part)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p.detach().clone() for p in self.head_parameters()}
+
+    def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`head_state`'s tensors (``ValueError`` when the names differ)."""
+        params = dict(self.model.named_parameters())
+        own = {n for n, p in params.items() if any(p is q for q in self.head_parameters())}
+        if set(state) != own:
+            raise ValueError(f"MaskedClassifier: head state names {sorted(state)} are not the head's {sorted(own)}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
 
     # ------------------------------------------------------------------ masks
 
@@ -230,7 +285,30 @@ class MaskedClassifier(nn.Module):
         return out
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states: bool = False):
-        """The Hugging Face output of the model with masked weights (``.logits``, ``.hidden_states``)."""
+        """The Hugging Face output of the model with masked weights (``.logits``, ``.hidden_states``);
+        with ``"mean"`` pooling its ``logits`` are replaced by the mean-pooled head's."""
+        mean = self.pooling == "mean"
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                      output_hidden_states=output_hidden_states)
-        return torch.func.functional_call(self.model, self.masked_weights(), args=(), kwargs=kwargs)
+                      output_hidden_states=output_hidden_states or mean)
+        out = torch.func.functional_call(self.model, self.masked_weights(), args=(), kwargs=kwargs)
+        if mean:
+            out.logits = self.head_out(torch.tanh(self.head_dense(mean_pool(out.hidden_states[-1], attention_mask))))
+            if not output_hidden_states:
+                out.hidden_states = None
+        return out
+
+
+def initial_scores(weight: torch.Tensor, how: str) -> torch.Tensor:
+    """A score matrix's start (:data:`SCORE_INITS`): ``|W| / mean |W|`` (float32, mean 1), or zeros."""
+    if how == "zero":
+        return torch.zeros_like(weight)
+    w = weight.detach().abs().float()
+    return (w / w.mean().clamp_min(torch.finfo(torch.float32).tiny)).to(weight.dtype)
+
+
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T, D]`` → ``[B, D]``: the mean over the tokens whose mask is 1 (all without a mask)."""
+    if attention_mask is None:
+        return h.mean(1)
+    real = attention_mask.to(h.dtype).unsqueeze(-1)
+    return (h * real).sum(1) / real.sum(1).clamp_min(1.0)
