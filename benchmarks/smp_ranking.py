@@ -31,7 +31,9 @@ def _at_fractions(records: list[dict], total: int) -> list[dict]:
     out = []
     for frac in (0.25, 0.5, 0.75, 1.0):
         want = frac * total
-        out.append(min(records, key=lambda r: abs(r["step"] - want)))
+        r = min(records, key=lambda r: abs(r["step"] - want))
+        if r not in out:  # a run stopped early has fewer distinct records
+            out.append(r)
     return out
 
 
@@ -65,9 +67,10 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
         pts = [(r["step"], r["overlap_with_previous"]) for r in log
                if r.get("event") == "ranking" and r["overlap_with_previous"] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
-        reached = next((r["step"] for r in log if r.get("event") == "step" and r["remaining"] == min(
-            x["remaining"] for x in log if x.get("event") == "step")), None)
-        if reached is not None:
+        vs = [r["remaining"] for r in log if r.get("event") == "step"]
+        final = [r["step"] for r in log if r.get("event") == "step" and r["remaining"] == min(vs)]
+        if len(final) > 1:  # v stayed at its minimum: the run reached v_f (a stopped run may not have)
+            reached = final[0]
             ax.axvline(reached, color=ax.lines[-1].get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("training step (dotted: v reaches v_f)")
     ax.set_ylabel("kept set at v_f: share kept by the previous record")

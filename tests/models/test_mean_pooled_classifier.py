@@ -130,3 +130,21 @@ def test_onnx_export_computes_the_mean_pooled_logits(tmp_path):
             want = float64_twin(pruned)(ids, mask, types, backend="reference")
         got = torch.from_numpy(got)
         assert got.shape == want.shape and torch.isfinite(got).all() and rel_err(got, want) <= FP32_TOL
+
+
+@needs_engine
+def test_int8_and_bf16_serve_it_close_to_fp32(tmp_path):
+    from cofi_kernels.serving import load_for_inference
+
+    _, pruned, _ = mean_classifier("bert")
+    pruned.save_pretrained(tmp_path)
+    ids, mask, types = batch(pruned, batch_size=6, seq=15)
+    with torch.inference_mode():
+        fp32 = pruned(ids, mask, types)
+        for precision, tol in (("int8", 0.15), ("bf16", 0.05)):
+            served = load_for_inference(tmp_path, precision=precision)
+            assert served.mean_pooled_head
+            for backend in ("auto", "reference"):
+                got = served(ids, mask, types, backend=backend)
+                assert got.shape == fp32.shape and torch.isfinite(got).all()
+                assert rel_err(got.float(), fp32) <= tol, (precision, backend)

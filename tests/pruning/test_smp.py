@@ -238,6 +238,26 @@ def test_bad_settings_are_refused_naming_them(changes, match):
         sl.check_smp_config(sl.SMPConfig(**{**FAST_SMP, **changes}))
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_ranking_records_measure_the_kept_set_and_the_gradient_split(runs, structured):
+    """One ``ranking`` record per ``ranking_every`` steps after the warm-up and one at the end: the overlap
+    of consecutive kept sets at v_f (None first), score statistics, and the gradient split whose
+    regulariser part is λ·σ'(S)/(M·numel) (0 while λ is 0)."""
+    log = read_log(runs[structured])
+    ranking = [r for r in log if r["event"] == "ranking"]
+    steps = {r["step"]: r for r in log if r["event"] == "step"}
+    assert [r["step"] for r in ranking] == [4, 5, 6, 7, 8, 9, 10, 11, 12]  # ranking_every 1 (6 steps an epoch)
+    assert ranking[0]["overlap_with_previous"] is None
+    for r in ranking[1:]:
+        assert 0.0 <= r["overlap_with_previous"] <= 1.0
+        assert r["score_min"] <= r["kept_score_mean"] <= r["score_max"]
+        assert r["score_std"] > 0 and r["task_gradient"] > 0
+        lam = steps[r["step"]]["lambda"]  # the step record that ended there
+        assert (r["regulariser_gradient"] > 0) == (lam > 0)
+        share = r["regulariser_gradient"] / (r["regulariser_gradient"] + r["task_gradient"])
+        assert r["regulariser_gradient_share"] == pytest.approx(share)
+
+
 def test_schedules_start_and_end_where_the_formulas_say():
     assert sc.remaining_fraction(0, 0.1, 50) == 1.0
     assert sc.remaining_fraction(50, 0.1, 50) == pytest.approx(0.1)
