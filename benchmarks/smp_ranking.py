@@ -4,7 +4,7 @@ Every ``ranking`` record (ten per epoch, :mod:`cofi_kernels.pruning.static.loop`
 kept set at the final remaining fraction that the previous record's scores kept too, the scores'
 statistics and the mean absolute gradient on the scores from the regulariser and from the task loss.
 The step records hold the task loss and ``λ·mean σ(S)``. This script draws the overlap against the
-step for each run and tabulates, per run, those figures at a quarter, half, three quarters and the end
+step for each run (and below it the task loss of every step) and tabulates, per run, those figures at a quarter, half, three quarters and the end
 of the run.
 
 Usage:
@@ -60,10 +60,12 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(7.5, 7.6))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, lx = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     for name, log in runs.items():
+        steps = [r for r in log if r.get("event") == "step"]
+        lx.plot([r["step"] for r in steps], [r["task"] for r in steps], linewidth=1, label=name)
         pts = [(r["step"], r["overlap_with_previous"]) for r in log
                if r.get("event") == "ranking" and r["overlap_with_previous"] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
@@ -78,6 +80,12 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    lx.set_yscale("log")
+    lx.set_xlabel("training step")
+    lx.set_ylabel("task loss (cross-entropy) of the step")
+    lx.axhline(1.6094, color="grey", linestyle="--", linewidth=1)
+    lx.text(2, 1.75, "ln 5: chance", fontsize=8, color="grey")
+    lx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -23,7 +23,7 @@ def _run(train, eval_data, out, config, *, resume=False, progress=True, stop_at=
 
 register_method(PruningMethod(
     name="smp",
-    summary="static model pruning (SMP): frozen pre-trained weights, learned top-v masks and a linear head",
+    summary="static model pruning (SMP): frozen pre-trained weights, learned top-v masks and a classification head",
     config=SMPConfig,
     run=_run,
     why_not="it trains a sentence classifier's head beside the masks (the setting of its paper); token, span and "

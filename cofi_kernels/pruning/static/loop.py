@@ -3,12 +3,18 @@ Fine-Tuning") on the one trainer: :func:`smp_prune`.
 
 The pre-trained encoder's weights stay frozen. One score matrix ``S`` per pruned linear weight
 (:mod:`.scores`) is trained with AdamW through the straight-through estimator, and the forward pass
-uses ``W' = M ⊙ W`` with ``M`` the top-v of ``S``. The remaining fraction follows
-``v(t) = v_f + (1 − v_f)(1 − t/T_s)³`` over the first ``schedule_epochs`` and stays at ``v_f``
-after; the loss adds ``λ(t)·mean σ(S)`` with ``λ(t) = λ_max(1 − (1 − t/T)³)`` over the whole run.
-The loss is cross-entropy (MSE for regression), or ``α_ce·CE + α_distil·KL(T)·T²`` against a
-fine-tuned teacher. Both learning rates decay linearly to 0 over the run (SMP trains with the
-Hugging Face trainer's default linear schedule).
+uses ``W' = M ⊙ W`` with ``M`` the top-v of ``S``. First the classification head alone trains for
+``head_warmup_epochs`` (v = 1, the scores get no step): SMP reads label words through a
+pre-trained head that separates the classes from step 0, while a fresh head's first-order signal
+is about its random logits, not the classes. Then the remaining fraction follows
+``v(t) = v_f + (1 − v_f)(1 − t/T_s)³`` over ``schedule_epochs`` and stays at ``v_f`` after; the
+loss adds ``λ(t)·mean σ(S)`` with ``λ(t) = λ_max(1 − (1 − t/T)³)`` over the rest of the run (t
+counted from the warm-up's end). The loss is cross-entropy (MSE for regression), or
+``α_ce·CE + α_distil·KL(T)·T²`` against a fine-tuned teacher. Both learning rates decay linearly
+to 0 at the end of the run (SMP trains with the Hugging Face trainer's default linear schedule),
+the scores' from the warm-up's end. The scores start at ``|W| / mean |W|`` of each matrix
+(``score_init``): started at 0 they all tie, and the first top-v keeps the lowest indices of
+every matrix.
 
 SMP reads its predictions from the frozen masked-LM head through label words. all-MiniLM-L6-v2
 (and any encoder saved without one) has no masked-LM head, so a classification head
@@ -97,9 +103,10 @@ class SMPConfig(RunSettings):
     remaining: float = setting(0.1, "final remaining fraction v_f in (0, 1): of each matrix's weights "
                                     "(--unstructured) or of each layer's heads and FFN units (--structured)",
                                cli_type=fraction, required=True)
-    epochs: float = setting(3.0, "the whole run (passes over the training data)")
-    schedule_epochs: float = setting(2.0, "v falls from 1 to v_f (cubic) over this part of the run, then stays "
-                                          "at v_f; only states at v_f are evaluated")
+    epochs: float = setting(4.0, "the whole run (passes over the training data): the head's warm-up, the fall "
+                                 "of v, then v_f (1.5 epochs by default, for the head to fit the final masks)")
+    schedule_epochs: float = setting(2.0, "v falls from 1 to v_f (cubic) over this part of the run, after the head's "
+                                          "warm-up, then stays at v_f; only states at v_f are evaluated")
     head_warmup_epochs: float = setting(0.5, "the classification head alone trains this first part of the run "
                                              "(v = 1, scores frozen), so that the scores' first-order signal "
                                              "comes from a head that separates the classes")

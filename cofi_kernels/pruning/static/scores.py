@@ -2,8 +2,8 @@
 estimator and the two cubic schedules.
 
 Every pruned linear weight ``W`` (Q, K, V, attention output, FFN in, FFN out of every layer) gets a
-score matrix ``S`` of its shape, initialised at 0. The forward pass uses ``W' = M ⊙ W`` where ``M`` is
-a 0/1 mask computed from ``S``:
+score matrix ``S`` of its shape, started at ``|W| / mean |W|`` (or at 0, :data:`SCORE_INITS`). The
+forward pass uses ``W' = M ⊙ W`` where ``M`` is a 0/1 mask computed from ``S``:
 
 - unstructured: ``M`` keeps the ``k = kept_count(v, numel)`` entries of ``S`` with the largest
   scores, per matrix;
