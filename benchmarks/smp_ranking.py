@@ -4,8 +4,8 @@ Every ``ranking`` record (ten per epoch, :mod:`cofi_kernels.pruning.static.loop`
 kept set at the final remaining fraction that the previous record's scores kept too, the scores'
 statistics and the mean absolute gradient on the scores from the regulariser and from the task loss.
 The step records hold the task loss and ``λ·mean σ(S)``. This script draws the overlap against the
-step for each run (and below it the task loss of every step) and tabulates, per run, those figures at a quarter, half, three quarters and the end
-of the run.
+step for each run (and below it the task loss of every step) and tabulates, per run, those figures at
+a quarter, half, three quarters and the end of the run.
 
 Usage:
 

@@ -288,7 +288,8 @@ def test_frozen_weights_are_bitwise_unchanged_and_scores_and_head_train(runs, ba
         pairs = [(f"layers.{i}.attention.qkv_weight", torch.cat(qkv)),
                  (f"layers.{i}.attention.out_weight",
                   base[pre + "attention.output.dense.weight"] * m["attention.output.dense.weight"]),
-                 (f"layers.{i}.ffn.in_weight", base[pre + "intermediate.dense.weight"] * m["intermediate.dense.weight"]),
+                 (f"layers.{i}.ffn.in_weight",
+                  base[pre + "intermediate.dense.weight"] * m["intermediate.dense.weight"]),
                  (f"layers.{i}.ffn.out_weight", base[pre + "output.dense.weight"] * m["output.dense.weight"]),
                  (f"layers.{i}.attention.ln_weight", base[pre + "attention.output.LayerNorm.weight"]),
                  (f"layers.{i}.ffn.ln_bias", base[pre + "output.LayerNorm.bias"])]
@@ -403,6 +404,28 @@ def test_unstructured_output_is_evaluated_with_its_masks(runs, toy, base_dir):
     assert result["accuracy"] == pytest.approx(run["best"]["accuracy"])
     assert result["sparsity"] == pytest.approx(run["sparsity"])
     assert result["encoder_parameters"] == kept
+
+
+def test_a_masked_directory_of_earlier_versions_still_loads_with_its_masks(tmp_path, toy, base_dir):
+    """Before issue 25 an unstructured run wrote the dense Hugging Face classifier beside its masks; such a
+    directory still loads (the masks applied) and evaluates as "masked"."""
+    out = str(tmp_path / "old")
+    model = model_io.load_task_model(base_dir, LABELS)
+    masked = sc.MaskedClassifier(model, structured=False, score_init="magnitude")
+    masks = masked.masks(0.3)
+    model.save_pretrained(out)
+    model_io.write_task(out, LABELS, 16, "masked")
+    by_name = {t.name: m for t, m in zip(masked.targets, masks)}
+    model_io.write_weight_masks(os.path.join(out, model_io.MASKS_FILE), by_name)
+    model_io.load_tokenizer(base_dir).save_pretrained(out)
+    loaded = model_io.load_task_model(out)
+    params = dict(loaded.named_parameters())
+    for t, m in zip(masked.targets, masks):
+        assert torch.equal(params[t.name] != 0, m), t.name
+    result = cli.evaluate_dir(out, toy[1], repeats=1)
+    kept = sum(int(m.sum()) for m in masks)
+    assert result["kind"] == "masked" and result["encoder_parameters"] == kept
+    assert result["sparsity"] == pytest.approx(1 - kept / sum(m.numel() for m in masks))
 
 
 # ---------------------------------------------------------------------- packed bits

@@ -90,7 +90,15 @@ from ...training.trainer import (
     run_fingerprint,
 )
 from ...training.teacher import TeacherCache
-from .scores import POOLINGS, SCORE_INITS, MaskedClassifier, kept_count, kept_overlap, regulariser_weight, remaining_fraction
+from .scores import (
+    POOLINGS,
+    SCORE_INITS,
+    MaskedClassifier,
+    kept_count,
+    kept_overlap,
+    regulariser_weight,
+    remaining_fraction,
+)
 
 STRUCTURE_FILE = "smp_structure.safetensors"
 
