@@ -13,7 +13,13 @@ from cofi_kernels.models.pruned_model import PrunedModel
 from tests.cofi_model_ref import cofi_reference_logits, small_model
 from tests.compare import FP32_TOL, rel_err
 from tests.models.test_builder import _random_structure
-from tests.models.test_task_heads import _double_copy, _edit_config, batch, float64_twin
+from tests.models.test_task_heads import (
+    _double_copy,
+    _edit_config,
+    assert_served_close_to_fp32,
+    batch,
+    float64_twin,
+)
 
 needs_engine = pytest.mark.skipif(not cofi_kernels.extension_available(), reason="extension not built")
 
@@ -134,17 +140,6 @@ def test_onnx_export_computes_the_mean_pooled_logits(tmp_path):
 
 @needs_engine
 def test_int8_and_bf16_serve_it_close_to_fp32(tmp_path):
-    from cofi_kernels.serving import load_for_inference
-
     _, pruned, _ = mean_classifier("bert")
-    pruned.save_pretrained(tmp_path)
-    ids, mask, types = batch(pruned, batch_size=6, seq=15)
-    with torch.inference_mode():
-        fp32 = pruned(ids, mask, types)
-        for precision, tol in (("int8", 0.15), ("bf16", 0.05)):
-            served = load_for_inference(tmp_path, precision=precision)
-            assert served.mean_pooled_head
-            for backend in ("auto", "reference"):
-                got = served(ids, mask, types, backend=backend)
-                assert got.shape == fp32.shape and torch.isfinite(got).all()
-                assert rel_err(got.float(), fp32) <= tol, (precision, backend)
+    for _, served in assert_served_close_to_fp32(tmp_path, pruned, token_rows=False):
+        assert served.mean_pooled_head

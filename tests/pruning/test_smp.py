@@ -350,7 +350,7 @@ def test_the_output_model_equals_the_masked_model(tmp_path, kind, v, pooling, st
         assert [s["ffn_width"] for s in pruned.layer_shapes()] == units.sum(1).tolist()
     else:
         before = {k: t.clone() for k, t in masked.model.state_dict().items()}
-        pruned = sl._zeroed(masked, masked.masks())
+        pruned = sl._zeroed(masked, {t.name: m for t, m in zip(masked.targets, masked.masks())})
         assert all(torch.equal(before[k], t) for k, t in masked.model.state_dict().items())  # a copy was zeroed
         assert pruned.sparsity == 0.0  # dense shapes
     assert pruned.config.get("pooling", "cls") == pooling

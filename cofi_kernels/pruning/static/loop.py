@@ -68,6 +68,7 @@ from ...training.evaluation import autocast, evaluate
 from ...training.model_io import (
     MASKS_FILE,
     TASK_FILE,
+    apply_weight_masks,
     check_max_length,
     hf_token_limit,
     load_task_model,
@@ -293,18 +294,19 @@ def smp_prune(
                        layer_shapes=pruned.layer_shapes())
     else:
         masks = masked.masks(cfg.remaining)
-        pruned = _zeroed(masked, masks)
+        by_name = {t.name: m for t, m in zip(masked.targets, masks)}
+        pruned = _zeroed(masked, by_name)
 
         def write():
             pruned.save_pretrained(run.out)
             write_task(run.out, labels, cfg.max_length, "masked")
-            write_weight_masks(os.path.join(run.out, MASKS_FILE), {t.name: m for t, m in zip(masked.targets, masks)})
+            write_weight_masks(os.path.join(run.out, MASKS_FILE), by_name)
             tokenizer.save_pretrained(run.out)
 
         kept = sum(int(m.sum()) for m in masks)
         sparsity = 1.0 - kept / _dense_size(masked)
         summary.update(sparsity=sparsity, encoder_weights=kept,
-                       kept_per_matrix={t.name: int(m.sum()) for t, m in zip(masked.targets, masks)})
+                       kept_per_matrix={name: int(m.sum()) for name, m in by_name.items()})
     run.write(write)
     run.finish(summary)
     return RunResult(run.out, best, plan.total, trainer.seconds, {"sparsity": sparsity})
@@ -338,14 +340,13 @@ def _compact(masked: MaskedClassifier):
     return build_pruned_model(masked.model, layers, pooling=masked.pooling)
 
 
-def _zeroed(masked: MaskedClassifier, masks: list[torch.Tensor]):
-    """The :class:`PrunedModel` of an unstructured run: every head and unit kept, each masked weight
-    ``M ⊙ W`` (a copy: the pre-trained tensors are not written), the run's head and pooling. Its
-    logits equal the masked model's; its shapes are the dense ones (no speed-up)."""
+def _zeroed(masked: MaskedClassifier, masks: dict[str, torch.Tensor]):
+    """The :class:`PrunedModel` of an unstructured run (``masks``: parameter name → bool mask): every
+    head and unit kept, each masked weight ``M ⊙ W`` (on a copy: the pre-trained tensors are not
+    written), the run's head and pooling. Its logits equal the masked model's; its shapes are the
+    dense ones (no speed-up)."""
     model = copy.deepcopy(masked.model)
-    with torch.no_grad():
-        for t, m in zip(masked.targets, masks):
-            model.get_parameter(t.name).mul_(m.to(model.get_parameter(t.name).dtype))
+    apply_weight_masks(model, masks)
     all_kept = KeptLayer(heads=torch.arange(masked.num_heads), units=torch.arange(masked.intermediate_size))
     return build_pruned_model(model, [all_kept] * masked.num_layers, pooling=masked.pooling)
 

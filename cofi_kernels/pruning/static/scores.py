@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ...models.arch import encoder_dims, supported_model
+from ...tasks.embedding import pool
 
 __all__ = [
     "MaskedClassifier",
@@ -292,7 +293,9 @@ class MaskedClassifier(nn.Module):
                       output_hidden_states=output_hidden_states or mean)
         out = torch.func.functional_call(self.model, self.masked_weights(), args=(), kwargs=kwargs)
         if mean:
-            out.logits = self.head_out(torch.tanh(self.head_dense(mean_pool(out.hidden_states[-1], attention_mask))))
+            h = out.hidden_states[-1]
+            pooled = pool(h, attention_mask, "mean", normalize=False).to(h.dtype)  # sentence-transformers' mean
+            out.logits = self.head_out(torch.tanh(self.head_dense(pooled)))
             if not output_hidden_states:
                 out.hidden_states = None
         return out
@@ -305,10 +308,3 @@ def initial_scores(weight: torch.Tensor, how: str) -> torch.Tensor:
     w = weight.detach().abs().float()
     return (w / w.mean().clamp_min(torch.finfo(torch.float32).tiny)).to(weight.dtype)
 
-
-def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``[B, T, D]`` → ``[B, D]``: the mean over the tokens whose mask is 1 (all without a mask)."""
-    if attention_mask is None:
-        return h.mean(1)
-    real = attention_mask.to(h.dtype).unsqueeze(-1)
-    return (h * real).sum(1) / real.sum(1).clamp_min(1.0)
